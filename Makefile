@@ -1,0 +1,46 @@
+# bp-service: every target works from a fresh clone; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install the package (editable, dev extras) from the lock; no-op when up to date
+
+test: $(STAMP) ## Run the fast test suite (not slow, not gpu)
+	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run the slow tests (CI runs these after `make test`)
+	$(BIN)/pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP) ## Run the CUDA tests (needs a GPU)
+	$(BIN)/pytest -m gpu $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check + ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
+	{ head -n 2 requirements.lock; echo "setuptools==$$($(PY) -c 'import setuptools; print(setuptools.__version__)')"; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+
+clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
+	rm -rf .pytest_cache .ruff_cache outputs multirun
+
+.PHONY: help install test test-slow test-gpu lint format lock clean

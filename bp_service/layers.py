@@ -1,0 +1,143 @@
+"""Modules shaped like ``torch.nn``, built only from the hand-written Functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from itertools import pairwise
+
+import torch
+from torch import Tensor, nn
+
+from bp_service import functions as F
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sigmoid": F.sigmoid,
+    "tanh": F.tanh,
+    "relu": F.relu,
+}
+
+
+class Linear(nn.Module):
+    r"""Applies :math:`y = x W^T + b` through :class:`~bp_service.functions.LinearFunction`.
+
+    A drop-in twin of :class:`torch.nn.Linear`: same arguments, same initialisation, same
+    ``state_dict`` keys, so weights move between the two unchanged.
+
+    Args:
+        in_features: size of each input sample, ``H_in``.
+        out_features: size of each output sample, ``H_out``.
+        bias: if ``False``, the layer learns no additive bias.
+
+    Shape:
+        - Input: ``(*, H_in)``, any number of leading dimensions.
+        - Output: ``(*, H_out)``.
+
+    Attributes:
+        weight: learnable ``(H_out, H_in)``, initialised from :math:`U(-\sqrt{k}, \sqrt{k})`,
+            :math:`k = 1 / H_{in}` (Kaiming-uniform with ``a = sqrt(5)``, as ``nn.Linear``).
+        bias: learnable ``(H_out,)``, initialised from :math:`U(-\sqrt{k}, \sqrt{k})`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"Linear: in_features and out_features must be > 0, got {in_features}, {out_features}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same draws in the same order as nn.Linear, so a shared seed gives identical weights.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Sigmoid(nn.Module):
+    """Applies the logistic sigmoid through :class:`~bp_service.functions.SigmoidFunction`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.sigmoid(x)
+
+
+class MSELoss(nn.Module):
+    """Mean squared error, ``mean((pred - target)^2)``, as ``nn.MSELoss()``."""
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(pred, target)
+
+
+class L1Loss(nn.Module):
+    """Mean absolute error, ``mean(|pred - target|)``, as ``nn.L1Loss()``."""
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.l1_loss(pred, target)
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron of :class:`Linear` layers and hand-written activations.
+
+    Args:
+        sizes: layer widths from input to output, e.g. ``(3, 2, 1)`` for the worked example.
+        activation: hidden activation, one of ``sigmoid``, ``tanh``, ``relu``.
+        output_activation: activation of the last layer, or ``None`` for a linear output
+            (regression).
+        fused: compute each sigmoid layer with the fused
+            :class:`~bp_service.functions.LinearSigmoidFunction` (same numbers, less memory).
+        bias: whether every layer learns a bias.
+
+    Shape:
+        - Input: ``(*, sizes[0])``.
+        - Output: ``(*, sizes[-1])``.
+
+    Attributes:
+        layers: the :class:`Linear` layers, ``layers[i].weight`` of shape ``(sizes[i+1], sizes[i])``.
+        activations: the activation name applied after each layer (``None`` for none).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        activation: str = "sigmoid",
+        output_activation: str | None = "sigmoid",
+        fused: bool = True,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2:
+            raise ValueError(f"MLP: sizes needs at least an input and an output width, got {sizes}")
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"MLP: every layer width must be > 0, got {sizes}")
+        for name in (activation, output_activation):
+            if name is not None and name not in ACTIVATIONS:
+                raise ValueError(f"MLP: unknown activation {name!r}, expected one of {sorted(ACTIVATIONS)}")
+        self.sizes = sizes
+        self.fused = fused
+        self.layers = nn.ModuleList(Linear(h_in, h_out, bias=bias) for h_in, h_out in pairwise(sizes))
+        self.activations: list[str | None] = [activation] * (len(sizes) - 2) + [output_activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer, act in zip(self.layers, self.activations):
+            if act == "sigmoid" and self.fused:
+                x = F.linear_sigmoid(x, layer.weight, layer.bias)
+            else:
+                x = layer(x) if act is None else ACTIVATIONS[act](layer(x))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, activations={self.activations}, fused={self.fused}"
