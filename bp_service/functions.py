@@ -78,6 +78,17 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return z.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _sigmoid_delta(grad_y: Tensor, y: Tensor) -> Tensor:
+    """dL/dz = dL/dy * y (1 - y) for y = sigmoid(z), as one fused kernel into a new tensor.
+
+    ``aten.sigmoid_backward(g, y)`` computes exactly ``g * (1 - y) * y`` (the kernel native
+    ``torch.sigmoid`` uses for its own backward): one pass over memory and one allocation where
+    the spelled-out product takes three of each. It is itself differentiable, in reverse and
+    forward mode, and batched by vmap, so double backward, jvp-of-backward and vmap still work.
+    """
+    return torch.ops.aten.sigmoid_backward(grad_y, y)  # (*, H) x (*, H) -> (*, H): grad_y * y * (1 - y)
+
+
 def _affine_backward(ctx, delta: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
     """Gradients of z = x W^T + b given delta = dL/dz: the part every linear layer shares."""
     h_out, h_in = weight.shape
@@ -153,7 +164,7 @@ class SigmoidFunction(Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        return grad_y * y * (1 - y)  # dL/dx = dL/dy * sigmoid'(x), sigmoid' = y(1-y)
+        return _sigmoid_delta(grad_y, y)  # dL/dx = dL/dy * sigmoid'(x), sigmoid' = y(1-y)
 
     @staticmethod
     def jvp(ctx, dx):
@@ -237,7 +248,7 @@ class LinearSigmoidFunction(Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, y = ctx.saved_tensors
-        delta = grad_y * y * (1 - y)  # dL/dz = dL/dy * sigmoid'(z), sigmoid' = y(1-y)
+        delta = _sigmoid_delta(grad_y, y)  # dL/dz = dL/dy * sigmoid'(z), sigmoid' = y(1-y)
         return _affine_backward(ctx, delta, x, weight)
 
     @staticmethod

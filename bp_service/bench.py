@@ -1,0 +1,603 @@
+"""bp-bench: bp-service measured against its peers, in one process, as ratios.
+
+Every figure is a ratio against its peer measured in the same run, next to both absolute
+values. Timings are medians over many repetitions that alternate the sides (round robin,
+with the order rotated every round: A B, B A, A B, ...), so machine drift and noise from
+other processes fall on both sides alike and whichever side runs first in a round has no
+lasting advantage. The per-round ratios are kept too: their median and quartiles show how
+noisy the run was.
+
+Items (``--items`` selects them; ``ITEMS`` lists them):
+
+1. Training step time, the hand-written Functions (``bp_service.MLP``) vs native autograd
+   (``nn.Linear`` + ``torch.sigmoid`` + ``F.mse_loss``), same weights, same batch.
+   ``--compile`` adds the custom model under ``torch.compile`` as item ``1c``.
+2. Peak memory of the same step (see :func:`peak_memory_bytes` for how it is measured).
+3. Roofline: FLOP/s the custom step achieves over the FLOP/s ``torch.mm`` reaches on the
+   GEMMs of that step, at the same thread count.
+
+Adding an item is one line in ``ITEMS``: a function ``(BenchConfig) -> list[Row]`` that builds
+its rows with :func:`make_row`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from bp_service import functions as F
+from bp_service.layers import MLP
+
+Row = dict[str, Any]
+
+SIZES: tuple[int, ...] = (784, 1024, 1024, 10)
+BATCH = 512
+LR = 0.1
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one ``bp-bench`` run measures and how hard it tries."""
+
+    quick: bool = False
+    reps: int = 200  # timed rounds per side
+    warmup: int = 5  # untimed rounds per side first
+    memory_reps: int = 3  # profiled steps per side (peak memory is the median)
+    compile: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+    seed: int = 0
+
+    def targets(self) -> list[tuple[str, torch.dtype]]:
+        """(device, dtype) pairs to run: float32 on CPU; float32 and bf16 on CUDA."""
+        pairs: list[tuple[str, torch.dtype]] = []
+        for device in self.devices:
+            pairs += [(device, torch.float32)] if device == "cpu" else [(device, torch.float32), (device, torch.bfloat16)]
+        return pairs
+
+
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------- rows
+def make_row(
+    item: str,
+    name: str,
+    ours: float,
+    peer: float,
+    *,
+    target: float,
+    cmp: str,
+    unit: str,
+    ours_label: str = "bp-service",
+    peer_label: str = "peer",
+    **details: Any,
+) -> Row:
+    """One table row. ``ratio = ours / peer``; ``met`` says whether ``ratio cmp target`` holds."""
+    if cmp not in ("<=", ">="):
+        raise ValueError(f"make_row: cmp must be '<=' or '>=', got {cmp!r}")
+    ratio = ours / peer
+    met = ratio <= target if cmp == "<=" else ratio >= target
+    return {
+        "item": item,
+        "name": name,
+        "ours": float(ours),
+        "peer": float(peer),
+        "ratio": ratio,
+        "target": float(target),
+        "cmp": cmp,
+        "met": bool(met),
+        "unit": unit,
+        "ours_label": ours_label,
+        "peer_label": peer_label,
+        "details": details,
+    }
+
+
+# --------------------------------------------------------------------------- timing
+def time_round_robin(
+    fns: dict[str, Callable[[], object]],
+    *,
+    reps: int,
+    warmup: int,
+    inner: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``reps`` samples each, the sides interleaved.
+
+    Round ``r`` runs every function once (``inner`` calls per sample, for devices whose single
+    call is too short to time), starting at function ``r mod n``: A B, B A, A B, ... for two.
+    The garbage collector is off while timing, as in ``timeit``.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(reps):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                fn = fns[name]
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                sync()
+                samples[name].append((time.perf_counter() - t0) / inner)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _paired_ratio_stats(ours: Sequence[float], peer: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios ours/peer (same round, adjacent in time)."""
+    q1, q2, q3 = _quartiles([a / b for a, b in zip(ours, peer)])
+    return {"paired_ratio_median": q2, "paired_ratio_q1": q1, "paired_ratio_q3": q3}
+
+
+# --------------------------------------------------------------------------- the networks
+class NativeMLP(nn.Module):
+    """The peer: the same network from ``nn.Linear`` and ``torch.sigmoid`` (native autograd).
+
+    Its ``state_dict`` keys match :class:`bp_service.MLP`, so weights load across unchanged.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(h_in, h_out) for h_in, h_out in pairwise(sizes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = torch.sigmoid(layer(x))
+        return x
+
+
+def build_models(
+    device: str, dtype: torch.dtype, seed: int = 0, sizes: Sequence[int] = SIZES
+) -> tuple[MLP, NativeMLP]:
+    """bp-service's MLP (sigmoid hidden and output layers) and its native twin, same weights."""
+    torch.manual_seed(seed)
+    ours = MLP(sizes, activation="sigmoid", output_activation="sigmoid").to(device=device, dtype=dtype)
+    native = NativeMLP(sizes).to(device=device, dtype=dtype)
+    native.load_state_dict(ours.state_dict())
+    return ours, native
+
+
+def build_batch(
+    device: str, dtype: torch.dtype, seed: int = 0, sizes: Sequence[int] = SIZES, batch: int = BATCH
+) -> tuple[Tensor, Tensor]:
+    """An MNIST-shaped batch: pixels in [0, 1), one-hot targets."""
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.rand(batch, sizes[0], generator=g)
+    target = TF.one_hot(torch.randint(sizes[-1], (batch,), generator=g), sizes[-1]).float()
+    return x.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
+
+
+def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, target: Tensor):
+    """One training step: zero the gradients, forward, backward, SGD update in place."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def build_steps(cfg: BenchConfig, device: str, dtype: torch.dtype, *, compiled: bool = False) -> dict[str, Callable]:
+    """Steps keyed ``custom``, ``native`` (and ``compiled``), each with its own copy of the same weights.
+
+    Before returning, the first step of each is checked to give the same loss, so the two
+    sides provably compute the same network.
+    """
+    ours, native = build_models(device, dtype, cfg.seed)
+    x, target = build_batch(device, dtype, cfg.seed)
+    models: dict[str, tuple[nn.Module, Callable]] = {"custom": (ours, F.mse_loss), "native": (native, TF.mse_loss)}
+    if compiled:
+        twin, _ = build_models(device, dtype, cfg.seed)
+        models["compiled"] = (torch.compile(twin), F.mse_loss)
+    steps = {name: make_step(model, loss_fn, x, target) for name, (model, loss_fn) in models.items()}
+    first = {name: step() for name, step in steps.items()}
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, loss in first.items():
+        torch.testing.assert_close(loss, first["native"], **tol, msg=lambda m, n=name: f"{n} vs native loss: {m}")
+    return steps
+
+
+# --------------------------------------------------------------------------- memory
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu", prime: int = 1) -> int:
+    """Peak bytes of tensor memory live during one call of ``fn`` above what was live when it began.
+
+    ``fn`` is called ``prime`` times first, unmeasured, then once measured; its return value is
+    dropped inside the measured window. For a training step the priming call leaves the state
+    the measured step starts from (the previous step's gradients, which its ``zero_grad`` frees:
+    those frees count, so the figure is the step's net demand on top of its persistent state).
+
+    CUDA: the caching allocator's own counters (``max_memory_allocated`` minus
+    ``memory_allocated`` at the start, after resetting the peak).
+
+    CPU has no such counter, so priming and measured calls run in one ``torch.profiler``
+    session with ``profile_memory=True``. It records every allocation and every free made
+    through c10's CPU allocator, in time order: every tensor torch creates, including
+    temporaries made inside kernels. The measured call is marked with ``record_function``; the
+    peak is the maximum, inside that window, of the running sum of the signed sizes, minus
+    its value when the window opens. The allocator learns a block's size only if the block was
+    allocated while profiling, and ignores frees of blocks it never sized; priming inside the
+    same session makes sure the blocks the measured call frees were sized. Not counted:
+    scratch memory MKL/oneDNN allocate privately, and Python objects; the two sides of a
+    comparison run the same GEMMs, so those omissions are common to both.
+    """
+    sync = _sync(device)
+    if device.startswith("cuda"):
+        for _ in range(prime):
+            fn()
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        sync()
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    marker = "bp_bench.peak_memory_bytes.measured"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(prime):
+            fn()
+        with record_function(marker):
+            fn()
+    events = prof.profiler.kineto_results.events()
+    (window,) = [e for e in events if e.name() == marker]
+    memory = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU
+    )
+    live = 0
+    at_start = peak = None
+    for t_ns, nbytes in memory:
+        if t_ns >= window.start_ns() and at_start is None:
+            at_start = peak = live
+        if t_ns > window.end_ns():
+            break
+        live += nbytes
+        if at_start is not None:
+            peak = max(peak, live)
+    if at_start is None:  # nothing allocated or freed in the window
+        return 0
+    return max(0, peak - at_start)
+
+
+# --------------------------------------------------------------------------- FLOPs
+def mlp_step_flops(sizes: Sequence[int], batch: int, input_grad: bool = False) -> int:
+    """Exact GEMM FLOPs of one training step of a dense MLP (one multiply-add = 2 FLOPs).
+
+    With P = number of weight elements: forward ``2 N P`` (``x W^T`` per layer); backward
+    ``4 N P`` (``delta W`` and ``delta^T x`` per layer) minus the first layer's input gradient
+    ``2 N H_0 H_1``, which no one needs unless ``input_grad``. Bias additions, bias gradients,
+    activations, the loss and the optimizer update are elementwise and not counted.
+    """
+    p = sum(h_in * h_out for h_in, h_out in pairwise(sizes))
+    forward = 2 * batch * p
+    backward = 4 * batch * p - (0 if input_grad else 2 * batch * sizes[0] * sizes[1])
+    return forward + backward
+
+
+def counted_step_flops(step: Callable[[], object]) -> int:
+    """FLOPs of one call of ``step`` as ``torch.utils.flop_counter`` counts them (a cross-check)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def step_gemms(sizes: Sequence[int], batch: int) -> list[tuple[int, int, int]]:
+    """The (m, k, n) of the large GEMMs in one step: forward ``x W^T`` and backward ``delta^T x``."""
+    shapes: list[tuple[int, int, int]] = []
+    for h_in, h_out in pairwise(sizes):
+        if min(h_in, h_out) >= 128:  # square-ish: skip the 10-wide output layer, which no GEMM runs at peak
+            shapes += [(batch, h_in, h_out), (h_out, batch, h_in)]
+    return list(dict.fromkeys(shapes))
+
+
+# --------------------------------------------------------------------------- items
+def item_step_time(cfg: BenchConfig) -> list[Row]:
+    """Item 1 (and 1c with --compile): median training-step time, custom / native."""
+    rows = []
+    for device, dtype in cfg.targets():
+        where = f"{device} {_dtype_name(dtype)}"
+        t0 = time.perf_counter()
+        steps = build_steps(cfg, device, dtype, compiled=cfg.compile)
+        setup_s = time.perf_counter() - t0
+        inner = 1 if device == "cpu" else 10
+        samples = time_round_robin(steps, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
+        med = {name: statistics.median(s) for name, s in samples.items()}
+        common = {
+            "device": device,
+            "dtype": _dtype_name(dtype),
+            "threads": torch.get_num_threads(),
+            "reps": cfg.reps,
+            "batch": BATCH,
+            "sizes": list(SIZES),
+        }
+        rows.append(
+            make_row(
+                "1",
+                f"training step time [{where}]",
+                med["custom"],
+                med["native"],
+                target=1.0,
+                cmp="<=",
+                unit="s",
+                ours_label="bp_service.MLP",
+                peer_label="nn.Linear+torch.sigmoid",
+                **common,
+                **_paired_ratio_stats(samples["custom"], samples["native"]),
+            )
+        )
+        if "compiled" in samples:
+            rows.append(
+                make_row(
+                    "1c",
+                    f"training step time, torch.compile [{where}]",
+                    med["compiled"],
+                    med["native"],
+                    target=1.0,
+                    cmp="<=",
+                    unit="s",
+                    ours_label="torch.compile(bp_service.MLP)",
+                    peer_label="nn.Linear+torch.sigmoid",
+                    compile_and_setup_s=setup_s,
+                    **common,
+                    **_paired_ratio_stats(samples["compiled"], samples["native"]),
+                )
+            )
+    return rows
+
+
+def item_peak_memory(cfg: BenchConfig) -> list[Row]:
+    """Item 2: peak memory of one training step, custom / native (median over alternating runs)."""
+    rows = []
+    for device, dtype in cfg.targets():
+        steps = build_steps(cfg, device, dtype)
+        for step in steps.values():  # steady state: gradients exist, allocator warmed up
+            step()
+        peaks: dict[str, list[int]] = {name: [] for name in steps}
+        for r in range(cfg.memory_reps):
+            order = list(steps) if r % 2 == 0 else list(steps)[::-1]
+            for name in order:
+                peaks[name].append(peak_memory_bytes(steps[name], device))
+        med = {name: statistics.median(p) for name, p in peaks.items()}
+        # What lives across steps on either side: weights, their gradients, the batch.
+        n_weights = sum(h_in * h_out + h_out for h_in, h_out in pairwise(SIZES))
+        state = (2 * n_weights + BATCH * (SIZES[0] + SIZES[-1])) * torch.finfo(dtype).bits // 8
+        rows.append(
+            make_row(
+                "2",
+                f"training step peak memory [{device} {_dtype_name(dtype)}]",
+                med["custom"],
+                med["native"],
+                target=1.0,
+                cmp="<=",
+                unit="B",
+                ours_label="bp_service.MLP",
+                peer_label="nn.Linear+torch.sigmoid",
+                device=device,
+                dtype=_dtype_name(dtype),
+                samples=peaks,
+                measured="peak live tensor bytes during one step above the level at its start",
+                measured_by="torch.profiler memory events" if device == "cpu" else "CUDA caching allocator",
+                state_bytes=state,
+                ratio_including_state=(med["custom"] + state) / (med["native"] + state),
+            )
+        )
+    return rows
+
+
+def item_roofline(cfg: BenchConfig) -> list[Row]:
+    """Item 3: FLOP/s of the custom step over the best torch.mm FLOP/s on the step's own GEMMs."""
+    rows = []
+    for device, dtype in cfg.targets():
+        steps = build_steps(cfg, device, dtype)
+        flops = mlp_step_flops(SIZES, BATCH)
+        counted = counted_step_flops(steps["custom"])
+        fns: dict[str, Callable[[], object]] = {"custom": steps["custom"]}
+        gemm_flops: dict[str, int] = {}
+        g = torch.Generator().manual_seed(cfg.seed)
+        for m, k, n in step_gemms(SIZES, BATCH):
+            a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+            b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
+            out = torch.empty(m, n, device=device, dtype=dtype)
+            label = f"({m}x{k})@({k}x{n})"
+            fns[label] = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)
+            gemm_flops[label] = 2 * m * k * n
+        inner = 1 if device == "cpu" else 10
+        samples = time_round_robin(fns, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
+        mm_rate = {label: f / statistics.median(samples[label]) for label, f in gemm_flops.items()}
+        best = max(mm_rate, key=mm_rate.get)
+        step_s = statistics.median(samples["custom"])
+        rows.append(
+            make_row(
+                "3",
+                f"roofline: step FLOP/s / torch.mm FLOP/s [{device} {_dtype_name(dtype)}]",
+                flops / step_s,
+                mm_rate[best],
+                target=0.75,
+                cmp=">=",
+                unit="FLOP/s",
+                ours_label="bp_service.MLP step",
+                peer_label=f"torch.mm {best}",
+                device=device,
+                dtype=_dtype_name(dtype),
+                threads=torch.get_num_threads(),
+                step_flops=flops,
+                step_flops_counted_by_torch=counted,
+                step_seconds=step_s,
+                mm_flops_per_s=mm_rate,
+                peak_gemm=best,
+                flops_counted="GEMMs only: bias, activation, loss and SGD elementwise work not counted",
+            )
+        )
+    return rows
+
+
+ITEMS: dict[str, tuple[str, Callable[[BenchConfig], list[Row]]]] = {
+    "1": ("training step time, custom vs native autograd", item_step_time),
+    "2": ("training step peak memory, custom vs native autograd", item_peak_memory),
+    "3": ("roofline: custom step FLOP/s vs torch.mm", item_roofline),
+}
+
+
+# --------------------------------------------------------------------------- output
+_UNITS = {"s": (1e3, "ms"), "B": (1 / 2**20, "MiB"), "FLOP/s": (1e-9, "GFLOP/s")}
+
+
+def _fmt(value: float, unit: str) -> str:
+    scale, label = _UNITS.get(unit, (1.0, unit))
+    return f"{value * scale:.3f} {label}".rstrip()
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("item", "what", "ours", "peer", "ratio", "target", "met")
+    lines = [
+        (
+            r["item"],
+            r["name"],
+            _fmt(r["ours"], r["unit"]),
+            _fmt(r["peer"], r["unit"]),
+            f"{r['ratio']:.3f}",
+            f"{r['cmp']} {r['target']:.2f}",
+            "yes" if r["met"] else "NO",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *lines]]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def run_meta(cfg: BenchConfig, items: Sequence[str]) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "quick": cfg.quick,
+        "reps": cfg.reps,
+        "warmup": cfg.warmup,
+        "items": list(items),
+        "timing": "median over reps, sides interleaved round robin with the order rotated each round",
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+def _parse_items(text: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in items if s not in ITEMS]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(f"unknown item(s) {unknown or text!r}; choose from {', '.join(ITEMS)}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bp-bench",
+        description="Measure bp-service against its peers in one process; every figure is a ratio to its peer.",
+        epilog="items: " + "; ".join(f"{k}: {desc}" for k, (desc, _) in ITEMS.items()),
+    )
+    p.add_argument("--items", type=_parse_items, default=list(ITEMS), help="comma list, e.g. 1,2,3 (default: all)")
+    p.add_argument("--quick", action="store_true", help="few repetitions: everything in well under a minute")
+    p.add_argument("--reps", type=int, help="timed repetitions per side (default 200, quick 15)")
+    p.add_argument("--warmup", type=int, help="untimed repetitions per side first (default 5, quick 2)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="item 1: also time the custom MLP under torch.compile")
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cuda/all only where available")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write rows and run metadata as JSON")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("bp-bench: --device cuda but torch.cuda.is_available() is False")
+    devices = {"cpu": ("cpu",), "cuda": ("cuda",), "all": ("cpu", "cuda") if cuda else ("cpu",)}[args.device]
+    reps = args.reps if args.reps is not None else (15 if args.quick else 200)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    if reps < 1 or warmup < 0:
+        raise SystemExit("bp-bench: --reps must be >= 1 and --warmup >= 0")
+    return BenchConfig(
+        quick=args.quick,
+        reps=reps,
+        warmup=warmup,
+        memory_reps=1 if args.quick else 3,
+        compile=args.compile,
+        devices=devices,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    print(
+        f"bp-bench: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices {', '.join(cfg.devices)}, "
+        f"{cfg.reps} reps per side",
+        file=sys.stderr,
+    )
+    rows: list[Row] = []
+    for key in args.items:
+        desc, fn = ITEMS[key]
+        t0 = time.perf_counter()
+        new = fn(cfg)
+        print(f"  item {key} ({desc}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        rows += new
+    print(f"threads: {torch.get_num_threads()}")
+    print(format_table(rows))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": run_meta(cfg, args.items), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

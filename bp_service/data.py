@@ -1,0 +1,336 @@
+"""Datasets, splits, scaling and in-memory batching.
+
+Every dataset ships with scikit-learn or is generated: nothing is downloaded. Splits are seeded and
+stratified; scaling is fitted on the training split only and travels with the model (``Prepared.meta``)
+so that predictions are made from raw features.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from sklearn import datasets as skd
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder, StandardScaler
+from torch import Tensor
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message names the file, row or column."""
+
+
+# --------------------------------------------------------------------------- raw datasets
+def _blog(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Three inputs in [0, 1], labelled by a fixed 3-2-1 sigmoid 'teacher' network (the worked example's shape)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(n, 3))
+    w1 = np.array([[6.0, -4.0, 2.0], [-3.0, 5.0, -4.0]])
+    w2 = np.array([8.0, -8.0])
+    hidden = 1 / (1 + np.exp(-(x @ w1.T - 1.0)))
+    score = hidden @ w2 + rng.normal(0, noise, size=n)
+    return x, (score > np.median(score)).astype(int), ["x1", "x2", "x3"]
+
+
+def _xor(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 2, size=(n, 2))
+    x = corners + rng.normal(0, noise, size=(n, 2))
+    return x, corners[:, 0] ^ corners[:, 1], ["x1", "x2"]
+
+
+def _moons(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    x, y = skd.make_moons(n_samples=n, noise=noise, random_state=seed)
+    return x, y, ["x1", "x2"]
+
+
+def _sklearn(loader) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    bunch = loader()
+    names = [str(n) for n in getattr(bunch, "feature_names", [])] or [f"x{i}" for i in range(bunch.data.shape[1])]
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target), names
+
+
+SKLEARN_LOADERS = {
+    "digits": skd.load_digits,
+    "breast_cancer": skd.load_breast_cancer,
+    "iris": skd.load_iris,
+    "wine": skd.load_wine,
+    "diabetes": skd.load_diabetes,
+}
+GENERATED = {"blog": _blog, "xor": _xor, "moons": _moons}
+REGRESSION_DATASETS = {"diabetes"}
+
+
+def read_feature_frame(path: str | Path) -> pd.DataFrame:
+    """Read a CSV with one-line errors for a missing, empty or header-only file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if frame.empty:
+        raise DataError(f"{path}: has a header but no data rows")
+    return frame
+
+
+def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_row: int = 0) -> np.ndarray:
+    """Columns as float64, naming the first non-numeric, missing or infinite cell by row and column.
+
+    Rows are numbered as a spreadsheet shows them: the header is row 1, the first data row is row 2.
+    """
+    out = np.empty((len(frame), len(columns)), dtype=np.float64)
+    for j, col in enumerate(columns):
+        raw = frame[col]
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            cell = raw.iloc[i]
+            what = "missing" if pd.isna(cell) and not isinstance(cell, str) else f"not a finite number: {cell!r}"
+            raise DataError(f"{source}: row {first_row + i + 2}, column {col!r}: {what}")
+        out[:, j] = values
+    return out
+
+
+def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    frame = read_feature_frame(cfg.path)
+    if cfg.target not in frame.columns:
+        raise DataError(f"{cfg.path}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})")
+    excluded = {cfg.target, cfg.id_column}
+    features = list(cfg.features) if cfg.features else [c for c in frame.columns if c not in excluded]
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise DataError(f"{cfg.path}: feature column(s) not found: {', '.join(missing)}")
+    if not features:
+        raise DataError(f"{cfg.path}: no feature columns besides the target {cfg.target!r}")
+    x = numeric_matrix(frame, features, str(cfg.path))
+    target = frame[cfg.target]
+    if target.isna().any():
+        raise DataError(f"{cfg.path}: row {int(np.argmax(target.isna().to_numpy())) + 2}, column {cfg.target!r}: missing")
+    task = cfg.task
+    if task == "auto":
+        numeric = pd.to_numeric(target, errors="coerce")
+        is_small_int = numeric.notna().all() and np.allclose(numeric, np.round(numeric)) and numeric.nunique() <= 20
+        task = "classification" if (numeric.isna().any() or is_small_int) else "regression"
+    if task == "regression":
+        y = numeric_matrix(frame, [cfg.target], str(cfg.path))[:, 0]
+    else:
+        y = target.astype(str).to_numpy() if target.dtype == object else target.to_numpy()
+    return x, y, features, task
+
+
+# --------------------------------------------------------------------------- prepared splits
+@dataclass
+class Prepared:
+    """Scaled tensors for each split, and what a model needs to predict from raw features."""
+
+    task: str  # classification | regression
+    feature_names: list[str]
+    classes: list[Any] | None  # original labels, in output order (classification)
+    x: dict[str, Tensor] = field(default_factory=dict)  # split -> (N, H_in) scaled features
+    y: dict[str, Tensor] = field(default_factory=dict)  # split -> (N, H_out) loss targets
+    scaler_mean: list[float] = field(default_factory=list)
+    scaler_scale: list[float] = field(default_factory=list)
+    target_mean: float = 0.0  # regression targets are standardised too
+    target_scale: float = 1.0
+    raw_test: np.ndarray | None = None  # unscaled test features, for examples and signatures
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.y["train"].shape[1]
+
+    def raw_example(self, rows: int = 5) -> pd.DataFrame:
+        """A few raw test rows, as a model user would send them."""
+        return pd.DataFrame(self.raw_test[:rows], columns=self.feature_names)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Plain-Python description of the preprocessing (safe for ``torch.load(weights_only=True)``)."""
+        classes = None if self.classes is None else [c.item() if hasattr(c, "item") else c for c in self.classes]
+        return {
+            "task": self.task,
+            "feature_names": list(self.feature_names),
+            "classes": classes,
+            "scaler_mean": list(self.scaler_mean),
+            "scaler_scale": list(self.scaler_scale),
+            "target_mean": self.target_mean,
+            "target_scale": self.target_scale,
+        }
+
+
+def _encode_targets(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Binary: one sigmoid output holding 0/1, as in the worked example. K > 2 classes: one-hot."""
+    if n_classes == 2:
+        return y.reshape(-1, 1).astype(np.float64)
+    return np.eye(n_classes)[y]
+
+
+def load_raw(cfg, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Features, targets, feature names and task for ``cfg`` (the ``data`` config node)."""
+    if cfg.name == "csv":
+        return _csv(cfg)
+    if cfg.name in GENERATED:
+        x, y, names = GENERATED[cfg.name](cfg.n_samples, cfg.noise, seed)
+    else:
+        x, y, names = _sklearn(SKLEARN_LOADERS[cfg.name])
+    task = cfg.task if cfg.task != "auto" else ("regression" if cfg.name in REGRESSION_DATASETS else "classification")
+    return x, y, names, task
+
+
+def prepare(cfg, seed: int) -> Prepared:
+    """Load, split (seeded, stratified), and scale on the training split only."""
+    x, y, names, task = load_raw(cfg, seed)
+    source = cfg.path if cfg.name == "csv" else f"data={cfg.name}"
+    classes = None
+    if task == "classification":
+        encoder = LabelEncoder().fit(y)
+        classes = list(encoder.classes_)
+        if len(classes) < 2:
+            raise DataError(f"{source}: target {cfg.target or 'y'!r} has a single class ({classes[0]!r}); need at least 2")
+        y = encoder.transform(y)
+    n = len(x)
+    n_test, n_val = math.ceil(n * cfg.test_size), math.ceil(n * cfg.val_size)
+    min_rows = 3 if classes is None else 3 * len(classes)
+    if n - n_test - n_val < 1 or n < min_rows:
+        raise DataError(f"{source}: {n} rows are too few for a train/val/test split (need at least {max(min_rows, 3)})")
+    stratify = y if classes is not None and np.bincount(y).min() >= 3 else None
+    if classes is not None and stratify is None:
+        raise DataError(f"{source}: every class needs at least 3 rows for a stratified split; counts {np.bincount(y).tolist()}")
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=n_test, random_state=seed, stratify=stratify)
+    strat_rest = y_rest if stratify is not None else None
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=n_val, random_state=seed, stratify=strat_rest
+    )
+    scaler = StandardScaler().fit(x_train)
+    prepared = Prepared(
+        task=task,
+        feature_names=names,
+        classes=classes,
+        scaler_mean=scaler.mean_.tolist(),
+        scaler_scale=scaler.scale_.tolist(),
+        raw_test=x_test,
+    )
+    if task == "regression":
+        prepared.target_mean, prepared.target_scale = float(y_train.mean()), float(y_train.std() or 1.0)
+    for split, xs, ys in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
+        if task == "regression":
+            targets = ((ys - prepared.target_mean) / prepared.target_scale).reshape(-1, 1)
+        else:
+            targets = _encode_targets(ys, len(classes))
+        prepared.x[split] = torch.as_tensor(scaler.transform(xs), dtype=torch.float32)
+        prepared.y[split] = torch.as_tensor(targets, dtype=torch.float32)
+    return prepared
+
+
+# --------------------------------------------------------------------------- batching
+class InMemoryLoader:
+    """Batches of in-memory tensors by slicing a shuffled index: no per-sample ``__getitem__`` + collate.
+
+    Each epoch's order is a pure function of ``(seed, epoch)``, so a run resumed from a checkpoint
+    sees exactly the batches an uninterrupted run would. With ``world_size > 1`` every global batch
+    of ``batch_size * world_size`` rows is dealt round-robin to the ranks, so DDP on W processes
+    sees the same global batches as one process with a W-times larger batch.
+
+    Yields tuples of ``steps_per_execution`` consecutive ``(x, y)`` batches (one per optimizer step).
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        steps_per_execution: int = 1,
+    ) -> None:
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_execution = steps_per_execution
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def n_batches(self) -> int:
+        """Optimizer steps per epoch; a last global batch too small to give every rank a row is dropped."""
+        global_batch = self.batch_size * self.world_size
+        full, rest = divmod(len(self.x), global_batch)
+        return full + (rest >= self.world_size)
+
+    def __len__(self) -> int:
+        return math.ceil(self.n_batches / self.steps_per_execution)
+
+    def _order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.x))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.x), generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], ...]]:
+        order = self._order()
+        global_batch = self.batch_size * self.world_size
+        chunk: list[tuple[Tensor, Tensor]] = []
+        for i in range(self.n_batches):
+            idx = order[i * global_batch : (i + 1) * global_batch][self.rank :: self.world_size]
+            chunk.append((self.x[idx], self.y[idx]))
+            if len(chunk) == self.steps_per_execution:
+                yield tuple(chunk)
+                chunk = []
+        if chunk:
+            yield tuple(chunk)
+
+
+class BPDataModule(pl.LightningDataModule):
+    """Wraps :func:`prepare` for Lightning; evaluation splits are small, so they go in large batches."""
+
+    def __init__(self, cfg, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.data: Prepared | None = None
+        self._train: InMemoryLoader | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = prepare(self.cfg, self.seed)
+
+    def train_dataloader(self) -> InMemoryLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self._train = InMemoryLoader(
+            self.data.x["train"],
+            self.data.y["train"],
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            steps_per_execution=self.cfg.steps_per_execution,
+        )
+        return self._train
+
+    def _eval_loader(self, split: str) -> InMemoryLoader:
+        return InMemoryLoader(self.data.x[split], self.data.y[split], batch_size=4096)
+
+    def val_dataloader(self) -> InMemoryLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> InMemoryLoader:
+        return self._eval_loader("test")

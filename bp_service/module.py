@@ -1,0 +1,153 @@
+"""The LightningModule: receives its network, computes losses and metrics, steps the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from bp_service import functions as F
+from bp_service.config import check_target
+from bp_service.layers import MLP
+
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged: the message names the step and what became non-finite."""
+
+
+def accuracy(pred: Tensor, target: Tensor) -> Tensor:
+    """Fraction of rows classified right: one sigmoid output thresholded at 0.5, else argmax."""
+    if pred.shape[-1] == 1:
+        return ((pred > 0.5) == (target > 0.5)).float().mean()
+    return (pred.argmax(-1) == target.argmax(-1)).float().mean()
+
+
+class BPModule(pl.LightningModule):
+    """Trains ``net`` with hand-written backprop, one optimizer step per ``(x, y)`` batch.
+
+    Optimization is manual so that a Lightning step may carry several optimizer steps (the
+    loader's ``steps_per_execution``): Lightning's per-step hooks then cost a fraction as much,
+    while the sequence of optimizer steps, and so the weights, stay exactly the same.
+
+    Args:
+        net: the network (a :class:`~bp_service.layers.MLP`).
+        loss: ``mse`` or ``l1``.
+        task: ``classification`` (also logs accuracy) or ``regression``.
+        optimizer: ``_target_`` (allowlisted ``torch.optim`` class) and its keyword arguments.
+        scheduler: optional ``_target_``, ``interval`` (epoch|step) and ``params``.
+        meta: preprocessing and labels, saved in every checkpoint so it predicts from raw features.
+        log_every_n_steps: cadence of the per-step ``train/loss_step`` metric.
+        gradient_clip_val: clip the gradient norm to this value, if set.
+    """
+
+    def __init__(
+        self,
+        net: MLP,
+        loss: str = "mse",
+        task: str = "classification",
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        log_every_n_steps: int = 10,
+        gradient_clip_val: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = net
+        self.loss_fn = LOSSES[loss]
+        self.task = task
+        self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.SGD", "lr": 0.1})
+        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.meta = dict(meta or {})
+        self.log_every_n_steps = log_every_n_steps
+        self.gradient_clip_val = gradient_clip_val
+        self._epoch_loss_sum = torch.zeros(())
+        self._epoch_rows = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ----------------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        self.trainer.train_dataloader.set_epoch(self.current_epoch)
+        self._epoch_loss_sum = torch.zeros((), device=self.device)
+        self._epoch_rows = 0
+
+    def training_step(self, chunk: tuple[tuple[Tensor, Tensor], ...], batch_idx: int) -> None:
+        opt = self.optimizers()
+        for x, y in chunk:
+            loss = self.loss_fn(self.net(x), y)
+            opt.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            if self.gradient_clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            self._check_finite(loss)
+            opt.step()
+            self._step_scheduler("step")
+            self._epoch_loss_sum += loss.detach() * len(x)
+            self._epoch_rows += len(x)
+            if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
+                self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        # Mean over rows, independent of how optimizer steps were grouped into Lightning steps.
+        epoch_loss = self._epoch_loss_sum / max(self._epoch_rows, 1)
+        self.log("train/loss", epoch_loss, prog_bar=True, sync_dist=True)
+        self._step_scheduler("epoch")
+
+    def _check_finite(self, loss: Tensor) -> None:
+        """Stop at the step that diverged, before the optimizer writes NaNs into the weights."""
+        step = self.global_step + 1
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"step {step}: train/loss became non-finite ({loss.item()})")
+        for name, p in self.net.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(f"step {step}: the gradient of {name} became non-finite")
+
+    def _step_scheduler(self, interval: str) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.scheduler_cfg["interval"] == interval:
+            scheduler.step()
+
+    # ----------------------------------------------------------------------- evaluation
+    def _evaluate(self, chunk: tuple[tuple[Tensor, Tensor], ...], split: str) -> None:
+        ((x, y),) = chunk
+        pred = self.net(x)
+        self.log(f"{split}/loss", self.loss_fn(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
+        if self.task == "classification":
+            self.log(f"{split}/acc", accuracy(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
+
+    def validation_step(self, chunk, batch_idx: int) -> None:
+        self._evaluate(chunk, "val")
+
+    def test_step(self, chunk, batch_idx: int) -> None:
+        self._evaluate(chunk, "test")
+
+    # ----------------------------------------------------------------------- optimizers, checkpoints
+    def configure_optimizers(self):
+        kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "_target_"}
+        optimizer = check_target(self.optimizer_cfg["_target_"], "optimizer")(self.net.parameters(), **kwargs)
+        if not self.scheduler_cfg:
+            return optimizer
+        scheduler_cls = check_target(self.scheduler_cfg["_target_"], "scheduler")
+        scheduler = scheduler_cls(optimizer, **self.scheduler_cfg.get("params", {}))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """What :func:`bp_service.serving.build_net` needs to rebuild the network."""
+        return {
+            "sizes": list(self.net.sizes),
+            "activations": list(self.net.activations),
+            "fused": self.net.fused,
+            "bias": self.net.layers[0].bias is not None,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
+        checkpoint["bp_service"] = {"meta": self.meta, "architecture": self.architecture}
+

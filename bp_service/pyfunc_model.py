@@ -1,0 +1,8 @@
+"""The MLflow model as code ("models from code"): MLflow runs this file to build the model, so
+nothing is unpickled when the model loads. See bp_service.serving.BPServiceModel."""
+
+from mlflow.models import set_model
+
+from bp_service.serving import BPServiceModel
+
+set_model(BPServiceModel())

@@ -1,0 +1,118 @@
+"""A trained network as something that predicts from raw features: the MLflow pyfunc model and
+the shared ``predict_frame`` that ``bp-predict`` uses too.
+
+A model bundle is a plain dict, loadable with ``torch.load(weights_only=True)``:
+``{"state_dict": {...}, "meta": {...}, "architecture": {...}}`` (see ``BPModule.on_save_checkpoint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from bp_service.layers import MLP
+
+
+class InputError(ValueError):
+    """Input rows do not fit the model; the message names the column or the row."""
+
+
+def build_net(architecture: dict[str, Any]) -> MLP:
+    """Rebuild the network a bundle or checkpoint describes."""
+    acts = architecture["activations"]
+    return MLP(
+        architecture["sizes"],
+        activation=acts[0] if len(acts) > 1 else "sigmoid",
+        output_activation=acts[-1],
+        fused=architecture["fused"],
+        bias=architecture["bias"],
+    )
+
+
+def load_bundle(path: str | Path) -> dict[str, Any]:
+    """A bundle from a Lightning checkpoint or a saved bundle, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle, not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a loadable bp-service checkpoint ({first})") from None
+    if "bp_service" in raw:  # a Lightning checkpoint of BPModule: weights are under "net."
+        state = {k.removeprefix("net."): v for k, v in raw["state_dict"].items() if k.startswith("net.")}
+        return {"state_dict": state, **raw["bp_service"]}
+    if {"state_dict", "meta", "architecture"} <= raw.keys():
+        return raw
+    raise InputError(f"{path}: not a bp-service checkpoint (no model description inside)")
+
+
+def net_from_bundle(bundle: dict[str, Any]) -> MLP:
+    net = build_net(bundle["architecture"])
+    net.load_state_dict(bundle["state_dict"])
+    return net.eval()
+
+
+def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_column: str | None = None) -> None:
+    """Name every missing and every unexpected column."""
+    expected = list(meta["feature_names"])
+    present = [str(c) for c in frame.columns]
+    missing = [c for c in expected if c not in present]
+    extra = [c for c in present if c not in expected and c != id_column]
+    if missing or extra:
+        parts = [f"missing column(s) {', '.join(missing)}" if missing else "", f"unexpected column(s) {', '.join(extra)}" if extra else ""]
+        raise InputError(f"{source}: {'; '.join(p for p in parts if p)} (the model expects: {', '.join(expected)})")
+
+
+def features_matrix(frame: pd.DataFrame, meta: dict[str, Any], source: str, first_row: int = 0) -> np.ndarray:
+    """Raw feature columns, in the model's order, as float64; bad cells named by row and column."""
+    from bp_service.data import DataError, numeric_matrix  # data pulls in Lightning; keep serving light
+
+    try:
+        return numeric_matrix(frame, list(meta["feature_names"]), source, first_row)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
+
+
+def predict_frame(net: MLP, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFrame:
+    """Scale raw features as at training time, run the network, and name the outputs.
+
+    Classification: ``prediction`` (the original label) and ``proba_<label>`` per class.
+    Regression: ``prediction`` in the target's original units.
+    """
+    scaled = (raw - np.asarray(meta["scaler_mean"])) / np.asarray(meta["scaler_scale"])
+    with torch.no_grad():
+        dtype = next(net.parameters()).dtype
+        out = net(torch.as_tensor(scaled, dtype=dtype)).double().numpy()  # (N, H_out)
+    if meta["task"] == "regression":
+        return pd.DataFrame({"prediction": out[:, 0] * meta["target_scale"] + meta["target_mean"]})
+    classes = meta["classes"]
+    if out.shape[1] == 1:  # one sigmoid output: P(second class)
+        proba = np.concatenate([1 - out, out], axis=1)
+    else:  # sigmoid outputs are independent scores: normalise them to sum to one
+        proba = out / np.clip(out.sum(axis=1, keepdims=True), 1e-12, None)
+    frame = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
+    for k, label in enumerate(classes):
+        frame[f"proba_{label}"] = proba[:, k]
+    if all(isinstance(c, int | np.integer) for c in classes):
+        frame["prediction"] = frame["prediction"].astype(np.int64)
+    return frame
+
+
+class BPServiceModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc flavour: ``predict(DataFrame of raw features) -> DataFrame of predictions``."""
+
+    def load_context(self, context) -> None:
+        self.bundle = load_bundle(context.artifacts["bundle"])
+        self.net = net_from_bundle(self.bundle)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        meta = self.bundle["meta"]
+        frame = pd.DataFrame(model_input)
+        check_columns(frame, meta, "model input")
+        return predict_frame(self.net, meta, features_matrix(frame, meta, "model input"))

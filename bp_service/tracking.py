@@ -1,0 +1,325 @@
+"""MLflow: where runs go, what they record, and how a lost server is survived.
+
+The store is ``MLFLOW_TRACKING_URI`` when set (as MLflow users expect), else ``tracking.uri``, else
+an embedded SQLite file ``<paths.root_dir>/mlflow.db`` with artifacts beside it in ``mlartifacts/``:
+absolute paths, so nothing depends on the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning
+import mlflow
+import torch
+from hydra.experimental.callback import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+import bp_service
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+# --------------------------------------------------------------------------- where runs go
+def resolve_uri(cfg: DictConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or default_uri(cfg.paths.root_dir)
+
+
+def default_uri(root_dir: str | Path) -> str:
+    return f"sqlite:///{Path(root_dir).resolve() / 'mlflow.db'}"
+
+
+def is_local(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(uri: str, root_dir: str | Path) -> str | None:
+    """Local stores get an absolute artifact folder; a server decides its own."""
+    return (Path(root_dir).resolve() / "mlartifacts").as_uri() if is_local(uri) else None
+
+
+@contextlib.contextmanager
+def _quick_http(retries: int = 0, timeout: int = 5) -> Iterator[None]:
+    """Answer within seconds rather than MLflow's default minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any training, when a tracking server does not answer."""
+    if is_local(uri):
+        return
+    with _quick_http():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise TrackingError(
+                f"tracking server {uri} is unreachable ({reason}); set tracking.required=false to train anyway"
+            ) from None
+
+
+def ensure_experiment(uri: str, name: str, root_dir: str | Path) -> str:
+    """Experiment id for ``name``, created with an absolute artifact location if new."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, root_dir))
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+# --------------------------------------------------------------------------- what a run records
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened to ``a.b.c`` keys, leaving out values taken from ``${oc.env:...}``.
+
+    Environment values may be secrets (tokens, passwords in URIs): they never reach MLflow.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, str] = {}
+
+    def walk(raw_node: Any, node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(raw_node.get(key) if isinstance(raw_node, Mapping) else None, value, f"{prefix}{key}.")
+        elif isinstance(raw_node, str) and "${oc.env:" in raw_node:
+            return
+        else:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+
+    walk(raw, resolved, "")
+    return out
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def run_tags(overrides: list[str], device: str) -> dict[str, str]:
+    tags = {
+        "hydra.overrides": " ".join(overrides),
+        "device": device,
+        "host.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.lightning": lightning.__version__,
+        "version.bp_service": bp_service.__version__,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class ResilientMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger that survives losing the server mid-run.
+
+    The first failed call is reported once as a warning and tracking stops for the rest of the
+    run; training and checkpointing, which never depend on MLflow, go on. The run's final status
+    is set by ``bp-train`` itself, so ``finalize`` only flushes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: str | None = None
+
+    def _guard(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
+        if self.lost:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            self.lost = f"{what} failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._guard("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params: Any) -> None:
+        self._guard("log_hyperparams", super().log_hyperparams, params)
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+    def call(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
+        """Any other tracking call (artifacts, models), with the same survival rule."""
+        self._guard(what, fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- sweeps
+class MLflowSweepCallback(Callback):
+    """One parent run per Hydra multirun; every job's run is its child (``mlflow.parentRunId``).
+
+    The experiment and parent are created here, once, before any job starts, so parallel jobs
+    never race to create them.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.enabled:
+            return
+        uri = resolve_uri(config)
+        try:
+            check_reachable(uri)
+            experiment_id = ensure_experiment(uri, config.tracking.experiment, config.paths.root_dir)
+            sweep_dir = Path(config.hydra.sweep.dir)
+            run = MlflowClient(uri).create_run(
+                experiment_id,
+                run_name=f"sweep-{sweep_dir.name}",
+                tags={"bp.sweep_dir": str(sweep_dir), "bp.role": "sweep"},
+            )
+        except Exception as exc:  # the jobs will report the same problem with their own config
+            log.warning("could not create the sweep's parent run: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
+        if path.is_file():
+            with contextlib.suppress(Exception):
+                MlflowClient(resolve_uri(config)).set_terminated(path.read_text().strip(), "FINISHED")
+
+
+def parent_run_id(sweep_dir: str | Path | None) -> str | None:
+    if sweep_dir is None:
+        return None
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- one run
+class Tracker:
+    """The MLflow run of one ``bp-train`` job: created (or continued) at start, closed with a status.
+
+    Args:
+        cfg: the job's resolved config.
+        overrides: Hydra's override strings, recorded as a tag.
+        device: what trains, recorded as a tag.
+        resume_run_id: continue this run (read from the checkpoint being resumed) instead of starting one.
+        parent_run_id: the sweep's parent run, for jobs of a multirun.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: list[str],
+        device: str,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.uri = resolve_uri(cfg)
+        try:
+            check_reachable(self.uri)
+        except TrackingError as exc:
+            if cfg.tracking.required:
+                raise
+            self.uri = default_uri(cfg.paths.root_dir)
+            warnings.warn(f"{exc}; recording locally in {self.uri}", stacklevel=2)
+            resume_run_id = None  # that run lives on the unreachable server
+        self.experiment = cfg.tracking.experiment
+        ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
+        tags = run_tags(overrides, device)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.logger = ResilientMLFlowLogger(
+            experiment_name=self.experiment,
+            run_name=cfg.tracking.run_name,
+            tracking_uri=self.uri,
+            tags=tags,
+            artifact_location=artifact_location(self.uri, cfg.paths.root_dir),
+            run_id=resume_run_id,
+        )
+        self.run_id: str = self.logger.run_id
+        self.resumed = resume_run_id is not None
+        if self.resumed:
+            self.logger.call("set_tag", self.logger.experiment.set_tag, self.run_id, "bp.resumed", "true")
+        else:  # params are immutable in MLflow: a resumed run keeps those it started with
+            self.logger.log_hyperparams(flat_params(cfg))
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.logger.experiment
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.logger.call(name, self.client.log_dict, self.run_id, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.logger.call(name, self.client.log_text, self.run_id, text, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.logger.call(name, self.client.log_figure, self.run_id, figure, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.logger.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        history: dict[str, list[tuple[int, float]]] = {}
+        for key in keys:
+            with contextlib.suppress(Exception):
+                history[key] = [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        return history
+
+    def log_model(self, bundle_path: Path, input_example, register_as: str | None) -> None:
+        """Log the pyfunc model (weights, scaling, labels) so MLflow's own tools load and serve it."""
+        from mlflow.models import infer_signature
+
+        from bp_service.serving import features_matrix, load_bundle, net_from_bundle, predict_frame
+
+        bundle = load_bundle(bundle_path)
+        output = predict_frame(net_from_bundle(bundle), bundle["meta"], features_matrix(input_example, bundle["meta"], "example"))
+        package_dir = Path(bp_service.__file__).resolve().parent
+
+        def log() -> None:
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(package_dir / "pyfunc_model.py"),  # models from code: nothing pickled
+                    artifacts={"bundle": str(bundle_path)},
+                    code_paths=[str(package_dir)],  # the model loads without bp-service installed
+                    signature=infer_signature(input_example, output),
+                    input_example=input_example,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "pandas", "numpy"],
+                    registered_model_name=register_as,
+                )
+
+        self.logger.call("log_model", log)
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED: never leave the run RUNNING."""
+        self.logger.call("set_terminated", self.client.set_terminated, self.run_id, status)

@@ -1,0 +1,302 @@
+"""``bp-train``: one configured training run, from config to tracked, tested, servable model.
+
+Read top to bottom, it is the recipe: validate the config, seed, load the data, build the network,
+open the MLflow run, gradient-check the network, fit, test the best checkpoint, record artifacts
+and the model, print a summary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from bp_service.config import ConfigError, register_configs, validate
+from bp_service.data import BPDataModule, DataError
+from bp_service.gradcheck import check_model
+from bp_service.layers import MLP
+from bp_service.module import BPModule, NonFiniteError
+from bp_service.reports import confusion_figure, curves_figure
+from bp_service.serving import InputError, load_bundle
+from bp_service.tracking import Tracker, TrackingError, parent_run_id
+
+CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint to resume from is missing or unreadable; the message names the file."""
+
+
+class GradcheckError(RuntimeError):
+    """The hand-written backward disagrees with finite differences on this run's model."""
+
+
+def project_root() -> str:
+    """Stable home of mlflow.db, artifacts and outputs, whatever the working directory."""
+    if os.environ.get("BP_SERVICE_HOME"):
+        return str(Path(os.environ["BP_SERVICE_HOME"]).resolve())
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir():
+        return str(checkout)
+    return str(Path.home() / ".bp-service")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file and rename: a kill mid-write never leaves a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- checkpoints to resume
+def _same_overrides(run_dir: Path, wanted: set[str]) -> bool:
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    return saved.is_file() and _resumable_overrides(OmegaConf.load(saved)) == wanted
+
+
+def _resumable_overrides(overrides) -> set[str]:
+    """The overrides that define a run; where it resumes from and how long it trains do not."""
+    ignored = ("ckpt_path=", "trainer.max_epochs=", "tracking.")
+    return {o for o in overrides if not o.startswith(ignored)}
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[str | None, Path]:
+    """(checkpoint to resume from, folder to write checkpoints to)."""
+    if cfg.ckpt_path is None:
+        return None, Path(cfg.paths.ckpt_dir)
+    if cfg.ckpt_path == "last":
+        wanted = _resumable_overrides(HydraConfig.get().overrides.task)
+        runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
+        candidates = [
+            p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)
+        ]
+        if not candidates:
+            raise CheckpointError(
+                f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs_dir}"
+            )
+        path = max(candidates, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(cfg.ckpt_path)
+    _read_checkpoint(path)  # fail now, naming the file, rather than deep inside Lightning
+    return str(path), path.parent
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The bp-service part of a checkpoint, read safely; a corrupt or foreign file is named."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return load_bundle(path)
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def _resume_run_id(ckpt_path: str | None) -> str | None:
+    if ckpt_path is None:
+        return None
+    return _read_checkpoint(Path(ckpt_path))["meta"].get("mlflow_run_id")
+
+
+# --------------------------------------------------------------------------- the recipe
+def build_network(cfg: DictConfig, n_features: int, n_outputs: int, task: str) -> MLP:
+    output_activation = cfg.model.output_activation
+    if output_activation == "auto":
+        output_activation = "sigmoid" if task == "classification" else None
+    return MLP(
+        [n_features, *cfg.model.hidden, n_outputs],
+        activation=cfg.model.activation,
+        output_activation=output_activation,
+        fused=cfg.model.fused,
+        bias=cfg.model.bias,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job; returns its metrics, paths and MLflow run id. Raises on any failure."""
+    started = time.perf_counter()
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = BPDataModule(cfg.data, cfg.seed)
+    datamodule.setup()
+    data = datamodule.data
+    net = build_network(cfg, data.n_features, data.n_outputs, data.task)
+    classification = data.task == "classification"
+    monitor = cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else ("val/acc" if classification else "val/loss")
+    mode = "max" if monitor.endswith("acc") else "min"
+
+    ckpt_path, ckpt_dir = resolve_resume(cfg)
+    hydra_cfg = HydraConfig.get()
+    accelerator = cfg.trainer.accelerator
+    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    tracker = None
+    if cfg.tracking.enabled and rank_zero_only.rank == 0:  # DDP: one process records the run
+        sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
+        tracker = Tracker(
+            cfg, list(hydra_cfg.overrides.task), device, _resume_run_id(ckpt_path), parent_run_id(sweep_dir)
+        )
+
+    module = BPModule(
+        net,
+        loss=cfg.model.loss,
+        task=data.task,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+        meta={**data.meta, "mlflow_run_id": tracker.run_id if tracker else None},
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+    )
+    if cfg.model.compile:
+        net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
+
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-epoch{epoch:03d}-step{step}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode=mode,
+        save_last=cfg.checkpoint.save_last,
+        save_top_k=cfg.checkpoint.save_top_k,
+    )
+    callbacks: list[pl.Callback] = [checkpoint]
+    if cfg.early_stopping.enabled:
+        callbacks.append(EarlyStopping(monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta))
+    if tracker:
+        callbacks.append(LearningRateMonitor(logging_interval=cfg.scheduler.interval if cfg.scheduler else "epoch"))
+
+    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+    trainer_kwargs.pop("gradient_clip_val", None)  # manual optimization clips in the module
+    trainer_kwargs.setdefault("deterministic", device == "cpu")
+    trainer = pl.Trainer(
+        **trainer_kwargs,
+        logger=tracker.logger if tracker else False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=cfg.paths.output_dir,
+    )
+
+    status = "FAILED"
+    try:
+        if trainer.is_global_zero and cfg.tracking.gradcheck:
+            report = check_model(net, cfg.model.loss)
+            if tracker:
+                tracker.log_dict(report, "gradcheck.json")
+            if not report["passed"]:
+                bad = [e["layer"] + ":" + e["function"] for e in report["layers"] if not e["passed"]]
+                raise GradcheckError(f"gradient check failed before training for {', '.join(bad)}")
+
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except SIGTERMException:  # Lightning stopped at a batch end; it would exit 0
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+            status = "KILLED"
+            raise SystemExit(EXIT_SIGTERM) from None
+
+        best = checkpoint.best_model_path or None
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+        result = {
+            "metrics": {k: float(v) for k, v in test_metrics.items()},
+            "best_checkpoint": best,
+            "last_checkpoint": checkpoint.last_model_path or None,
+            "monitor": monitor,
+            "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+            "run_id": tracker.run_id if tracker else None,
+            "tracking_uri": tracker.uri if tracker else None,
+            "output_dir": cfg.paths.output_dir,
+        }
+        if tracker:
+            _record_artifacts(cfg, tracker, module, data, result)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker:
+            tracker.end(status)
+    result["wall_time_s"] = time.perf_counter() - started
+    result["tracking_lost"] = tracker.logger.lost if tracker else None
+    return result
+
+
+def _record_artifacts(cfg: DictConfig, tracker: Tracker, module: BPModule, data, result: dict[str, Any]) -> None:
+    """Config, curves, confusion matrix, checkpoint pointer, and the servable model."""
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    keys = ["train/loss", "val/loss"] + (["val/acc"] if data.task == "classification" else [])
+    history = tracker.metric_history(keys)
+    if any(history.values()):
+        tracker.log_figure(curves_figure(history), "curves.png")
+    net = module.net
+    if data.task == "classification":
+        with torch.no_grad():
+            pred = net(data.x["test"]).cpu()
+        target = data.y["test"]
+        to_index = (lambda t: (t[:, 0] > 0.5).long()) if pred.shape[1] == 1 else (lambda t: t.argmax(1))
+        tracker.log_figure(confusion_figure(to_index(target).numpy(), to_index(pred).numpy(), data.meta["classes"]), "confusion_matrix.png")
+    tracker.log_dict({k: result[k] for k in ("best_checkpoint", "last_checkpoint", "monitor", "best_score")}, "checkpoint.json")
+    if result["best_checkpoint"]:
+        tracker.log_artifact(result["best_checkpoint"], "checkpoints")
+    if cfg.tracking.log_model:
+        bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
+        torch.save({"state_dict": net.state_dict(), "meta": module.meta, "architecture": module.architecture}, bundle_path)
+        tracker.log_model(bundle_path, data.raw_example(), cfg.tracking.register_model)
+
+
+def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
+    lines = [f"bp-train: {cfg.task_name} finished in {result['wall_time_s']:.1f} s"]
+    lines += [f"  {k:<12} {v:.4f}" for k, v in sorted(result["metrics"].items())]
+    lines.append(f"  checkpoint   {result['best_checkpoint'] or result['last_checkpoint']}")
+    if result["run_id"]:
+        lines.append(f"  MLflow run   {result['run_id']}  (experiment {cfg.tracking.experiment!r})")
+        uri = result["tracking_uri"]
+        dashboard = "make ui" if uri.startswith("sqlite:") else uri
+        lines.append(f"  dashboard    {dashboard}   (store: {uri})")
+    if result.get("tracking_lost"):
+        lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+KNOWN_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, GradcheckError, NonFiniteError, InputError)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except KNOWN_ERRORS as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"bp-train: error: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, ConfigError | DataError | InputError) else 1)
+    print(summary(cfg, result))
+    return result["best_score"]  # what sweepers optimize
+
+
+def main() -> None:
+    """Console entry point of ``bp-train`` (Hydra parses the command line)."""
+    register_configs()
+    if not OmegaConf.has_resolver("bp_root"):
+        OmegaConf.register_new_resolver("bp_root", project_root)
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
