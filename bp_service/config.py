@@ -196,14 +196,18 @@ def validate(cfg: DictConfig) -> None:
     for name in ("val_size", "test_size"):
         value = d[name]
         _require(0 < value < 1, f"data.{name} must be in (0, 1), got {value}")
-    _require(d.val_size + d.test_size < 1, f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}")
+    _require(
+        d.val_size + d.test_size < 1, f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}"
+    )
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _require(d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
 
     _require(len(m.hidden) >= 1, "model.hidden must list at least one hidden width, got []")
     for width in m.hidden:
         _require(width > 0, f"model.hidden widths must be > 0, got {list(m.hidden)}")
-    _require(m.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}")
+    _require(
+        m.activation in ACTIVATIONS, f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {m.activation!r}"
+    )
     _require(
         m.output_activation in (None, "auto", *ACTIVATIONS),
         f"model.output_activation must be auto, null or one of {', '.join(ACTIVATIONS)}, got {m.output_activation!r}",
@@ -223,5 +227,7 @@ def validate(cfg: DictConfig) -> None:
     _require(t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
     _require(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
     _require(cfg.checkpoint.save_top_k >= -1, f"checkpoint.save_top_k must be >= -1, got {cfg.checkpoint.save_top_k}")
-    _require(cfg.early_stopping.patience >= 1, f"early_stopping.patience must be >= 1, got {cfg.early_stopping.patience}")
+    _require(
+        cfg.early_stopping.patience >= 1, f"early_stopping.patience must be >= 1, got {cfg.early_stopping.patience}"
+    )
     _require(bool(cfg.tracking.experiment), "tracking.experiment must not be empty")

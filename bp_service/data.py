@@ -106,7 +106,9 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_r
 def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     frame = read_feature_frame(cfg.path)
     if cfg.target not in frame.columns:
-        raise DataError(f"{cfg.path}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})")
+        raise DataError(
+            f"{cfg.path}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})"
+        )
     excluded = {cfg.target, cfg.id_column}
     features = list(cfg.features) if cfg.features else [c for c in frame.columns if c not in excluded]
     missing = [c for c in features if c not in frame.columns]
@@ -117,7 +119,9 @@ def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     x = numeric_matrix(frame, features, str(cfg.path))
     target = frame[cfg.target]
     if target.isna().any():
-        raise DataError(f"{cfg.path}: row {int(np.argmax(target.isna().to_numpy())) + 2}, column {cfg.target!r}: missing")
+        raise DataError(
+            f"{cfg.path}: row {int(np.argmax(target.isna().to_numpy())) + 2}, column {cfg.target!r}: missing"
+        )
     task = cfg.task
     if task == "auto":
         numeric = pd.to_numeric(target, errors="coerce")
@@ -201,7 +205,9 @@ def prepare(cfg, seed: int) -> Prepared:
         encoder = LabelEncoder().fit(y)
         classes = list(encoder.classes_)
         if len(classes) < 2:
-            raise DataError(f"{source}: target {cfg.target or 'y'!r} has a single class ({classes[0]!r}); need at least 2")
+            raise DataError(
+                f"{source}: target {cfg.target or 'y'!r} has a single class ({classes[0]!r}); need at least 2"
+            )
         y = encoder.transform(y)
     n = len(x)
     n_test, n_val = math.ceil(n * cfg.test_size), math.ceil(n * cfg.val_size)
@@ -210,7 +216,9 @@ def prepare(cfg, seed: int) -> Prepared:
         raise DataError(f"{source}: {n} rows are too few for a train/val/test split (need at least {max(min_rows, 3)})")
     stratify = y if classes is not None and np.bincount(y).min() >= 3 else None
     if classes is not None and stratify is None:
-        raise DataError(f"{source}: every class needs at least 3 rows for a stratified split; counts {np.bincount(y).tolist()}")
+        raise DataError(
+            f"{source}: every class needs at least 3 rows for a stratified split; counts {np.bincount(y).tolist()}"
+        )
     x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=n_test, random_state=seed, stratify=stratify)
     strat_rest = y_rest if stratify is not None else None
     x_train, x_val, y_train, y_val = train_test_split(

@@ -471,8 +471,9 @@ def naive_chain_gradients(
     for k in range(1, L + 1):
         a_prev = acts[k - 1].tolist()
         n_out, n_in = Ws[k - 1].shape
-        grad_W.append(torch.tensor([[over_paths(k, j, [a_prev[i]]) for i in range(n_in)] for j in range(n_out)]))
-        grad_b.append(torch.tensor([over_paths(k, j, []) for j in range(n_out)]) if bias else None)
+        rows = [[over_paths(k, j, [a_prev[i]]) for i in range(n_in)] for j in range(n_out)]
+        grad_W.append(torch.tensor(rows, dtype=DOUBLE))
+        grad_b.append(torch.tensor([over_paths(k, j, []) for j in range(n_out)], dtype=DOUBLE) if bias else None)
     return grad_W, grad_b, count
 
 
@@ -491,7 +492,8 @@ def explain_deep(
 
     Weights (and biases) are standard normal, and x uniform in [0, 1) unless given, all drawn
     from ``seed``. Returns a JSON-able dict: ``sizes``, ``seed``, ``x``, ``target``, ``lr``,
-    ``cost``, ``cost_after`` (one step with the delta gradients), ``layers`` (per layer:
+    ``weights`` (W_1..W_L as nested lists), ``biases`` (b_1..b_L, or ``None``), ``cost``,
+    ``cost_after`` (one step with the delta gradients), ``layers`` (per layer:
     ``layer``, ``shape``, ``delta``, ``grad_W``, ``max_abs_diff`` to autograd through bp_service's
     Functions, and for small networks ``naive_max_abs_diff``) and ``multiplications``
     (``naive``, ``backprop`` and, for small networks, ``naive_counted``).
@@ -559,6 +561,8 @@ def explain_deep(
         "x": a0.tolist(),
         "target": float(target),
         "lr": lr,
+        "weights": [W.tolist() for W in Ws],
+        "biases": [b.tolist() for b in bs] if bias else None,
         "cost": ((acts[L] - y) ** 2).sum().item(),
         "cost_after": cost_after,
         "layers": layers,
@@ -673,6 +677,8 @@ def _validate(p: _Parser, args: argparse.Namespace) -> None:
         if args.seed is not None:
             p.error("--seed only applies with --sizes")
         return
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        p.error(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     if len(args.sizes) < 2 or min(args.sizes) < 1 or max(args.sizes) > 1024 or len(args.sizes) > 12:
         p.error(f"--sizes takes 2 to 12 widths from 1 to 1024, input first and output last, got {args.sizes}")
     for flag, value in (("--weights", args.weights), ("--biases", args.biases), ("--plot", args.plot)):
@@ -703,7 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = DEFAULT_WEIGHTS if args.weights is None else args.weights
     biases = args.biases if args.biases is not None else (DEFAULT_BIASES if args.bias else None)
     report = explain(x, args.target, weights, biases, args.lr)
-    steps = train(x, args.target, weights, biases, args.lr, args.steps) if args.steps else None
+    # The JSON keys are fixed, so --steps only adds the text table.
+    steps = train(x, args.target, weights, biases, args.lr, args.steps) if args.steps and not args.json else None
     if not (_all_finite(report) and _all_finite(steps)):
         return _fail("the numbers overflow float64; try smaller --weights, --x, --target or --lr")
     if args.plot:

@@ -66,7 +66,13 @@ def check_model(net: MLP, loss: str) -> dict[str, Any]:
         passed = gradcheck(fn, inputs, raise_exception=False, check_batched_grad=False)
         shapes = [list(t.shape) for t in inputs if t is not None]
         entries.append(
-            {"layer": name, "function": function, "shapes": shapes, "passed": bool(passed), "max_abs_error": _max_error(fn, inputs)}
+            {
+                "layer": name,
+                "function": function,
+                "shapes": shapes,
+                "passed": bool(passed),
+                "max_abs_error": _max_error(fn, inputs),
+            }
         )
 
     for i, (layer, act) in enumerate(zip(net.layers, net.activations)):

@@ -150,4 +150,3 @@ class BPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
         checkpoint["bp_service"] = {"meta": self.meta, "architecture": self.architecture}
-

@@ -8,10 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # batch jobs and CI have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:

@@ -65,7 +65,10 @@ def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_col
     missing = [c for c in expected if c not in present]
     extra = [c for c in present if c not in expected and c != id_column]
     if missing or extra:
-        parts = [f"missing column(s) {', '.join(missing)}" if missing else "", f"unexpected column(s) {', '.join(extra)}" if extra else ""]
+        parts = [
+            f"missing column(s) {', '.join(missing)}" if missing else "",
+            f"unexpected column(s) {', '.join(extra)}" if extra else "",
+        ]
         raise InputError(f"{source}: {'; '.join(p for p in parts if p)} (the model expects: {', '.join(expected)})")
 
 

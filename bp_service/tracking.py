@@ -164,7 +164,9 @@ class ResilientMLFlowLogger(MLFlowLogger):
         try:
             fn(*args, **kwargs)
         except Exception as exc:
-            self.lost = f"{what} failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            self.lost = (
+                f"{what} failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+            )
             warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -301,7 +303,9 @@ class Tracker:
         from bp_service.serving import features_matrix, load_bundle, net_from_bundle, predict_frame
 
         bundle = load_bundle(bundle_path)
-        output = predict_frame(net_from_bundle(bundle), bundle["meta"], features_matrix(input_example, bundle["meta"], "example"))
+        output = predict_frame(
+            net_from_bundle(bundle), bundle["meta"], features_matrix(input_example, bundle["meta"], "example")
+        )
         package_dir = Path(bp_service.__file__).resolve().parent
 
         def log() -> None:
@@ -314,7 +318,12 @@ class Tracker:
                     code_paths=[str(package_dir)],  # the model loads without bp-service installed
                     signature=infer_signature(input_example, output),
                     input_example=input_example,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "pandas", "numpy"],
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                        "pandas",
+                        "numpy",
+                    ],
                     registered_model_name=register_as,
                 )
 

@@ -18,11 +18,14 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bp_service.config import ConfigError, register_configs, validate
 from bp_service.data import BPDataModule, DataError
@@ -85,9 +88,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[str | None, Path]:
     if cfg.ckpt_path == "last":
         wanted = _resumable_overrides(HydraConfig.get().overrides.task)
         runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
-        candidates = [
-            p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)
-        ]
+        candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]
         if not candidates:
             raise CheckpointError(
                 f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs_dir}"
@@ -140,16 +141,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = datamodule.data
     net = build_network(cfg, data.n_features, data.n_outputs, data.task)
     classification = data.task == "classification"
-    monitor = cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else ("val/acc" if classification else "val/loss")
+    monitor = (
+        cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else ("val/acc" if classification else "val/loss")
+    )
     mode = "max" if monitor.endswith("acc") else "min"
 
     ckpt_path, ckpt_dir = resolve_resume(cfg)
     hydra_cfg = HydraConfig.get()
     accelerator = cfg.trainer.accelerator
-    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    device = (
+        "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     tracker = None
     if cfg.tracking.enabled and rank_zero_only.rank == 0:  # DDP: one process records the run
-        sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
+        sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
         tracker = Tracker(
             cfg, list(hydra_cfg.overrides.task), device, _resume_run_id(ckpt_path), parent_run_id(sweep_dir)
         )
@@ -178,7 +183,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     callbacks: list[pl.Callback] = [checkpoint]
     if cfg.early_stopping.enabled:
-        callbacks.append(EarlyStopping(monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta))
+        callbacks.append(
+            EarlyStopping(
+                monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta
+            )
+        )
     if tracker:
         callbacks.append(LearningRateMonitor(logging_interval=cfg.scheduler.interval if cfg.scheduler else "epoch"))
 
@@ -210,14 +219,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             status = "KILLED"
             raise SystemExit(EXIT_SIGTERM) from None
 
-        best = checkpoint.best_model_path or None
+        # Read before test(): restoring the best checkpoint also restores this callback's older state.
+        best, last = checkpoint.best_model_path or None, checkpoint.last_model_path or None
+        best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         result = {
             "metrics": {k: float(v) for k, v in test_metrics.items()},
             "best_checkpoint": best,
-            "last_checkpoint": checkpoint.last_model_path or None,
+            "last_checkpoint": last,
             "monitor": monitor,
-            "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+            "best_score": best_score,
             "run_id": tracker.run_id if tracker else None,
             "tracking_uri": tracker.uri if tracker else None,
             "output_dir": cfg.paths.output_dir,
@@ -249,13 +260,20 @@ def _record_artifacts(cfg: DictConfig, tracker: Tracker, module: BPModule, data,
             pred = net(data.x["test"]).cpu()
         target = data.y["test"]
         to_index = (lambda t: (t[:, 0] > 0.5).long()) if pred.shape[1] == 1 else (lambda t: t.argmax(1))
-        tracker.log_figure(confusion_figure(to_index(target).numpy(), to_index(pred).numpy(), data.meta["classes"]), "confusion_matrix.png")
-    tracker.log_dict({k: result[k] for k in ("best_checkpoint", "last_checkpoint", "monitor", "best_score")}, "checkpoint.json")
+        tracker.log_figure(
+            confusion_figure(to_index(target).numpy(), to_index(pred).numpy(), data.meta["classes"]),
+            "confusion_matrix.png",
+        )
+    tracker.log_dict(
+        {k: result[k] for k in ("best_checkpoint", "last_checkpoint", "monitor", "best_score")}, "checkpoint.json"
+    )
     if result["best_checkpoint"]:
         tracker.log_artifact(result["best_checkpoint"], "checkpoints")
     if cfg.tracking.log_model:
         bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
-        torch.save({"state_dict": net.state_dict(), "meta": module.meta, "architecture": module.architecture}, bundle_path)
+        torch.save(
+            {"state_dict": net.state_dict(), "meta": module.meta, "architecture": module.architecture}, bundle_path
+        )
         tracker.log_model(bundle_path, data.raw_example(), cfg.tracking.register_model)
 
 
@@ -275,6 +293,37 @@ def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- command line
 KNOWN_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, GradcheckError, NonFiniteError, InputError)
+USAGE_ERRORS = (ConfigError, DataError, InputError)
+_HYDRA_NOISE = (
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "Config search path",
+    "provider=",
+    "Set the environment",
+)
+
+
+def full_error_requested() -> bool:
+    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors (and their causes) folded into one line."""
+    parts: list[str] = []
+    while exc is not None:
+        for line in str(exc).splitlines():
+            line = line.strip()
+            if not line or line.startswith(_HYDRA_NOISE) or line in parts:
+                continue
+            if parts and parts[-1].endswith(":"):  # a heading such as "Available options in 'data':"
+                parts[-1] += " " + line
+            elif parts and parts[-1].startswith("Available options"):
+                parts[-1] += ", " + line
+            else:
+                parts.append(line)
+        exc = exc.__cause__
+    return "; ".join(parts)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -282,20 +331,33 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except KNOWN_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error_requested():
             raise
         print(f"bp-train: error: {exc}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, ConfigError | DataError | InputError) else 1)
+        sys.exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
     print(summary(cfg, result))
     return result["best_score"]  # what sweepers optimize
 
 
 def main() -> None:
-    """Console entry point of ``bp-train`` (Hydra parses the command line)."""
+    """Console entry point of ``bp-train`` (Hydra parses the command line).
+
+    Hydra prints composition errors over several lines; with ``HYDRA_FULL_ERROR=1`` set for it,
+    it raises them instead, and they are shown here as one line (the full trace only when the
+    user asked for it with ``HYDRA_FULL_ERROR=1``).
+    """
     register_configs()
     if not OmegaConf.has_resolver("bp_root"):
         OmegaConf.register_new_resolver("bp_root", project_root)
-    _hydra_entry()
+    os.environ.setdefault("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_entry()
+    except Exception as exc:
+        if full_error_requested():
+            raise
+        print(f"bp-train: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException) else 1)
 
 
 if __name__ == "__main__":

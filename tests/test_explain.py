@@ -1,0 +1,288 @@
+"""bp-explain: the worked example's chain-rule products against autograd, and the command line."""
+
+import json
+import math
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bp_service import explain as E
+
+DOUBLE = torch.float64
+TOL = 1e-12
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = [*E.WEIGHT_NAMES, *E.BIAS_NAMES]
+
+
+def torch_gradients(x, target, weights, biases=None):
+    """dC/dparam by plain torch autograd (torch.sigmoid, @): an oracle independent of bp_service."""
+    a1 = torch.tensor(x, dtype=DOUBLE)
+    W1 = torch.tensor(weights[:6], dtype=DOUBLE).reshape(2, 3).requires_grad_()
+    W2 = torch.tensor(weights[6:], dtype=DOUBLE).reshape(1, 2).requires_grad_()
+    leaves = [W1, W2]
+    b1 = b3 = torch.zeros((), dtype=DOUBLE)
+    if biases is not None:
+        b1 = torch.tensor(biases[:2], dtype=DOUBLE).requires_grad_()
+        b3 = torch.tensor(biases[2:], dtype=DOUBLE).requires_grad_()
+        leaves += [b1, b3]
+    a3 = torch.sigmoid(W2 @ torch.sigmoid(W1 @ a1 + b1) + b3)
+    cost = ((a3 - target) ** 2).sum()
+    grads = torch.autograd.grad(cost, leaves)
+    return dict(zip(PARAMS, torch.cat([g.flatten() for g in grads]).tolist()))
+
+
+def assert_chains_match_autograd(report, x, target, weights, biases):
+    native = torch_gradients(x, target, weights, biases)
+    unfused = E.autograd_gradients(x, target, weights, biases, fused=False)
+    assert set(report["gradients"]) == set(native)
+    for name, g in report["gradients"].items():
+        product = math.prod(f["value"] for f in g["chain"])
+        assert product == g["value"]
+        for reference in (g["autograd"], unfused[name], native[name]):
+            assert abs(product - reference) <= TOL, (name, product, reference)
+
+
+# --------------------------------------------------------------------------- the default example
+@pytest.mark.parametrize("biases", [None, E.DEFAULT_BIASES], ids=["no-bias", "bias"])
+def test_default_example(biases):
+    report = E.explain(E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS, biases)
+    fwd = report["forward"]
+    assert report["target"] == 1.0
+    assert fwd["a3"] == [0.5]  # exactly, as in the walk-through
+    assert fwd["cost"] == 0.25
+    assert report["gradients"]["w1"]["value"] != 0
+    assert_chains_match_autograd(report, E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS, biases)
+    assert report["cost_after"] < fwd["cost"]
+    for name, value in report["weights"].items():
+        assert report["updated"][name] == value - report["lr"] * report["gradients"][name]["value"]
+
+
+def test_chain_factors_are_the_forward_values():
+    """Each factor is the local derivative the text names, read off the forward pass."""
+    x, y, w = E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS
+    report = E.explain(x, y, w, E.DEFAULT_BIASES)
+    a2, a3 = report["forward"]["a2"], report["forward"]["a3"][0]
+
+    def chain(name):
+        return {f["factor"]: f["value"] for f in report["gradients"][name]["chain"]}
+
+    assert chain("w7") == {"dC/da3": 2 * (a3 - y), "da3/dz2": a3 * (1 - a3), "dz2/dw7": a2[0]}
+    assert chain("w1") == {
+        "dC/da3": 2 * (a3 - y),
+        "da3/dz2": a3 * (1 - a3),
+        "dz2/da2_1": w[6],
+        "da2_1/dz1_1": a2[0] * (1 - a2[0]),
+        "dz1_1/dw1": x[0],
+    }
+    assert chain("w5") == {
+        "dC/da3": 2 * (a3 - y),
+        "da3/dz2": a3 * (1 - a3),
+        "dz2/da2_2": w[7],
+        "da2_2/dz1_2": a2[1] * (1 - a2[1]),
+        "dz1_2/dw5": x[1],
+    }
+    assert list(chain("b1"))[-1] == "dz1_1/db1"
+    assert list(chain("b2"))[-1] == "dz1_2/db2"
+    assert list(chain("b3")) == ["dC/da3", "da3/dz2", "dz2/db3"]
+
+
+finite = st.floats(-3.0, 3.0, allow_nan=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=st.lists(finite, min_size=3, max_size=3),
+    target=st.floats(0.0, 1.0),
+    weights=st.lists(st.floats(-4.0, 4.0), min_size=8, max_size=8),
+    biases=st.none() | st.lists(finite, min_size=3, max_size=3),
+)
+def test_chain_products_equal_autograd(x, target, weights, biases):
+    lr = 1e-3
+    report = E.explain(x, target, weights, biases, lr=lr)
+    assert_chains_match_autograd(report, x, target, weights, biases)
+    # Downhill for a small step, when the first-order decrease lr |g|^2 clears rounding in C.
+    grad_sq = sum(g["value"] ** 2 for g in report["gradients"].values())
+    if lr * grad_sq > 1e-9:
+        assert report["cost_after"] < report["forward"]["cost"]
+
+
+def test_train_cost_falls_and_matches_explain():
+    rows = E.train(E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS, steps=5)
+    report = E.explain(E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS)
+    assert [r["step"] for r in rows] == list(range(6))
+    assert rows[0]["cost"] == report["forward"]["cost"]
+    assert rows[1]["cost"] == report["cost_after"]
+    assert all(a["cost"] > b["cost"] for a, b in pairwise(rows))
+
+
+# --------------------------------------------------------------------------- command line
+def test_text_output(capsys):
+    assert E.main([]) == 0
+    out = capsys.readouterr().out
+    assert "a3   = 0.5" in out
+    for name in E.WEIGHT_NAMES:
+        assert f"dC/d{name} =" in out
+    assert "dC/da3    * da3/dz2    * dz2/da2_1 * da2_1/dz1_1    * dz1_1/dw1" in out
+    assert out.count("autograd:") == 8
+    assert "cost C: 0.25 -> " in out
+
+
+def test_steps_table_strictly_decreasing(capsys):
+    assert E.main(["--steps", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("Training on this one example for 5 steps")
+    assert lines[start + 1].split() == ["step", "cost", "a3"]
+    rows = [line.split() for line in lines[start + 2 : start + 8]]
+    assert [int(r[0]) for r in rows] == list(range(6))
+    costs = [float(r[1]) for r in rows]
+    assert costs[0] == 0.25
+    assert all(a > b for a, b in pairwise(costs))
+
+
+def check_json(report, bias=False):
+    assert list(report) == list(E.REPORT_KEYS)
+    assert set(report["forward"]) == {"z1", "a2", "z2", "a3", "cost"}
+    names = list(E.WEIGHT_NAMES) + (list(E.BIAS_NAMES) if bias else [])
+    for key in ("weights", "gradients", "updated"):
+        assert list(report[key]) == names
+    factors = {n: [f["factor"] for f in g["chain"]] for n, g in report["gradients"].items()}
+    assert factors["w7"] == ["dC/da3", "da3/dz2", "dz2/dw7"]
+    assert factors["w1"] == ["dC/da3", "da3/dz2", "dz2/da2_1", "da2_1/dz1_1", "dz1_1/dw1"]
+    assert factors["w6"] == ["dC/da3", "da3/dz2", "dz2/da2_2", "da2_2/dz1_2", "dz1_2/dw6"]
+    if bias:
+        assert factors["b3"] == ["dC/da3", "da3/dz2", "dz2/db3"]
+        assert factors["b2"][-1] == "dz1_2/db2"
+    for g in report["gradients"].values():
+        assert set(g) == {"chain", "value", "autograd"}
+        assert abs(g["value"] - g["autograd"]) <= TOL
+    assert report["forward"]["a3"] == [0.5]
+    assert report["cost_after"] < report["forward"]["cost"]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_json_in_process(capsys, bias):
+    assert E.main(["--json", "--steps", "3"] + (["--bias"] if bias else [])) == 0
+    captured = capsys.readouterr()
+    check_json(json.loads(captured.out), bias)
+    assert captured.err == ""
+
+
+def test_json_subprocess():
+    run = subprocess.run(
+        [sys.executable, "-m", "bp_service.explain", "--json"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    check_json(json.loads(run.stdout))
+
+
+def test_plot_writes_png(tmp_path, capsys):
+    path = tmp_path / "network.png"
+    assert E.main(["--bias", "--plot", str(path)]) == 0
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 10_000
+    assert str(path) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--x", "1", "2"], "--x"),
+        (["--weights", "1", "2", "3"], "--weights"),
+        (["--x", "a", "b", "c"], "--x"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--target", "inf"], "--target"),
+        (["--weights", "1", "1", "1", "1", "1", "1", "1", "nan"], "--weights"),
+        (["--steps", "0"], "--steps"),
+        (["--biases", "1"], "--biases"),
+        (["--plot", "network.svg"], "--plot"),
+        (["--sizes", "3", "4", "1", "--weights", *"12345678"], "--weights"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, flag):
+    assert E.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("bp-explain: error: ")
+    assert captured.err.count("\n") == 1 and captured.err.endswith("\n")
+    assert flag in captured.err
+
+
+def test_bad_input_message_wording(capsys):
+    E.main(["--weights", "1", "2", "3"])
+    assert capsys.readouterr().err == "bp-explain: error: --weights takes 8 numbers (w1..w8), got 3\n"
+
+
+def test_bad_input_subprocess_has_no_traceback():
+    run = subprocess.run(
+        [sys.executable, "-m", "bp_service.explain", "--x", "a", "b", "c"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr == "bp-explain: error: argument --x: 'a' is not a number\n"
+
+
+def test_help_exits_0(capsys):
+    assert E.main(["--help"]) == 0
+    assert "--sizes" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- deeper networks
+def test_multiplication_counts_of_the_worked_example():
+    # 8 chains: 2 of 3 factors (2 multiplications each) + 6 of 5 factors (4 each) = 28.
+    assert E.naive_multiplications([3, 2, 1]) == 28
+    # delta_2: 1, delta_1: 2 (W2^T delta_2) + 2 (* sigmoid'), dC/dW2: 2, dC/dW1: 6 = 13.
+    assert E.backprop_multiplications([3, 2, 1]) == 13
+
+
+@pytest.mark.parametrize(("sizes", "seed", "bias"), [([3, 4, 4, 1], 0, False), ([2, 3, 3, 2], 1, True)])
+def test_deltas_match_autograd(sizes, seed, bias):
+    report = E.explain_deep(sizes, seed=seed, bias=bias)
+    # The report's own check, through bp_service's Functions ...
+    for layer in report["layers"]:
+        assert layer["max_abs_diff"] <= TOL
+        assert layer["naive_max_abs_diff"] <= TOL
+    # ... and an independent one with plain torch on the same weights.
+    Ws = [torch.tensor(W, dtype=DOUBLE, requires_grad=True) for W in report["weights"]]
+    bs = [torch.tensor(b, dtype=DOUBLE, requires_grad=True) for b in report["biases"]] if bias else []
+    a = torch.tensor(report["x"], dtype=DOUBLE)
+    for i, W in enumerate(Ws):
+        a = torch.sigmoid(W @ a + (bs[i] if bias else 0))
+    cost = ((a - report["target"]) ** 2).sum()
+    assert abs(cost.item() - report["cost"]) <= TOL
+    grads = torch.autograd.grad(cost, Ws + bs)
+    for layer, g in zip(report["layers"], grads):
+        assert torch.allclose(torch.tensor(layer["grad_W"], dtype=DOUBLE), g, rtol=0, atol=TOL)
+    for layer, g in zip(report["layers"], grads[len(Ws) :]):
+        assert torch.allclose(torch.tensor(layer["delta"], dtype=DOUBLE), g, rtol=0, atol=TOL)
+    counts = report["multiplications"]
+    assert counts["naive_counted"] == counts["naive"] == E.naive_multiplications(sizes, bias)
+    assert counts["backprop"] < counts["naive"]
+    assert report["cost_after"] < report["cost"]
+
+
+def test_sizes_command(capsys):
+    assert E.main(["--sizes", "3", "4", "4", "1", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "3-4-4-1" in out
+    assert "delta_l = (W_{l+1}^T delta_{l+1}) * a_l(1 - a_l)" in out
+    assert "naive, every parameter's chain multiplied out over every path: 360   (counted by doing it: 360)" in out
+    (backprop_line,) = [line for line in out.splitlines() if "backprop, reusing the deltas:" in line]
+    assert backprop_line.split()[-1] == "61"
+
+    assert E.main(["--sizes", "3", "4", "4", "1", "--seed", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["multiplications"] == {"naive": 360, "backprop": 61, "naive_counted": 360}
+    assert all(layer["max_abs_diff"] <= TOL for layer in report["layers"])

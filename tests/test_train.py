@@ -1,0 +1,273 @@
+"""bp-train: real configs composed with Hydra's API, real training runs, the real command line."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bp_service.config import ConfigError, check_target, validate
+from bp_service.data import BPDataModule, DataError, InMemoryLoader
+from bp_service.layers import MLP
+from bp_service.train import CONF_DIR, build_network, train
+
+DATASETS = ["blog", "xor", "moons", "digits", "breast_cancer", "iris", "wine", "diabetes"]
+OPTIMIZERS = ["sgd", "sgd_momentum", "adam"]
+NO_TRACKING = ["tracking.enabled=false"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_option_has_a_test():
+    assert _options("data") == sorted([*DATASETS, "csv"])
+    assert _options("optimizer") == sorted(OPTIMIZERS)
+    assert _options("trainer") == ["cpu", "ddp", "default", "gpu"]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", [None, "step", "cosine"])
+def test_optimizer_and_scheduler_options_instantiate(compose_cfg, optimizer, scheduler):
+    from bp_service.module import BPModule
+
+    cfg = compose_cfg(f"optimizer={optimizer}", *([f"scheduler={scheduler}"] if scheduler else []))
+    validate(cfg)
+    module = BPModule(
+        MLP([3, 4, 1]),
+        optimizer=OmegaConf.to_container(cfg.optimizer),
+        scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.scheduler else None,
+    )
+    built = module.configure_optimizers()
+    opt = built["optimizer"] if isinstance(built, dict) else built
+    assert type(opt).__name__ == cfg.optimizer._target_.rsplit(".", 1)[1]
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
+def test_trainer_options_compose(compose_cfg, trainer):
+    cfg = compose_cfg(f"trainer={trainer}")
+    validate(cfg)
+    assert cfg.trainer.accelerator == {"cpu": "cpu", "gpu": "gpu"}.get(trainer, "auto")
+    assert cfg.trainer.strategy == ("ddp" if trainer == "ddp" else "auto")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_each_dataset_trains_a_few_steps(compose_cfg, dataset):
+    cfg = compose_cfg(f"data={dataset}", "trainer.max_epochs=1", "trainer.limit_train_batches=3", *NO_TRACKING)
+    result = train(cfg)
+    assert np.isfinite(result["metrics"]["test/loss"])
+    assert ("test/acc" in result["metrics"]) == (dataset != "diabetes")
+    assert Path(result["last_checkpoint"]).is_file()
+
+
+def test_short_run_on_blog_lowers_the_loss(compose_cfg):
+    cfg = compose_cfg("experiment=blog_321", "trainer.max_epochs=1", "trainer.limit_train_batches=1", *NO_TRACKING)
+    datamodule = BPDataModule(cfg.data, cfg.seed)
+    datamodule.setup()
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg, datamodule.data.n_features, datamodule.data.n_outputs, "classification")
+    from bp_service.functions import mse_loss
+
+    x, y = datamodule.data.x["train"], datamodule.data.y["train"]
+    before = mse_loss(net(x), y).item()
+    cfg = compose_cfg("experiment=blog_321", "trainer.max_epochs=15", *NO_TRACKING)
+    result = train(cfg)
+    assert result["metrics"]["test/loss"] < before
+    assert result["metrics"]["test/acc"] > 0.8
+
+
+def test_a_csv_written_here_trains(compose_cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3))
+    frame = pd.DataFrame(x, columns=["a", "b", "c"])
+    frame["id"] = np.arange(300)
+    frame["label"] = np.where(x[:, 0] + x[:, 1] > 0, "yes", "no")
+    path = tmp_path / "mine.csv"
+    frame.to_csv(path, index=False)
+    cfg = compose_cfg(
+        "data=csv", f"data.path={path}", "data.target=label", "data.id_column=id", "trainer.max_epochs=5", *NO_TRACKING
+    )
+    result = train(cfg)
+    assert result["metrics"]["test/acc"] > 0.8
+    bundle = torch.load(result["last_checkpoint"], weights_only=True)["bp_service"]
+    assert bundle["meta"]["feature_names"] == ["a", "b", "c"]
+    assert bundle["meta"]["classes"] == ["no", "yes"]
+
+
+def test_regression_csv_is_inferred(compose_cfg, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 2))
+    pd.DataFrame({"u": x[:, 0], "v": x[:, 1], "y": 3 * x[:, 0] - x[:, 1] + 0.5}).to_csv(tmp_path / "r.csv", index=False)
+    cfg = compose_cfg(
+        "data=csv", f"data.path={tmp_path / 'r.csv'}", "data.target=y", "trainer.max_epochs=3", *NO_TRACKING
+    )
+    result = train(cfg)
+    assert "test/acc" not in result["metrics"]
+
+
+# --------------------------------------------------------------------------- batching
+def test_loader_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch():
+    x = torch.arange(10.0).reshape(10, 1)
+    loader = InMemoryLoader(x, x, batch_size=4, shuffle=True, seed=3)
+    loader.set_epoch(2)
+    first = [b for ((b, _),) in loader]
+    assert torch.cat(first).flatten().sort().values.tolist() == list(range(10))
+    again = InMemoryLoader(x, x, batch_size=4, shuffle=True, seed=3)
+    again.set_epoch(2)
+    assert all(torch.equal(a, b) for a, ((b, _),) in zip(first, again))
+    loader.set_epoch(3)
+    assert not all(torch.equal(a, b) for a, ((b, _),) in zip(first, loader))
+
+
+def test_ddp_shards_deal_each_global_batch_round_robin():
+    x = torch.arange(16.0).reshape(16, 1)
+    single = [b for ((b, _),) in InMemoryLoader(x, x, batch_size=8, shuffle=True, seed=0)]
+    ranks = [[b for ((b, _),) in InMemoryLoader(x, x, 4, shuffle=True, seed=0, rank=r, world_size=2)] for r in (0, 1)]
+    for i, global_batch in enumerate(single):
+        assert torch.equal(torch.cat([ranks[0][i], ranks[1][i]]).sort(0).values, global_batch.sort(0).values)
+
+
+def test_steps_per_execution_groups_the_same_batches():
+    x = torch.arange(20.0).reshape(20, 1)
+    one = [b for ((b, _),) in InMemoryLoader(x, x, 3, shuffle=True, seed=1)]
+    grouped = [b for chunk in InMemoryLoader(x, x, 3, shuffle=True, seed=1, steps_per_execution=4) for b, _ in chunk]
+    assert len(InMemoryLoader(x, x, 3, steps_per_execution=4)) == 2
+    assert all(torch.equal(a, b) for a, b in zip(one, grouped, strict=True))
+
+
+def test_steps_per_execution_gives_identical_weights_and_epoch_metrics(compose_cfg):
+    results = []
+    for k in (1, 5):
+        cfg = compose_cfg(
+            "data=iris", "trainer.max_epochs=3", f"data.steps_per_execution={k}", *NO_TRACKING, run_dir=f"k{k}"
+        )
+        result = train(cfg)
+        results.append((result, torch.load(result["last_checkpoint"], weights_only=True)))
+    (r1, c1), (r5, c5) = results
+    assert r1["metrics"] == r5["metrics"]
+    for key in c1["state_dict"]:
+        assert torch.equal(c1["state_dict"][key], c5["state_dict"][key]), key
+    assert c1["global_step"] == c5["global_step"]
+
+
+# --------------------------------------------------------------------------- bad configs, in-process
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
+        ("model.hidden=[0]", "model.hidden widths must be > 0"),
+        ("model.activation=swish", "model.activation must be one of"),
+        ("data.val_size=0.9", "data.val_size + data.test_size must be < 1"),
+        ("optimizer._target_=os.system", "optimizer._target_='os.system' is not allowed"),
+    ],
+)
+def test_range_checks_name_the_field(compose_cfg, override, message):
+    cfg = compose_cfg(override)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "subprocess.Popen", "torch.optim.__builtins__"])
+def test_targets_outside_the_allowlist_are_refused(target):
+    with pytest.raises(ConfigError, match="not allowed"):
+        check_target(target, "optimizer")
+
+
+def test_csv_errors_name_file_row_and_column(compose_cfg, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("a,b,label\n1,2,x\n3,oops,y\n" + "5,6,x\n" * 30)
+    cfg = compose_cfg("data=csv", f"data.path={path}", "data.target=label", *NO_TRACKING)
+    with pytest.raises(DataError, match=r"bad.csv: row 3, column 'b': not a finite number: 'oops'"):
+        train(cfg)
+
+
+# --------------------------------------------------------------------------- the command line
+def test_cli_runs_and_prints_a_summary(cli):
+    result = cli("bp-train", *NO_TRACKING, "trainer=cpu", "trainer.max_epochs=2", "trainer.enable_progress_bar=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bp-train: train finished" in result.stdout
+    assert "test/acc" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optimizer.lr=abc", "optimizer.lr"),
+        ("model.hidden=[0]", "model.hidden widths must be > 0"),
+        ("data=nosuch", "data"),
+        ("nosuchkey=1", "nosuchkey"),
+        ("ckpt_path=last", "ckpt_path=last: no last.ckpt"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(cli, override, needle):
+    result = cli("bp-train", override, *NO_TRACKING, "trainer=cpu")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any(needle in line for line in lines[:2]), result.stderr
+    full = cli("bp-train", override, *NO_TRACKING, "trainer=cpu", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0
+    assert "Traceback" in full.stderr
+
+
+@pytest.mark.slow
+def test_digits_experiment_reaches_097(cli):
+    result = cli("bp-train", "experiment=digits", "trainer=cpu", "trainer.enable_progress_bar=false", *NO_TRACKING)
+    assert result.returncode == 0, result.stderr[-2000:]
+    acc = float(next(line.split()[1] for line in result.stdout.splitlines() if line.strip().startswith("test/acc")))
+    assert acc >= 0.97
+
+
+@pytest.mark.slow
+def test_resume_from_last_equals_an_uninterrupted_run(cli, tmp_path):
+    common = ["data=iris", "trainer=cpu", "trainer.enable_progress_bar=false", *NO_TRACKING]
+    straight = cli("bp-train", *common, "trainer.max_epochs=4", "task_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = cli("bp-train", *common, "trainer.max_epochs=2", "task_name=resumed")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = cli("bp-train", *common, "trainer.max_epochs=4", "task_name=resumed", "ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-2000:]
+    lasts = {
+        name: torch.load(next((tmp_path / "outputs" / name).glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+        for name in ("straight", "resumed")
+    }
+    assert lasts["straight"]["global_step"] == lasts["resumed"]["global_step"]
+    for key, value in lasts["straight"]["state_dict"].items():
+        assert torch.equal(value, lasts["resumed"]["state_dict"][key]), key
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(cli, tmp_path):
+    common = ["data=iris", "trainer.enable_progress_bar=false", "trainer.max_epochs=3", *NO_TRACKING]
+    one = cli("bp-train", *common, "trainer=cpu", "data.batch_size=16", "task_name=one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = cli(
+        "bp-train",
+        *common,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=8",
+        "task_name=two",
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    weights = {
+        name: torch.load(next((tmp_path / "outputs" / name).glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
+        for name in ("one", "two")
+    }
+    for key, value in weights["one"]["state_dict"].items():
+        torch.testing.assert_close(weights["two"]["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compose_api_sees_the_experiment_presets():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        from bp_service.config import register_configs
+
+        register_configs()
+        cfg = compose("train", overrides=["experiment=digits", "paths.root_dir=/tmp"])
+    assert cfg.data.name == "digits" and cfg.task_name == "digits"
