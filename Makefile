@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP) ## Create .venv and install the package (editable, dev extras) from the lock; no-op when up to date
 
+train: $(STAMP) ## Train the digits experiment end to end (CPU or CUDA), recorded in the embedded MLflow store
+	$(BIN)/bp-train experiment=digits $(ARGS)
+
+ui: $(STAMP) ## Open the MLflow dashboard over the embedded store (http://127.0.0.1:5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)
+
+explain: $(STAMP) ## Show the worked example: every chain-rule factor of the 3-2-1 network, with numbers
+	$(BIN)/bp-explain $(ARGS)
+
+bench: $(STAMP) ## Benchmark against native autograd, plain loops and scikit-learn (writes bench.json)
+	$(BIN)/bp-bench --json bench.json $(ARGS)
+
 test: $(STAMP) ## Run the fast test suite (not slow, not gpu)
 	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
@@ -43,4 +55,4 @@ lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
 clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
-.PHONY: help install test test-slow test-gpu lint format lock clean
+.PHONY: help install train ui explain bench test test-slow test-gpu lint format lock clean

@@ -303,6 +303,7 @@ class Tracker:
         from bp_service.serving import features_matrix, load_bundle, net_from_bundle, predict_frame
 
         bundle = load_bundle(bundle_path)
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
         output = predict_frame(
             net_from_bundle(bundle), bundle["meta"], features_matrix(input_example, bundle["meta"], "example")
         )

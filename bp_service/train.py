@@ -193,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
     trainer_kwargs.pop("gradient_clip_val", None)  # manual optimization clips in the module
+    trainer_kwargs["log_every_n_steps"] = 1  # the module logs train/loss_step at its own cadence
     trainer_kwargs.setdefault("deterministic", device == "cpu")
     trainer = pl.Trainer(
         **trainer_kwargs,

@@ -1,0 +1,325 @@
+"""MLflow tracking: real stores (SQLite files, a real `mlflow server`), read back through MLflow's own client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+from mlflow import MlflowClient
+
+from bp_service.serving import load_bundle, net_from_bundle, predict_frame
+from bp_service.train import train
+
+SHORT = ["data=iris", "trainer.max_epochs=3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _only_run(uri: str, experiment: str = "bp-service"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture
+def tracked_run(compose_cfg, tmp_path, monkeypatch):
+    """One short classification run recorded in tmp_path/mlflow.db (the embedded default)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_cfg(*SHORT, "model.hidden=[8]")
+    result = train(cfg)
+    return cfg, result, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
+    cfg, result, uri = tracked_run
+    assert result["tracking_uri"] == uri
+    client, run = _only_run(uri)
+    assert run.info.run_id == result["run_id"]
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["model.hidden"] == "[8]"
+    assert params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert params["data.name"] == "iris"
+    assert params["trainer.max_epochs"] == "3"
+
+    metrics = run.data.metrics
+    for key in ("train/loss", "train/loss_step", "val/loss", "val/acc", "test/loss", "test/acc", "lr-SGD"):
+        assert key in metrics, key
+    assert metrics["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
+    epochs = client.get_metric_history(run.info.run_id, "val/acc")
+    assert len(epochs) == 3
+
+    tags = run.data.tags
+    assert tags["version.torch"] == torch.__version__
+    assert tags["version.bp_service"]
+    assert tags["version.lightning"]
+    assert tags["device"] == "cpu"
+    assert "data=iris" in tags["hydra.overrides"]
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "config.yaml",
+        "gradcheck.json",
+        "curves.png",
+        "confusion_matrix.png",
+        "checkpoint.json",
+        "checkpoints",
+    } <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "gradcheck.json", str(tmp_path / "dl")))
+    report = json.loads(local.read_text())
+    assert report["passed"] is True
+    assert [e["layer"] for e in report["layers"]] == ["layers.0", "layers.1", "loss"]
+    assert all(e["max_abs_error"] < 1e-6 for e in report["layers"])
+    png = Path(client.download_artifacts(run.info.run_id, "curves.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Artifacts live beside the store, at an absolute path, whatever the working directory was.
+    assert client.get_experiment(run.info.experiment_id).artifact_location.startswith(
+        (tmp_path / "mlartifacts").as_uri()
+    )
+
+
+def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
+    _, result, uri = tracked_run
+    from sklearn.datasets import load_iris
+
+    iris = load_iris(as_frame=True).frame.drop(columns="target").iloc[::7]
+    iris.to_csv(tmp_path / "rows.csv", index=False)
+    script = (
+        "import sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({uri!r})\n"
+        f"model = mlflow.pyfunc.load_model('runs:/{result['run_id']}/model')\n"
+        f"out = model.predict(pd.read_csv({str(tmp_path / 'rows.csv')!r}))\n"
+        "out.to_csv(sys.stdout, index=False)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = pd.read_csv(pd.io.common.StringIO(proc.stdout))
+
+    bundle = load_bundle(result["best_checkpoint"])
+    expected = predict_frame(net_from_bundle(bundle), bundle["meta"], iris.to_numpy())
+    assert list(served.columns) == ["prediction", "proba_0", "proba_1", "proba_2"]
+    assert served["prediction"].tolist() == expected["prediction"].tolist()
+    np.testing.assert_allclose(
+        served.filter(like="proba").to_numpy(), expected.filter(like="proba").to_numpy(), rtol=1e-6
+    )
+
+
+def test_environment_uri_wins_over_config(compose_cfg, tmp_path, monkeypatch):
+    env_uri = f"sqlite:///{tmp_path / 'from_env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    cfg = compose_cfg(*SHORT, f"tracking.uri=sqlite:///{tmp_path / 'from_config.db'}", "tracking.log_model=false")
+    result = train(cfg)
+    assert result["tracking_uri"] == env_uri
+    _only_run(env_uri)
+    assert not (tmp_path / "from_config.db").exists()
+
+
+def test_env_values_are_not_logged_as_params(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("BP_TEST_SECRET", "hunter2")
+    cfg = compose_cfg(*SHORT, "tracking.run_name=${oc.env:BP_TEST_SECRET}", "tracking.log_model=false")
+    train(cfg)
+    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "tracking.run_name" not in run.data.params
+    assert "hunter2" not in json.dumps(run.data.params)
+    assert run.data.tags["mlflow.runName"] == "hunter2"  # used, just not recorded as a param
+
+
+def test_register_model_creates_a_version(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_cfg(*SHORT, "tracking.register_model=bp-iris")
+    train(cfg)
+    versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='bp-iris'")
+    assert [int(v.version) for v in versions] == [1]
+
+
+def test_a_failing_run_ends_FAILED_with_one_line(cli, tmp_path):
+    result = cli("bp-train", "data=diabetes", "trainer=cpu", "optimizer.lr=1e6", "trainer.enable_progress_bar=false")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "non-finite" in result.stderr.strip().splitlines()[-1]
+    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+
+
+def test_unreachable_server_fails_fast_before_training(cli, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    result = cli("bp-train", "data=iris", "trainer=cpu", f"tracking.uri={uri}")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bp-train: error: tracking server") and uri in last and "unreachable" in last
+    assert not list(tmp_path.glob("outputs/*/runs/*/checkpoints/*.ckpt")), "nothing may train before tracking is up"
+    assert time.monotonic() - started < 60  # fails fast: not MLflow's minutes of retries
+
+
+def test_unreachable_server_not_required_trains_locally(cli, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    result = cli(
+        "bp-train", *SHORT, "trainer=cpu", f"tracking.uri={uri}", "tracking.required=false", "tracking.log_model=false"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+
+
+# --------------------------------------------------------------------------- a real tracking server
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),  # noqa: SIM115 - closed with the process
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_training_against_a_real_server_reads_back_over_rest(cli, mlflow_server):
+    result = cli("bp-train", *SHORT, "trainer=cpu", f"tracking.uri={mlflow_server}", "tracking.experiment=served")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = next(line.split()[2] for line in result.stdout.splitlines() if "MLflow run" in line)
+    run = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["data.name"] == "iris"
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"train/loss", "val/acc", "test/acc"} <= metrics
+    listed = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id}, timeout=10
+    ).json()
+    assert "gradcheck.json" in {f["path"] for f in listed["files"]}
+
+
+@pytest.mark.slow
+def test_sweep_groups_jobs_under_one_parent_run(cli, tmp_path):
+    result = cli(
+        "bp-train",
+        "-m",
+        "data=iris",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "optimizer.lr=0.1,0.5",
+        "tracking.log_model=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bp.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.1", "0.5"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_mlflow_run(cli, tmp_path):
+    common = [*SHORT[:1], "trainer=cpu", "tracking.log_model=false"]
+    first = cli("bp-train", *common, "trainer.max_epochs=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = cli("bp-train", *common, "trainer.max_epochs=4", "ckpt_path=last")
+    assert second.returncode == 0, second.stderr[-2000:]
+    client, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    steps = [m.step for m in history]
+    assert len(steps) == 4 and len(set(steps)) == 4, steps
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
+    _, result, uri = tracked_run
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # mlflow shells out to uvicorn
+    proc = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"runs:/{result['run_id']}/model",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),
+        env=env,
+        cwd=tmp_path,  # noqa: SIM115
+    )
+    try:
+        rows = {
+            "dataframe_split": {
+                "columns": ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"],
+                "data": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]],
+            }
+        }
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = requests.post(f"http://127.0.0.1:{port}/invocations", json=rows, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(1)
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert [p["prediction"] for p in predictions] == [0, 2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
