@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -298,9 +297,9 @@ def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
             str(port),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "serve.log", "w"),
+        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115 - closed with the process
         env=env,
-        cwd=tmp_path,  # noqa: SIM115
+        cwd=tmp_path,
     )
     try:
         rows = {
