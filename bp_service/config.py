@@ -103,6 +103,7 @@ class CheckpointConfig:
     monitor: str = "auto"  # auto: val/acc (max) for classification, val/loss (min) for regression
     save_last: bool = True
     save_top_k: int = 1
+    every_n_train_steps: int | None = None  # also refresh last.ckpt every N optimizer steps (kill-safe resume)
 
 
 @dataclass
@@ -226,6 +227,8 @@ def validate(cfg: DictConfig) -> None:
     _require(t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
     _require(t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
     _require(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
+    every = cfg.checkpoint.every_n_train_steps
+    _require(every is None or every >= 1, f"checkpoint.every_n_train_steps must be >= 1, got {every}")
     _require(cfg.checkpoint.save_top_k >= -1, f"checkpoint.save_top_k must be >= -1, got {cfg.checkpoint.save_top_k}")
     _require(
         cfg.early_stopping.patience >= 1, f"early_stopping.patience must be >= 1, got {cfg.early_stopping.patience}"

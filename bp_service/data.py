@@ -8,7 +8,7 @@ so that predictions are made from raw features.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,10 +249,14 @@ def prepare(cfg, seed: int) -> Prepared:
 class InMemoryLoader:
     """Batches of in-memory tensors by slicing a shuffled index: no per-sample ``__getitem__`` + collate.
 
-    Each epoch's order is a pure function of ``(seed, epoch)``, so a run resumed from a checkpoint
-    sees exactly the batches an uninterrupted run would. With ``world_size > 1`` every global batch
-    of ``batch_size * world_size`` rows is dealt round-robin to the ranks, so DDP on W processes
-    sees the same global batches as one process with a W-times larger batch.
+    Each epoch's order is a pure function of ``(seed, epoch)``. Given ``position`` (a callable
+    returning the current epoch and how many of its chunks are already done, read from the
+    Lightning loop when iteration starts), a run resumed mid-epoch from a checkpoint continues
+    with exactly the batches an uninterrupted run would see: no random-number state to save.
+
+    With ``world_size > 1`` every global batch of ``batch_size * world_size`` rows is dealt
+    round-robin to the ranks, so DDP on W processes sees the same global batches as one process
+    with a W-times larger batch.
 
     Yields tuples of ``steps_per_execution`` consecutive ``(x, y)`` batches (one per optimizer step).
     """
@@ -267,11 +271,13 @@ class InMemoryLoader:
         rank: int = 0,
         world_size: int = 1,
         steps_per_execution: int = 1,
+        position: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.steps_per_execution = steps_per_execution
+        self.position = position
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -287,17 +293,19 @@ class InMemoryLoader:
     def __len__(self) -> int:
         return math.ceil(self.n_batches / self.steps_per_execution)
 
-    def _order(self) -> Tensor:
+    def _order(self, epoch: int) -> Tensor:
         if not self.shuffle:
             return torch.arange(len(self.x))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(len(self.x), generator=generator)
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], ...]]:
-        order = self._order()
+        # A generator: the position is read at the first next(), after Lightning restored its loop.
+        epoch, done_chunks = self.position() if self.position else (self.epoch, 0)
+        order = self._order(epoch)
         global_batch = self.batch_size * self.world_size
         chunk: list[tuple[Tensor, Tensor]] = []
-        for i in range(self.n_batches):
+        for i in range(done_chunks * self.steps_per_execution, self.n_batches):
             idx = order[i * global_batch : (i + 1) * global_batch][self.rank :: self.world_size]
             chunk.append((self.x[idx], self.y[idx]))
             if len(chunk) == self.steps_per_execution:
@@ -322,6 +330,10 @@ class BPDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+        def position() -> tuple[int, int]:
+            return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
         self._train = InMemoryLoader(
             self.data.x["train"],
             self.data.y["train"],
@@ -331,6 +343,7 @@ class BPDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world,
             steps_per_execution=self.cfg.steps_per_execution,
+            position=position if self.trainer else None,
         )
         return self._train
 

@@ -72,8 +72,7 @@ class BPModule(pl.LightningModule):
         return self.net(x)
 
     # ----------------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        self.trainer.train_dataloader.set_epoch(self.current_epoch)
+    def on_train_epoch_start(self) -> None:  # not called when resuming mid-epoch: sums come from the checkpoint
         self._epoch_loss_sum = torch.zeros((), device=self.device)
         self._epoch_rows = 0
 
@@ -88,7 +87,7 @@ class BPModule(pl.LightningModule):
             self._check_finite(loss)
             opt.step()
             self._step_scheduler("step")
-            self._epoch_loss_sum += loss.detach() * len(x)
+            self._epoch_loss_sum = self._epoch_loss_sum.to(loss.device) + loss.detach() * len(x)
             self._epoch_rows += len(x)
             if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
                 self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
@@ -150,3 +149,8 @@ class BPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
         checkpoint["bp_service"] = {"meta": self.meta, "architecture": self.architecture}
+        checkpoint["bp_service_epoch_sums"] = [float(self._epoch_loss_sum), self._epoch_rows]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loss_sum, rows = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
+        self._epoch_loss_sum, self._epoch_rows = torch.tensor(loss_sum), rows

@@ -157,6 +157,13 @@ class ResilientMLFlowLogger(MLFlowLogger):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lost: str | None = None
+        self._replayed_until: dict[str, int] = {}
+
+    def skip_replayed_steps(self) -> None:
+        """On resume, drop metrics at steps the run already has: a replayed step is logged once."""
+        client, run_id = self.experiment, self.run_id
+        for key in client.get_run(run_id).data.metrics:
+            self._replayed_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
 
     def _guard(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
         if self.lost:
@@ -170,7 +177,10 @@ class ResilientMLFlowLogger(MLFlowLogger):
             warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._guard("log_metrics", super().log_metrics, metrics, step)
+        if self._replayed_until:
+            metrics = {k: v for k, v in metrics.items() if (step or 0) > self._replayed_until.get(k, -1)}
+        if metrics:
+            self._guard("log_metrics", super().log_metrics, metrics, step)
 
     def log_hyperparams(self, params: Any) -> None:
         self._guard("log_hyperparams", super().log_hyperparams, params)
@@ -245,6 +255,9 @@ class Tracker:
         parent_run_id: str | None = None,
     ) -> None:
         self.uri = resolve_uri(cfg)
+        # A server lost mid-run must cost seconds, not MLflow's default minutes of retries per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
             check_reachable(self.uri)
         except TrackingError as exc:
@@ -253,6 +266,14 @@ class Tracker:
             self.uri = default_uri(cfg.paths.root_dir)
             warnings.warn(f"{exc}; recording locally in {self.uri}", stacklevel=2)
             resume_run_id = None  # that run lives on the unreachable server
+        if resume_run_id is not None:
+            try:
+                MlflowClient(self.uri).update_run(resume_run_id, status="RUNNING")
+            except mlflow.exceptions.MlflowException:
+                warnings.warn(
+                    f"run {resume_run_id} of the checkpoint is not in {self.uri}; starting a new run", stacklevel=2
+                )
+                resume_run_id = None
         self.experiment = cfg.tracking.experiment
         ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
         tags = run_tags(overrides, device)
@@ -269,7 +290,8 @@ class Tracker:
         self.run_id: str = self.logger.run_id
         self.resumed = resume_run_id is not None
         if self.resumed:
-            self.logger.call("set_tag", self.logger.experiment.set_tag, self.run_id, "bp.resumed", "true")
+            self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
+            self.logger.call("read metric history", self.logger.skip_replayed_steps)
         else:  # params are immutable in MLflow: a resumed run keeps those it started with
             self.logger.log_hyperparams(flat_params(cfg))
 

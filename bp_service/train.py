@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -67,6 +67,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp")
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``last.ckpt`` current: after every epoch, and every ``every_n_steps`` optimizer steps if set.
+
+    ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only in epochs that also save a
+    best checkpoint, and its step cadence is built for automatic optimization. As a ``Checkpoint``
+    this runs after the module's epoch-end hook, like ModelCheckpoint.
+    """
+
+    def __init__(self, path: Path, every_n_steps: int | None = None) -> None:
+        self.path, self.every_n_steps = path, every_n_steps
+        self._saved_at = 0
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._saved_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step // n > self._saved_at // n:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_at = trainer.global_step
 
 
 # --------------------------------------------------------------------------- checkpoints to resume
@@ -178,10 +206,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         auto_insert_metric_name=False,
         monitor=monitor,
         mode=mode,
-        save_last=cfg.checkpoint.save_last,
+        save_last=False,  # LastCheckpoint keeps last.ckpt current
         save_top_k=cfg.checkpoint.save_top_k,
     )
     callbacks: list[pl.Callback] = [checkpoint]
+    if cfg.checkpoint.save_last:
+        callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_train_steps))
     if cfg.early_stopping.enabled:
         callbacks.append(
             EarlyStopping(
@@ -218,10 +248,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except SIGTERMException:  # Lightning stopped at a batch end; it would exit 0
             trainer.save_checkpoint(ckpt_dir / "last.ckpt")
             status = "KILLED"
+            print(
+                f"bp-train: stopped by SIGTERM at step {trainer.global_step}; checkpoint {ckpt_dir / 'last.ckpt'}; "
+                "resume with ckpt_path=last",
+                file=sys.stderr,
+            )
             raise SystemExit(EXIT_SIGTERM) from None
 
         # Read before test(): restoring the best checkpoint also restores this callback's older state.
-        best, last = checkpoint.best_model_path or None, checkpoint.last_model_path or None
+        best = checkpoint.best_model_path or None
+        last = str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").is_file() else None
         best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
         result = {

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,18 +12,13 @@ import pandas as pd
 import pytest
 import requests
 import torch
+from conftest import free_port
 from mlflow import MlflowClient
 
 from bp_service.serving import load_bundle, net_from_bundle, predict_frame
 from bp_service.train import train
 
 SHORT = ["data=iris", "trainer.max_epochs=3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _only_run(uri: str, experiment: str = "bp-service"):
@@ -160,7 +154,7 @@ def test_a_failing_run_ends_FAILED_with_one_line(cli, tmp_path):
 
 
 def test_unreachable_server_fails_fast_before_training(cli, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = cli("bp-train", "data=iris", "trainer=cpu", f"tracking.uri={uri}")
     assert result.returncode == 1
@@ -171,7 +165,7 @@ def test_unreachable_server_fails_fast_before_training(cli, tmp_path):
 
 
 def test_unreachable_server_not_required_trains_locally(cli, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     result = cli(
         "bp-train", *SHORT, "trainer=cpu", f"tracking.uri={uri}", "tracking.required=false", "tracking.log_model=false"
     )
@@ -181,47 +175,6 @@ def test_unreachable_server_not_required_trains_locally(cli, tmp_path):
 
 
 # --------------------------------------------------------------------------- a real tracking server
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(root / "server.log", "w"),  # noqa: SIM115 - closed with the process
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_training_against_a_real_server_reads_back_over_rest(cli, mlflow_server):
     result = cli("bp-train", *SHORT, "trainer=cpu", f"tracking.uri={mlflow_server}", "tracking.experiment=served")
@@ -278,7 +231,7 @@ def test_resume_continues_the_same_mlflow_run(cli, tmp_path):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
     _, result, uri = tracked_run
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # mlflow shells out to uvicorn

@@ -1,0 +1,204 @@
+"""Faults provoked for real: kill -9, SIGTERM, a tracking server that dies, corrupt and hostile files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+import torch
+from conftest import MlflowServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from bp_service.config import DataConfig
+from bp_service.data import DataError, prepare
+
+# ~900 optimizer steps per epoch: long enough to be killed mid-epoch, short enough for CI.
+LONG = ["data=blog", "data.n_samples=20000", "data.batch_size=16", "optimizer=sgd_momentum", "trainer=cpu",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]  # fmt: skip
+
+
+def _popen(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    full_env.update({"BP_SERVICE_HOME": str(tmp_path), **(env or {})})
+    exe = Path(sys.executable).parent / "bp-train"
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def _wait_for(predicate, timeout: float = 180, what: str = "condition", proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process ended (rc={proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _checkpoint(tmp_path: Path, task: str, name: str = "last.ckpt") -> Path | None:
+    found = sorted((tmp_path / "outputs" / task).glob(f"runs/*/checkpoints/{name}"))
+    return found[-1] if found else None
+
+
+def _step_of(path: Path) -> int:
+    for _ in range(50):  # the file is replaced atomically, but may be replaced while we read it
+        try:
+            return torch.load(path, weights_only=True)["global_step"]
+        except (FileNotFoundError, RuntimeError, EOFError):
+            time.sleep(0.01)
+    raise AssertionError(f"could not read {path}")
+
+
+def _assert_same_training_state(a: Path, b: Path) -> None:
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert ca["global_step"] == cb["global_step"]
+    for key, value in ca["state_dict"].items():
+        assert torch.equal(value, cb["state_dict"][key]), key
+    for sa, sb in zip(ca["optimizer_states"], cb["optimizer_states"], strict=True):
+        for pid, state in sa["state"].items():
+            for name, tensor in state.items():
+                assert torch.equal(tensor, sb["state"][pid][name]), (pid, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path, cli, where):
+    common = [*LONG, "trainer.max_epochs=3", "checkpoint.every_n_train_steps=50"]
+    straight = cli("bp-train", *common, "task_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    proc = _popen(tmp_path, *common, "task_name=killed")
+    if where == "mid_epoch":
+        _wait_for(lambda: _checkpoint(tmp_path, "killed"), what="a step checkpoint", proc=proc)
+    else:  # the epoch-end checkpoint: the best-so-far file appears when epoch 0 is validated
+        _wait_for(lambda: _checkpoint(tmp_path, "killed", "best-*.ckpt"), what="an epoch checkpoint", proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _step_of(_checkpoint(tmp_path, "killed"))
+    assert 0 < killed_at < 3 * 875, killed_at
+
+    resumed = cli("bp-train", *common, "task_name=killed", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_training_state(_checkpoint(tmp_path, "straight"), _checkpoint(tmp_path, "killed"))
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    killed_run = next(r for r in runs if "task_name=killed" in r.data.tags["hydra.overrides"])
+    assert killed_run.info.status == "FINISHED"
+    for key in ("val/acc", "train/loss"):
+        steps = [m.step for m in client.get_metric_history(killed_run.info.run_id, key)]
+        assert len(steps) == 3 and len(set(steps)) == 3, (key, steps)  # every epoch once
+    straight_run = next(r for r in runs if "task_name=straight" in r.data.tags["hydra.overrides"])
+    expected = [m.value for m in client.get_metric_history(straight_run.info.run_id, "val/acc")]
+    assert [m.value for m in client.get_metric_history(killed_run.info.run_id, "val/acc")] == expected
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_ends_KILLED_and_exits_143(tmp_path):
+    proc = _popen(tmp_path, *LONG, "trainer.max_epochs=50", "checkpoint.every_n_train_steps=200", "task_name=term")
+    _wait_for(lambda: _checkpoint(tmp_path, "term"), what="a first checkpoint", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr
+    last = _checkpoint(tmp_path, "term")
+    assert _step_of(last) > 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_run_training_completes(tmp_path):
+    server = MlflowServer(tmp_path / "server")
+    try:
+        proc = _popen(tmp_path, *LONG, "trainer.max_epochs=3", f"tracking.uri={server.url}", "task_name=lost")
+        _wait_for(lambda: _checkpoint(tmp_path, "lost", "best-*.ckpt"), what="the first epoch", proc=proc)
+    finally:
+        server.stop()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "MLflow tracking was lost mid-run" in stdout
+    assert _step_of(_checkpoint(tmp_path, "lost")) == 3 * 875
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/health", timeout=2)
+
+
+def test_truncated_checkpoint_is_named(tmp_path, cli):
+    ok = cli("bp-train", "data=iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.enabled=false")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    last = _checkpoint(tmp_path, "train")
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    result = cli(
+        "bp-train", "data=iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.enabled=false", "ckpt_path=last"
+    )
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("bp-train: error: ") and str(last) in line and "Traceback" not in result.stderr
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, cli):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    script = (
+        "import os, torch\n"
+        "class Evil:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'state_dict': Evil(), 'bp_service': {{}}}}, {str(evil)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert evil.is_file() and not marker.exists()
+    result = cli("bp-train", "data=iris", "trainer=cpu", f"ckpt_path={evil}", "tracking.enabled=false")
+    assert result.returncode == 1
+    assert str(evil) in result.stderr.strip().splitlines()[-1]
+    assert not marker.exists(), "the pickle payload ran"
+
+
+# --------------------------------------------------------------------------- property: malformed CSVs
+CELL = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.integers(-5, 5),
+    st.sampled_from(["", "abc", "1e3", " 2 ", "nan", "inf", "-", "1,5"]),
+)
+
+
+@st.composite
+def csv_frames(draw):
+    n_cols = draw(st.integers(1, 4))
+    n_rows = draw(st.integers(0, 40))
+    columns = [f"f{i}" for i in range(n_cols)]
+    rows = [[draw(CELL) for _ in columns] for _ in range(n_rows)]
+    labels = [draw(st.sampled_from(["a", "b", "c", ""])) for _ in range(n_rows)]
+    frame = pd.DataFrame(rows, columns=columns)
+    if draw(st.booleans()):
+        frame["label"] = labels
+    return frame
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=csv_frames())
+def test_loader_gives_a_clean_error_or_a_correct_result(tmp_path, frame):
+    path = tmp_path / "generated.csv"
+    frame.to_csv(path, index=False)
+    cfg = OmegaConf.structured(DataConfig(name="csv", path=str(path), target="label"))
+    try:
+        prepared = prepare(cfg, seed=0)
+    except DataError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith(str(path)), message
+        return
+    assert "label" in frame.columns
+    n = sum(len(prepared.x[s]) for s in ("train", "val", "test"))
+    assert n == len(frame)
+    for split in ("train", "val", "test"):
+        assert torch.isfinite(prepared.x[split]).all()
+        assert torch.isfinite(prepared.y[split]).all()
