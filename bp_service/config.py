@@ -8,6 +8,7 @@ in :func:`validate`, which raises :class:`ConfigError` with one line naming the 
 from __future__ import annotations
 
 import importlib
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,12 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    auto_requeue: bool = False  # on requeue_signal: save an HPC checkpoint and `scontrol requeue` the job
+    requeue_signal: str = "SIGUSR1"  # pair with `#SBATCH --signal=SIGUSR1@90`
+
+
+@dataclass
 class PathsConfig:
     root_dir: str = MISSING  # stable home of mlflow.db, artifacts and outputs
     output_dir: str = MISSING  # this run's folder (Hydra's)
@@ -145,6 +152,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -234,3 +242,7 @@ def validate(cfg: DictConfig) -> None:
         cfg.early_stopping.patience >= 1, f"early_stopping.patience must be >= 1, got {cfg.early_stopping.patience}"
     )
     _require(bool(cfg.tracking.experiment), "tracking.experiment must not be empty")
+    _require(
+        isinstance(getattr(signal, cfg.slurm.requeue_signal, None), signal.Signals),
+        f"slurm.requeue_signal must be a signal name such as SIGUSR1, got {cfg.slurm.requeue_signal!r}",
+    )

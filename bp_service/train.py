@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -187,54 +188,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg, list(hydra_cfg.overrides.task), device, _resume_run_id(ckpt_path), parent_run_id(sweep_dir)
         )
 
-    module = BPModule(
-        net,
-        loss=cfg.model.loss,
-        task=data.task,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
-        meta={**data.meta, "mlflow_run_id": tracker.run_id if tracker else None},
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-    )
-    if cfg.model.compile:
-        net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
-
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-epoch{epoch:03d}-step{step}",
-        auto_insert_metric_name=False,
-        monitor=monitor,
-        mode=mode,
-        save_last=False,  # LastCheckpoint keeps last.ckpt current
-        save_top_k=cfg.checkpoint.save_top_k,
-    )
-    callbacks: list[pl.Callback] = [checkpoint]
-    if cfg.checkpoint.save_last:
-        callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_train_steps))
-    if cfg.early_stopping.enabled:
-        callbacks.append(
-            EarlyStopping(
-                monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta
-            )
-        )
-    if tracker:
-        callbacks.append(LearningRateMonitor(logging_interval=cfg.scheduler.interval if cfg.scheduler else "epoch"))
-
-    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    trainer_kwargs.pop("gradient_clip_val", None)  # manual optimization clips in the module
-    trainer_kwargs["log_every_n_steps"] = 1  # the module logs train/loss_step at its own cadence
-    trainer_kwargs.setdefault("deterministic", device == "cpu")
-    trainer = pl.Trainer(
-        **trainer_kwargs,
-        logger=tracker.logger if tracker else False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-        default_root_dir=cfg.paths.output_dir,
-    )
-
-    status = "FAILED"
+    status = "FAILED"  # until proven otherwise: no run is left RUNNING
     try:
+        module = BPModule(
+            net,
+            loss=cfg.model.loss,
+            task=data.task,
+            optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+            scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.scheduler else None,
+            meta={**data.meta, "mlflow_run_id": tracker.run_id if tracker else None},
+            log_every_n_steps=cfg.trainer.log_every_n_steps,
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+        )
+        if cfg.model.compile:
+            net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
+
+        checkpoint = ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="best-epoch{epoch:03d}-step{step}",
+            auto_insert_metric_name=False,
+            monitor=monitor,
+            mode=mode,
+            save_last=False,  # LastCheckpoint keeps last.ckpt current
+            save_top_k=cfg.checkpoint.save_top_k,
+        )
+        callbacks: list[pl.Callback] = [checkpoint]
+        if cfg.checkpoint.save_last:
+            callbacks.append(LastCheckpoint(ckpt_dir / "last.ckpt", cfg.checkpoint.every_n_train_steps))
+        if cfg.early_stopping.enabled:
+            callbacks.append(
+                EarlyStopping(
+                    monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta
+                )
+            )
+        if tracker:
+            callbacks.append(LearningRateMonitor(logging_interval=cfg.scheduler.interval if cfg.scheduler else "epoch"))
+
+        trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
+        trainer_kwargs.pop("gradient_clip_val", None)  # manual optimization clips in the module
+        trainer_kwargs["log_every_n_steps"] = 1  # the module logs train/loss_step at its own cadence
+        trainer_kwargs.setdefault("deterministic", device == "cpu")
+        plugins: list[Any] = [AtomicCheckpointIO()]
+        root_dir = cfg.paths.output_dir
+        if SLURMEnvironment.detect():
+            plugins.append(SLURMEnvironment(cfg.slurm.auto_requeue, getattr(signal, cfg.slurm.requeue_signal)))
+            # A requeued job keeps its id: Lightning finds its HPC checkpoint here and resumes from it.
+            root_dir = str(Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}")
+        trainer = pl.Trainer(
+            **trainer_kwargs,
+            logger=tracker.logger if tracker else False,
+            callbacks=callbacks,
+            plugins=plugins,
+            default_root_dir=root_dir,
+        )
+
         if trainer.is_global_zero and cfg.tracking.gradcheck:
             report = check_model(net, cfg.model.loss)
             if tracker:

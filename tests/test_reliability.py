@@ -202,3 +202,44 @@ def test_loader_gives_a_clean_error_or_a_correct_result(tmp_path, frame):
     for split in ("train", "val", "test"):
         assert torch.isfinite(prepared.x[split]).all()
         assert torch.isfinite(prepared.y[split]).all()
+
+
+GOOD_ROWS = "".join(f"{i},{i % 7},{'x' if i % 2 else 'y'}\n" for i in range(40))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "file not found"),
+        ("", "file is empty"),
+        ("a,b,label\n", "has a header but no data rows"),
+        ("a,b,other\n" + GOOD_ROWS, "target column 'label' not found (columns: a, b, other)"),
+        ("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS, "row 3, column 'b': not a finite number: 'hello'"),
+        ("a,b,label\n1,2,x\n3,,y\n" + GOOD_ROWS, "row 3, column 'b': missing"),
+        ("a,b,label\n1,inf,x\n" + GOOD_ROWS, "row 2, column 'b': not a finite number"),
+        ("a,b,label\n" + "1,2,x\n" * 30, "has a single class ('x')"),
+        ("a,b,label\n1,2,x\n3,4,y\n5,6,x\n", "too few"),
+    ],
+    ids=["missing", "empty", "header_only", "no_target", "text", "nan", "inf", "one_class", "few_rows"],
+)
+def test_bad_csv_is_one_line_naming_file_row_and_column(tmp_path, content, message):
+    path = tmp_path / "input.csv"
+    if content is not None:
+        path.write_text(content)
+    cfg = OmegaConf.structured(DataConfig(name="csv", path=str(path), target="label"))
+    with pytest.raises(DataError) as info:
+        prepare(cfg, seed=0)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_csv_through_the_cli_leaves_no_run_behind(tmp_path, cli):
+    path = tmp_path / "input.csv"
+    path.write_text("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS)
+    result = cli("bp-train", "data=csv", f"data.path={path}", "data.target=label", "trainer=cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"bp-train: error: {path}: row 3, column 'b': not a finite number: 'hello'"
+    db = tmp_path / "mlflow.db"
+    if db.exists():  # the data is checked before any run is opened
+        client = MlflowClient(f"sqlite:///{db}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
