@@ -280,7 +280,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if tracker:
             _record_artifacts(cfg, tracker, module, data, result)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
         raise
     finally:
