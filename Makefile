@@ -43,6 +43,7 @@ test-gpu: $(STAMP) ## Run the CUDA tests (needs a GPU)
 lint: $(STAMP) ## ruff check + ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -56,3 +57,28 @@ clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
 	rm -rf .pytest_cache .ruff_cache outputs multirun
 
 .PHONY: help install train ui explain bench test test-slow test-gpu lint format lock clean
+
+# --------------------------------------------------------------------------- Docker
+IMAGE       ?= bp-service:latest
+DOCKERFILE  ?= docker/Dockerfile
+DOCKER_ARGS ?=
+COMPOSE     := docker compose -f docker/compose.yaml
+BP_PREDICT_INPUT ?= docker/input.csv
+
+docker-build: ## Build the image (GPU hosts: DOCKERFILE=docker/Dockerfile.cuda IMAGE=bp-service:cuda)
+	docker build -f $(DOCKERFILE) -t $(IMAGE) .
+
+docker-train: docker-build ## Train experiment=digits in the image; runs and checkpoints on the bp-data volume (GPU: DOCKER_ARGS=--gpus=all)
+	docker run --rm $(DOCKER_ARGS) -v bp-data:/data $(IMAGE) bp-train experiment=digits trainer.enable_progress_bar=false $(ARGS)
+
+$(BP_PREDICT_INPUT): | $(STAMP)
+	$(PY) -c 'import pandas as pd; from sklearn.datasets import load_digits; d = load_digits(); \
+	  f = pd.DataFrame(d.data, columns=d.feature_names); f.insert(0, "id", range(len(f))); f.to_csv("$@", index=False)'
+
+compose-up: $(BP_PREDICT_INPUT) ## PostgreSQL + MLflow (http://127.0.0.1:5000), then train, then predict on BP_PREDICT_INPUT
+	BP_PREDICT_INPUT=$(abspath $(BP_PREDICT_INPUT)) $(COMPOSE) up --build $(ARGS)
+
+compose-down: ## Stop the compose stack; its volumes (database, runs, models, predictions) stay unless ARGS=-v
+	$(COMPOSE) down $(ARGS)
+
+.PHONY: docker-build docker-train compose-up compose-down

@@ -1,0 +1,345 @@
+"""``bp-predict``: score a CSV file with a trained model, chunk by chunk, in bounded memory.
+
+::
+
+    bp-predict model=runs:/<run id>/model input=rows.csv output=predictions.csv
+    bp-predict model=models:/bp-digits/latest input=rows.csv output=out.csv chunk_size=100000 id_column=customer
+    bp-predict model=outputs/digits/runs/<time>/checkpoints/best-epoch057-step1160.ckpt input=rows.csv output=out.csv
+
+``model`` is an MLflow model URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``, ...), a local MLflow model
+folder, a Lightning checkpoint (``.ckpt``) or a saved bundle (``model_bundle.pt``). Every kind ends in the same
+bundle, read by :func:`bp_service.serving.load_bundle` with ``torch.load(weights_only=True)``: for an MLflow
+model only two files are fetched, its ``MLmodel`` description and the bundle that names, so no code from the
+artifact store runs and nothing but tensors and plain data is unpickled.
+
+The input's header must hold exactly the model's training features (any order), plus optionally an id column
+(``id_column=NAME``, or a column literally named ``id``) that is copied to the output. The output has the id
+column, ``prediction`` and, for classifiers, ``proba_<class>`` per class. Rows are read ``chunk_size`` at a
+time and written as they are predicted, to a temporary file in the output's folder that is renamed at the end:
+an error or a kill never leaves a half-written output behind. The network runs on fixed blocks of
+:data:`BLOCK_ROWS` rows (the last one padded): BLAS picks other kernels, and so other float32 rounding, for
+other batch sizes, and fixed blocks make every row's prediction independent of ``chunk_size`` and of its
+neighbours, so the output is byte for byte the same however the file is chunked.
+
+Errors are one line on stderr, ``bp-predict: error: ...``; exit status 2 for bad arguments or input, 1 for
+anything else (an unreachable tracking server, an unwritable output). ``HYDRA_FULL_ERROR=1`` (or
+``BP_SERVICE_FULL_ERROR=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import pandas as pd
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from bp_service.serving import (
+    InputError,
+    check_columns,
+    features_matrix,
+    load_bundle,
+    net_from_bundle,
+    predict_frame,
+)
+
+USAGE = "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
+HELP = f"""{USAGE}
+
+  model       MLflow model URI (runs:/<run id>/model, models:/<name>/<version or latest>, ...),
+              a local MLflow model folder, a Lightning checkpoint (.ckpt) or a bundle (model_bundle.pt)
+  input       CSV with a header: the model's feature columns, in any order, plus optionally an id column
+  output      CSV to write: [id column,] prediction[, proba_<class> ...]; replaced only when complete
+  chunk_size  rows read and predicted at a time (default 50000): memory stays bounded for any file size
+  id_column   column copied to the output (default: a column named "id", if there is one)
+
+MLflow URIs use MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD for a server with basic auth)."""
+BLOCK_ROWS = 1024  # rows per network call: fixed, so predictions do not depend on chunk_size
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+@dataclass
+class PredictConfig:
+    """The command line of ``bp-predict``, as ``key=value`` pairs."""
+
+    model: str = MISSING  # MLflow model URI, local MLflow model folder, .ckpt or bundle .pt
+    input: str = MISSING  # CSV of raw features, with a header
+    output: str = MISSING  # CSV to write (replaced atomically)
+    chunk_size: int = 50_000  # rows read, predicted and written at a time
+    id_column: str | None = None  # carried to the output; default: a column named "id", if any
+
+
+class UsageError(ValueError):
+    """The command line is wrong; the message says which argument."""
+
+
+class ModelSourceError(RuntimeError):
+    """The model's store could not be reached or read (not the user's input)."""
+
+
+# --------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str]) -> PredictConfig:
+    """``key=value`` arguments merged onto :class:`PredictConfig`: unknown keys and wrong types are errors."""
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"expected key=value, got {arg!r}; {USAGE}")
+    known = [f.name for f in fields(PredictConfig)]
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(list(argv)))
+        missing = [k for k in known if k in OmegaConf.missing_keys(cfg)]
+        if missing:
+            raise UsageError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")
+        parsed = PredictConfig(**OmegaConf.to_container(cfg, resolve=True))
+    except ConfigKeyError as exc:
+        raise UsageError(f"unknown argument {exc.full_key or exc.key!r} (known: {', '.join(known)})") from None
+    except OmegaConfBaseException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"{exc.full_key}: " if getattr(exc, "full_key", None) else ""
+        raise UsageError(f"{where}{first}") from None
+    if parsed.chunk_size < 1:
+        raise UsageError(f"chunk_size must be at least 1, got {parsed.chunk_size}")
+    for key in ("model", "input", "output"):
+        if not str(getattr(parsed, key)).strip():
+            raise UsageError(f"{key}= must not be empty")
+    return parsed
+
+
+# --------------------------------------------------------------------------- the model
+def is_mlflow_uri(model: str) -> bool:
+    """``runs:/...``, ``models:/...``, ``s3://...``: anything with a scheme but ``file:`` (or a drive letter)."""
+    scheme = urlparse(model).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def _bundle_path_in(mlmodel: Path, where: str) -> str:
+    """The bundle's path relative to the model root, as the ``MLmodel`` file records it."""
+    try:
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        rel = spec["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        raise InputError(f"{where}: not a bp-service model (its MLmodel names no 'bundle' artifact)") from None
+    if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise InputError(f"{where}: MLmodel gives an unsafe bundle path {rel!r}")
+    return rel
+
+
+def _mlflow_error(uri: str, exc: Exception) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    code = getattr(exc, "error_code", "")
+    if isinstance(exc, MlflowException) and code in (
+        "RESOURCE_DOES_NOT_EXIST",
+        "INVALID_PARAMETER_VALUE",
+        "NOT_FOUND",
+        "BAD_REQUEST",
+    ):
+        return InputError(f"model {uri}: {first}")
+    return ModelSourceError(f"model {uri}: could not fetch it from MLflow ({first})")
+
+
+def fetch_bundle(uri: str, workdir: Path) -> Path:
+    """Download an MLflow model's ``MLmodel`` and its bundle file, nothing else."""
+    from mlflow.artifacts import download_artifacts
+
+    base = uri.rstrip("/")
+    try:
+        mlmodel = Path(download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(workdir / "mlmodel")))
+        rel = _bundle_path_in(mlmodel, uri)
+        return Path(download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(workdir / "bundle")))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise _mlflow_error(uri, exc) from None
+
+
+@contextlib.contextmanager
+def _env_defaults(**defaults: str) -> Iterator[None]:
+    """Set environment variables the user has not set, for the duration of the block."""
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def load_model(model: str) -> dict[str, Any]:
+    """The bundle (weights, architecture, preprocessing) of any model reference ``bp-predict`` accepts."""
+    if is_mlflow_uri(model) and not Path(model).exists():  # a file named "model:v2.ckpt" stays a file
+        with (
+            # no progress bars in batch logs; an unreachable server fails in seconds, not minutes of retries
+            _env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_HTTP_REQUEST_MAX_RETRIES="3"),
+            tempfile.TemporaryDirectory(prefix="bp-predict-") as tmp,
+        ):
+            return load_bundle(fetch_bundle(model, Path(tmp)))
+    path = Path(url2pathname(urlparse(model).path)) if model.startswith("file:") else Path(model)
+    if path.is_dir():  # a downloaded MLflow model folder
+        if not (path / "MLmodel").is_file():
+            raise InputError(f"{path}: a folder, but not an MLflow model (no MLmodel file)")
+        return load_bundle(path / _bundle_path_in(path / "MLmodel", str(path)))
+    return load_bundle(path)
+
+
+# --------------------------------------------------------------------------- the rows
+def predict_rows(net, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFrame:
+    """:func:`~bp_service.serving.predict_frame` over fixed blocks of ``BLOCK_ROWS`` rows, the last padded."""
+    frames = []
+    for start in range(0, len(raw), BLOCK_ROWS):
+        block = raw[start : start + BLOCK_ROWS]
+        n = len(block)
+        if n < BLOCK_ROWS:
+            block = np.pad(block, ((0, BLOCK_ROWS - n), (0, 0)), mode="edge")
+        frames.append(predict_frame(net, meta, block).iloc[:n])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _header(path: Path) -> list[str]:
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a CSV file")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
+
+
+def _id_column(header: list[str], meta: dict[str, Any], wanted: str | None, source: str) -> str | None:
+    if wanted is not None:
+        if wanted not in header:
+            raise InputError(f"{source}: id column {wanted!r} not found (columns: {', '.join(header)})")
+        return wanted
+    return "id" if "id" in header and "id" not in meta["feature_names"] else None
+
+
+def predict_csv(
+    bundle: dict[str, Any],
+    input_path: str | Path,
+    output_path: str | Path,
+    chunk_size: int = 50_000,
+    id_column: str | None = None,
+) -> int:
+    """Predict every row of ``input_path`` into ``output_path``; returns the number of rows.
+
+    At most ``chunk_size`` rows (and their predictions) are in memory at a time.
+    """
+    source, out = Path(input_path), Path(output_path)
+    meta = bundle["meta"]
+    header = _header(source)
+    id_col = _id_column(header, meta, id_column, str(source))
+    outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
+    if id_col in outputs:
+        raise InputError(f"{source}: id column {id_col!r} clashes with an output column; rename it")
+    check_columns(pd.DataFrame(columns=header), meta, str(source), id_col)
+    net = net_from_bundle(bundle)
+
+    if out.is_dir():
+        raise InputError(f"{out}: output is a folder; give a file name")
+    if out.resolve() == source.resolve():
+        raise InputError(f"{out}: output would overwrite the input; give another file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    rows = 0
+    try:
+        # "x": created with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
+        with open(tmp, "x", newline="", encoding="utf-8") as fh:
+            reader = pd.read_csv(source, chunksize=chunk_size, dtype={id_col: str} if id_col else None)
+            try:
+                for chunk in reader:
+                    if chunk.empty:
+                        continue
+                    raw = features_matrix(chunk, meta, str(source), first_row=rows)
+                    pred = predict_rows(net, meta, raw)
+                    if id_col:
+                        pred.insert(0, id_col, chunk[id_col].to_numpy())
+                    pred.to_csv(fh, header=rows == 0, index=False)
+                    rows += len(chunk)
+            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first})") from None
+            finally:
+                reader.close()
+        if rows == 0:
+            raise InputError(f"{source}: has a header but no data rows")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+# --------------------------------------------------------------------------- entry point
+def full_error_requested() -> bool:
+    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(EXIT_SIGTERM)  # unwinds through predict_csv, which removes its temporary file
+
+
+def run(argv: Sequence[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(HELP)
+        return 0
+    cfg = parse_args(argv)
+    started = time.perf_counter()
+    _header(Path(cfg.input))  # a missing or empty input fails before any model is fetched
+    bundle = load_model(cfg.model)
+    rows = predict_csv(bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column)
+    print(f"bp-predict: {rows} rows -> {cfg.output} ({time.perf_counter() - started:.1f} s, model {cfg.model})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns (and, run as a script, exits with) the status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # called from a thread other than the main one: leave signals alone
+        previous = None
+    try:
+        return run(argv)
+    except (UsageError, InputError) as exc:
+        if full_error_requested():
+            raise
+        print(f"bp-predict: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("bp-predict: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if full_error_requested():
+            raise
+        if isinstance(exc, OSError) and exc.strerror:
+            message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        else:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"bp-predict: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
