@@ -40,7 +40,7 @@ test-slow: $(STAMP) ## Run the slow tests (CI runs these after `make test`)
 test-gpu: $(STAMP) ## Run the CUDA tests (needs a GPU)
 	$(BIN)/pytest -m gpu $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff check + ruff format --check
+lint: $(STAMP) ## ruff check + ruff format --check + hadolint on the Dockerfiles
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda

@@ -10,14 +10,18 @@ noisy the run was.
 Items (``--items`` selects them; ``ITEMS`` lists them):
 
 1. Training step time, the hand-written Functions (``bp_service.MLP``) vs native autograd
-   (``nn.Linear`` + ``torch.sigmoid`` + ``F.mse_loss``), same weights, same batch.
-   ``--compile`` adds the custom model under ``torch.compile`` as item ``1c``.
-2. Peak memory of the same step (see :func:`peak_memory_bytes` for how it is measured).
+   (``nn.Linear`` + ``torch.sigmoid`` + ``F.mse_loss``), same weights, same batch. Row ``1`` is
+   the MLP as it comes (fused ``LinearSigmoidFunction`` layers), ``1u`` the same with
+   ``fused=False``; ``--compile`` adds the fused MLP under ``torch.compile`` as ``1c``.
+2. Peak memory of the same step, ``2`` fused and ``2u`` unfused (see
+   :func:`item_peak_memory` and :func:`peak_memory_bytes` for what is measured and how).
 3. Roofline: FLOP/s the custom step achieves over the FLOP/s ``torch.mm`` reaches on the
-   GEMMs of that step, at the same thread count.
+   GEMMs of that step, at the same thread count (see :func:`mlp_step_flops`).
+
+With CUDA, every item also runs on the GPU in float32 and bfloat16.
 
 Adding an item is one line in ``ITEMS``: a function ``(BenchConfig) -> list[Row]`` that builds
-its rows with :func:`make_row`.
+its rows with :func:`make_row` (``{item, name, ours, peer, ratio, target, cmp, met, unit, ...}``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -66,7 +71,9 @@ class BenchConfig:
         """(device, dtype) pairs to run: float32 on CPU; float32 and bf16 on CUDA."""
         pairs: list[tuple[str, torch.dtype]] = []
         for device in self.devices:
-            pairs += [(device, torch.float32)] if device == "cpu" else [(device, torch.float32), (device, torch.bfloat16)]
+            pairs += (
+                [(device, torch.float32)] if device == "cpu" else [(device, torch.float32), (device, torch.bfloat16)]
+            )
         return pairs
 
 
@@ -160,10 +167,28 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     return q1, q2, q3
 
 
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[round(q * (len(ordered) - 1))]
+
+
 def _paired_ratio_stats(ours: Sequence[float], peer: Sequence[float]) -> dict[str, float]:
-    """Median and quartiles of the per-round ratios ours/peer (same round, adjacent in time)."""
+    """How far to trust a timing ratio on a shared machine.
+
+    ``paired_ratio_*``: median and quartiles of the per-round ratios ours/peer (the two samples
+    of a round run back to back, so they saw nearly the same machine). ``ratio_p10`` and
+    ``ratio_min``: the ratio of the sides' 10th percentiles and minima, the rounds least
+    disturbed by other processes. When these disagree with the headline ratio of medians,
+    the run was noisy: rerun it with more ``--reps``.
+    """
     q1, q2, q3 = _quartiles([a / b for a, b in zip(ours, peer)])
-    return {"paired_ratio_median": q2, "paired_ratio_q1": q1, "paired_ratio_q3": q3}
+    return {
+        "paired_ratio_median": q2,
+        "paired_ratio_q1": q1,
+        "paired_ratio_q3": q3,
+        "ratio_p10": _percentile(ours, 0.1) / _percentile(peer, 0.1),
+        "ratio_min": min(ours) / min(peer),
+    }
 
 
 # --------------------------------------------------------------------------- the networks
@@ -184,11 +209,11 @@ class NativeMLP(nn.Module):
 
 
 def build_models(
-    device: str, dtype: torch.dtype, seed: int = 0, sizes: Sequence[int] = SIZES
+    device: str, dtype: torch.dtype, seed: int = 0, sizes: Sequence[int] = SIZES, fused: bool = True
 ) -> tuple[MLP, NativeMLP]:
     """bp-service's MLP (sigmoid hidden and output layers) and its native twin, same weights."""
     torch.manual_seed(seed)
-    ours = MLP(sizes, activation="sigmoid", output_activation="sigmoid").to(device=device, dtype=dtype)
+    ours = MLP(sizes, activation="sigmoid", output_activation="sigmoid", fused=fused).to(device=device, dtype=dtype)
     native = NativeMLP(sizes).to(device=device, dtype=dtype)
     native.load_state_dict(ours.state_dict())
     return ours, native
@@ -204,37 +229,61 @@ def build_batch(
     return x.to(device=device, dtype=dtype), target.to(device=device, dtype=dtype)
 
 
-def make_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, target: Tensor):
-    """One training step: zero the gradients, forward, backward, SGD update in place."""
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+class TrainStep:
+    """One training step, callable: zero the gradients, forward, loss, backward, SGD update in place."""
 
-    def step() -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, target: Tensor):
+        self.model, self.loss_fn, self.x, self.target = model, loss_fn, x, target
+        self.opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def __call__(self) -> Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(self.x), self.target)
         loss.backward()
-        opt.step()
+        self.opt.step()
         return loss.detach()
 
-    return step
+    def state_bytes(self) -> int:
+        """Bytes of the tensors that live from one step to the next: weights, gradients, batch, optimizer state."""
+        tensors = [self.x, self.target, *self.model.parameters()]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, Tensor)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
 
-def build_steps(cfg: BenchConfig, device: str, dtype: torch.dtype, *, compiled: bool = False) -> dict[str, Callable]:
-    """Steps keyed ``custom``, ``native`` (and ``compiled``), each with its own copy of the same weights.
+SIDES = {
+    "custom": "bp_service.MLP",
+    "unfused": "bp_service.MLP(fused=False)",
+    "compiled": "torch.compile(bp_service.MLP)",
+    "native": "nn.Linear+torch.sigmoid",
+}
 
-    Before returning, the first step of each is checked to give the same loss, so the two
-    sides provably compute the same network.
+
+def build_steps(
+    cfg: BenchConfig, device: str, dtype: torch.dtype, sides: Sequence[str] = ("custom", "native")
+) -> dict[str, TrainStep]:
+    """Training steps keyed by side (see ``SIDES``), each with its own copy of the same weights.
+
+    ``custom`` is ``bp_service.MLP`` as it comes (fused sigmoid layers); ``unfused`` the same
+    with ``fused=False``; ``compiled`` the custom one under ``torch.compile``; ``native`` the
+    peer. Before returning, the first step of each is checked to give the same loss as the
+    native one, so every side provably computes the same network.
     """
-    ours, native = build_models(device, dtype, cfg.seed)
     x, target = build_batch(device, dtype, cfg.seed)
-    models: dict[str, tuple[nn.Module, Callable]] = {"custom": (ours, F.mse_loss), "native": (native, TF.mse_loss)}
-    if compiled:
-        twin, _ = build_models(device, dtype, cfg.seed)
-        models["compiled"] = (torch.compile(twin), F.mse_loss)
-    steps = {name: make_step(model, loss_fn, x, target) for name, (model, loss_fn) in models.items()}
-    first = {name: step() for name, step in steps.items()}
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for name, loss in first.items():
-        torch.testing.assert_close(loss, first["native"], **tol, msg=lambda m, n=name: f"{n} vs native loss: {m}")
+    steps: dict[str, TrainStep] = {}
+    for side in sides:
+        ours, native = build_models(device, dtype, cfg.seed, fused=side != "unfused")
+        if side == "native":
+            steps[side] = TrainStep(native, TF.mse_loss, x, target)
+        else:
+            model = torch.compile(ours) if side == "compiled" else ours
+            steps[side] = TrainStep(model, F.mse_loss, x, target)
+    first = {side: step() for side, step in steps.items()}
+    if "native" in first:
+        tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        for side, loss in first.items():
+            torch.testing.assert_close(loss, first["native"], **tol, msg=lambda m, s=side: f"{s} vs native: {m}")
     return steps
 
 
@@ -336,96 +385,93 @@ def step_gemms(sizes: Sequence[int], batch: int) -> list[tuple[int, int, int]]:
 
 
 # --------------------------------------------------------------------------- items
+def _step_common(device: str, dtype: torch.dtype) -> dict[str, Any]:
+    return {"device": device, "dtype": _dtype_name(dtype), "threads": torch.get_num_threads(), "batch": BATCH}
+
+
 def item_step_time(cfg: BenchConfig) -> list[Row]:
-    """Item 1 (and 1c with --compile): median training-step time, custom / native."""
+    """Item 1: median training-step time over native autograd's, for each custom variant.
+
+    Row ``1`` is ``bp_service.MLP`` as it comes (fused sigmoid layers), ``1u`` the same with
+    ``fused=False``, ``1c`` (with ``--compile``) the fused one under ``torch.compile``. All sides
+    are timed in the same rounds.
+    """
     rows = []
+    sides = ["custom", "unfused", *(["compiled"] if cfg.compile else []), "native"]
     for device, dtype in cfg.targets():
-        where = f"{device} {_dtype_name(dtype)}"
         t0 = time.perf_counter()
-        steps = build_steps(cfg, device, dtype, compiled=cfg.compile)
+        steps = build_steps(cfg, device, dtype, sides)
         setup_s = time.perf_counter() - t0
         inner = 1 if device == "cpu" else 10
         samples = time_round_robin(steps, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
-        med = {name: statistics.median(s) for name, s in samples.items()}
-        common = {
-            "device": device,
-            "dtype": _dtype_name(dtype),
-            "threads": torch.get_num_threads(),
-            "reps": cfg.reps,
-            "batch": BATCH,
-            "sizes": list(SIZES),
-        }
-        rows.append(
-            make_row(
-                "1",
-                f"training step time [{where}]",
-                med["custom"],
-                med["native"],
-                target=1.0,
-                cmp="<=",
-                unit="s",
-                ours_label="bp_service.MLP",
-                peer_label="nn.Linear+torch.sigmoid",
-                **common,
-                **_paired_ratio_stats(samples["custom"], samples["native"]),
-            )
-        )
-        if "compiled" in samples:
+        med = {side: statistics.median(s) for side, s in samples.items()}
+        for side, item in (("custom", "1"), ("unfused", "1u"), ("compiled", "1c")):
+            if side not in samples:
+                continue
+            extra = {"setup_and_compile_s": setup_s} if side == "compiled" else {}
             rows.append(
                 make_row(
-                    "1c",
-                    f"training step time, torch.compile [{where}]",
-                    med["compiled"],
+                    item,
+                    f"training step time, {SIDES[side]} [{device} {_dtype_name(dtype)}]",
+                    med[side],
                     med["native"],
                     target=1.0,
                     cmp="<=",
                     unit="s",
-                    ours_label="torch.compile(bp_service.MLP)",
-                    peer_label="nn.Linear+torch.sigmoid",
-                    compile_and_setup_s=setup_s,
-                    **common,
-                    **_paired_ratio_stats(samples["compiled"], samples["native"]),
+                    ours_label=SIDES[side],
+                    peer_label=SIDES["native"],
+                    reps=cfg.reps,
+                    sizes=list(SIZES),
+                    **_step_common(device, dtype),
+                    **_paired_ratio_stats(samples[side], samples["native"]),
+                    **extra,
                 )
             )
     return rows
 
 
 def item_peak_memory(cfg: BenchConfig) -> list[Row]:
-    """Item 2: peak memory of one training step, custom / native (median over alternating runs)."""
+    """Item 2: peak live tensor bytes of one training step, custom / native.
+
+    ``ours`` and ``peer`` are the bytes that live across steps (weights, gradients, batch,
+    optimizer state; measured from the tensors) plus the step's own peak on top of them
+    (:func:`peak_memory_bytes`), i.e. what ``torch.cuda.max_memory_allocated`` would say for
+    that side alone. ``details.net_ratio`` compares the step's own peaks without the state.
+    Each side is measured ``memory_reps`` times, alternating, and the median kept.
+    """
     rows = []
     for device, dtype in cfg.targets():
-        steps = build_steps(cfg, device, dtype)
-        for step in steps.values():  # steady state: gradients exist, allocator warmed up
+        steps = build_steps(cfg, device, dtype, ("custom", "unfused", "native"))
+        for step in steps.values():  # steady state: last step's gradients exist, allocator warmed up
             step()
-        peaks: dict[str, list[int]] = {name: [] for name in steps}
+        state = {side: step.state_bytes() for side, step in steps.items()}
+        nets: dict[str, list[int]] = {side: [] for side in steps}
         for r in range(cfg.memory_reps):
             order = list(steps) if r % 2 == 0 else list(steps)[::-1]
-            for name in order:
-                peaks[name].append(peak_memory_bytes(steps[name], device))
-        med = {name: statistics.median(p) for name, p in peaks.items()}
-        # What lives across steps on either side: weights, their gradients, the batch.
-        n_weights = sum(h_in * h_out + h_out for h_in, h_out in pairwise(SIZES))
-        state = (2 * n_weights + BATCH * (SIZES[0] + SIZES[-1])) * torch.finfo(dtype).bits // 8
-        rows.append(
-            make_row(
-                "2",
-                f"training step peak memory [{device} {_dtype_name(dtype)}]",
-                med["custom"],
-                med["native"],
-                target=1.0,
-                cmp="<=",
-                unit="B",
-                ours_label="bp_service.MLP",
-                peer_label="nn.Linear+torch.sigmoid",
-                device=device,
-                dtype=_dtype_name(dtype),
-                samples=peaks,
-                measured="peak live tensor bytes during one step above the level at its start",
-                measured_by="torch.profiler memory events" if device == "cpu" else "CUDA caching allocator",
-                state_bytes=state,
-                ratio_including_state=(med["custom"] + state) / (med["native"] + state),
+            for side in order:
+                nets[side].append(peak_memory_bytes(steps[side], device))
+        net = {side: statistics.median(v) for side, v in nets.items()}
+        for side, item in (("custom", "2"), ("unfused", "2u")):
+            rows.append(
+                make_row(
+                    item,
+                    f"training step peak memory, {SIDES[side]} [{device} {_dtype_name(dtype)}]",
+                    state[side] + net[side],
+                    state["native"] + net["native"],
+                    target=1.0,
+                    cmp="<=",
+                    unit="B",
+                    ours_label=SIDES[side],
+                    peer_label=SIDES["native"],
+                    measured="bytes live across steps + the step's peak of live tensor bytes above them",
+                    measured_by="torch.profiler memory events" if device == "cpu" else "CUDA caching allocator",
+                    state_bytes={"ours": state[side], "peer": state["native"]},
+                    net_peak_bytes={"ours": net[side], "peer": net["native"]},
+                    net_ratio=net[side] / net["native"] if net["native"] else None,
+                    net_samples={"ours": nets[side], "peer": nets["native"]},
+                    **_step_common(device, dtype),
+                )
             )
-        )
     return rows
 
 
@@ -512,7 +558,36 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def run_meta(cfg: BenchConfig, items: Sequence[str]) -> dict[str, Any]:
+class OtherLoad:
+    """CPU time other processes took while we measured, in cores on average (Linux ``/proc/stat``).
+
+    The machine's busy time minus our own process's CPU time, over the wall time. Anything well
+    above zero means other processes competed for the cores and timings are noisy.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        wall, busy, own = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own) / wall)
+
+
+def run_meta(cfg: BenchConfig, items: Sequence[str], other_cores: float | None) -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -524,6 +599,7 @@ def run_meta(cfg: BenchConfig, items: Sequence[str]) -> dict[str, Any]:
         "warmup": cfg.warmup,
         "items": list(items),
         "timing": "median over reps, sides interleaved round robin with the order rotated each round",
+        "other_processes_cpu_cores": other_cores,
     }
 
 
@@ -579,9 +655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
+    other_load = OtherLoad()
     print(
-        f"bp-bench: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, devices {', '.join(cfg.devices)}, "
-        f"{cfg.reps} reps per side",
+        f"bp-bench: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"devices {', '.join(cfg.devices)}, {cfg.reps} reps per side",
         file=sys.stderr,
     )
     rows: list[Row] = []
@@ -591,11 +668,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         new = fn(cfg)
         print(f"  item {key} ({desc}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         rows += new
-    print(f"threads: {torch.get_num_threads()}")
+    other_cores = other_load.cores()
+    meta = run_meta(cfg, args.items, other_cores)
+    if other_cores is not None and other_cores > 0.2:
+        print(
+            f"bp-bench: other processes used {other_cores:.2f} of {os.cpu_count()} CPU cores meanwhile: "
+            "timing ratios are noisy (see details.paired_ratio_* and ratio_p10 in --json)",
+            file=sys.stderr,
+        )
+    load = "unknown" if other_cores is None else f"{other_cores:.2f} cores"
+    print(f"threads: {torch.get_num_threads()}, other processes meanwhile: {load}")
     print(format_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": run_meta(cfg, args.items), "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,9 +21,9 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import Tensor
 
+from bp_service.tables import DataError, numeric_matrix, read_feature_frame
 
-class DataError(ValueError):
-    """The data cannot be used; the message names the file, row or column."""
+__all__ = ["BPDataModule", "DataError", "InMemoryLoader", "Prepared", "numeric_matrix", "prepare", "read_feature_frame"]
 
 
 # --------------------------------------------------------------------------- raw datasets
@@ -66,41 +65,6 @@ SKLEARN_LOADERS = {
 }
 GENERATED = {"blog": _blog, "xor": _xor, "moons": _moons}
 REGRESSION_DATASETS = {"diabetes"}
-
-
-def read_feature_frame(path: str | Path) -> pd.DataFrame:
-    """Read a CSV with one-line errors for a missing, empty or header-only file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    if frame.empty:
-        raise DataError(f"{path}: has a header but no data rows")
-    return frame
-
-
-def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_row: int = 0) -> np.ndarray:
-    """Columns as float64, naming the first non-numeric, missing or infinite cell by row and column.
-
-    Rows are numbered as a spreadsheet shows them: the header is row 1, the first data row is row 2.
-    """
-    out = np.empty((len(frame), len(columns)), dtype=np.float64)
-    for j, col in enumerate(columns):
-        raw = frame[col]
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = int(np.argmax(bad))
-            cell = raw.iloc[i]
-            what = "missing" if pd.isna(cell) and not isinstance(cell, str) else f"not a finite number: {cell!r}"
-            raise DataError(f"{source}: row {first_row + i + 2}, column {col!r}: {what}")
-        out[:, j] = values
-    return out
 
 
 def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from bp_service.layers import MLP
+from bp_service.tables import DataError, numeric_matrix
 
 
 class InputError(ValueError):
@@ -41,7 +42,11 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: checkpoint not found")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle, not a torch file at all
+    except Exception as exc:  # a pickled object, a truncated file, not a torch file at all
+        if "GLOBAL" in str(exc):  # it names a class or function; torch then suggests weights_only=False: never here
+            raise InputError(
+                f"{path}: refused: holds objects other than tensors and plain containers (read with weights_only=True)"
+            ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable bp-service checkpoint ({first})") from None
     if "bp_service" in raw:  # a Lightning checkpoint of BPModule: weights are under "net."
@@ -65,17 +70,16 @@ def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_col
     missing = [c for c in expected if c not in present]
     extra = [c for c in present if c not in expected and c != id_column]
     if missing or extra:
+        shown = ", ".join(expected[:8]) + (f", ... ({len(expected)} in all)" if len(expected) > 8 else "")
         parts = [
             f"missing column(s) {', '.join(missing)}" if missing else "",
             f"unexpected column(s) {', '.join(extra)}" if extra else "",
         ]
-        raise InputError(f"{source}: {'; '.join(p for p in parts if p)} (the model expects: {', '.join(expected)})")
+        raise InputError(f"{source}: {'; '.join(p for p in parts if p)} (the model expects: {shown})")
 
 
 def features_matrix(frame: pd.DataFrame, meta: dict[str, Any], source: str, first_row: int = 0) -> np.ndarray:
     """Raw feature columns, in the model's order, as float64; bad cells named by row and column."""
-    from bp_service.data import DataError, numeric_matrix  # data pulls in Lightning; keep serving light
-
     try:
         return numeric_matrix(frame, list(meta["feature_names"]), source, first_row)
     except DataError as exc:

@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -81,6 +83,7 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and Huey workers
         command = [
             str(Path(sys.executable).parent / "mlflow"), "server",
             "--backend-store-uri", backend_uri or f"sqlite:///{root / 'server.db'}",
@@ -88,7 +91,10 @@ class MlflowServer:
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *extra,
         ]  # fmt: skip
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            # Its own process group: stop() ends the server and every worker it started.
+            self.proc = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -102,13 +108,14 @@ class MlflowServer:
         pytest.fail(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

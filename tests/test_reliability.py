@@ -160,6 +160,10 @@ def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, cl
     result = cli("bp-train", "data=iris", "trainer=cpu", f"ckpt_path={evil}", "tracking.enabled=false")
     assert result.returncode == 1
     assert str(evil) in result.stderr.strip().splitlines()[-1]
+    (tmp_path / "rows.csv").write_text("x1,x2,x3\n1,2,3\n")
+    predicted = cli("bp-predict", f"model={evil}", f"input={tmp_path / 'rows.csv'}", f"output={tmp_path / 'out.csv'}")
+    assert predicted.returncode == 2
+    assert f"{evil}: refused" in predicted.stderr
     assert not marker.exists(), "the pickle payload ran"
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -235,25 +236,13 @@ def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = uri
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # mlflow shells out to uvicorn
-    proc = subprocess.Popen(
-        [
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"runs:/{result['run_id']}/model",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "serve.log", "w"),  # noqa: SIM115 - closed with the process
-        env=env,
-        cwd=tmp_path,
-    )
+    command = ["mlflow", "models", "serve", "-m", f"runs:/{result['run_id']}/model", "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "w") as stderr:  # its own process group, so that its uvicorn workers stop with it
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=tmp_path, start_new_session=True
+        )
     try:
         rows = {
             "dataframe_split": {
@@ -267,11 +256,11 @@ def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
                 response = requests.post(f"http://127.0.0.1:{port}/invocations", json=rows, timeout=5)
                 break
             except requests.ConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
                 time.sleep(1)
         assert response.status_code == 200, response.text
         predictions = response.json()["predictions"]
         assert [p["prediction"] for p in predictions] == [0, 2]
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

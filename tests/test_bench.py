@@ -1,0 +1,170 @@
+"""bp-bench: the harness, the FLOP count and the memory measurement. Never a timing assertion."""
+
+import json
+
+import pytest
+import torch
+
+from bp_service import MLP, bench
+from bp_service import functions as F
+
+
+def _check_rows(rows):
+    for row in rows:
+        assert {"item", "name", "ours", "peer", "ratio", "target", "cmp", "met", "unit"} <= row.keys()
+        assert isinstance(row["ours"], float) and row["ours"] > 0, row
+        assert isinstance(row["peer"], float) and row["peer"] > 0, row
+        assert row["ratio"] == pytest.approx(row["ours"] / row["peer"], rel=1e-12)
+        assert isinstance(row["target"], float)
+        assert row["met"] == (row["ratio"] <= row["target"] if row["cmp"] == "<=" else row["ratio"] >= row["target"])
+
+
+def test_quick_run_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--items", "1,2,3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    _check_rows(rows)
+    assert {"1", "1u", "2", "2u", "3"} <= {r["item"] for r in rows}
+    assert report["meta"]["threads"] == torch.get_num_threads()
+    assert report["meta"]["quick"] is True
+    roofline = next(r for r in rows if r["item"] == "3")
+    assert roofline["details"]["step_flops"] == bench.mlp_step_flops(bench.SIZES, bench.BATCH)
+    assert roofline["details"]["step_flops_counted_by_torch"] == roofline["details"]["step_flops"]
+    table = capsys.readouterr().out
+    assert f"threads: {torch.get_num_threads()}" in table
+    assert all(r["name"] in table for r in rows)
+
+
+def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):
+    """Items 4 and 5 will plug in the same way: a function returning make_row rows, one line in ITEMS."""
+
+    def item_fake(cfg):
+        return [bench.make_row("9", "fake", 2.0, 4.0, target=1.0, cmp="<=", unit="s", reps=cfg.reps)]
+
+    monkeypatch.setitem(bench.ITEMS, "9", ("a fake item", item_fake))
+    out = tmp_path / "b.json"
+    assert bench.main(["--items", "9", "--reps", "3", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    _check_rows([row])
+    assert (row["item"], row["ratio"], row["met"], row["details"]["reps"]) == ("9", 0.5, True, 3)
+    assert "fake" in capsys.readouterr().out
+
+
+def test_unknown_item_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        bench.main(["--items", "1,42"])
+
+
+def test_make_row_ratio_and_direction():
+    lower = bench.make_row("x", "x", 3.0, 2.0, target=1.0, cmp="<=", unit="s")
+    higher = bench.make_row("x", "x", 3.0, 2.0, target=0.75, cmp=">=", unit="FLOP/s")
+    assert (lower["ratio"], lower["met"], higher["met"]) == (1.5, False, True)
+    with pytest.raises(ValueError, match="cmp"):
+        bench.make_row("x", "x", 1.0, 1.0, target=1.0, cmp="<", unit="s")
+
+
+def test_round_robin_rotates_the_order():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "AB"}
+    samples = bench.time_round_robin(fns, reps=4, warmup=0)
+    assert calls == list("ABBAABBA")
+    assert {k: len(v) for k, v in samples.items()} == {"A": 4, "B": 4}
+
+
+# --------------------------------------------------------------------------- FLOPs
+def test_flop_count_is_the_exact_formula():
+    # P = 3*2 + 2*1 = 8 weights, N = 4: forward 2NP = 64; backward 4NP = 128 minus the first
+    # layer's input gradient 2*N*3*2 = 48, so 80; 144 in all.
+    assert bench.mlp_step_flops((3, 2, 1), batch=4) == 144
+    assert bench.mlp_step_flops((3, 2, 1), batch=4, input_grad=True) == 192
+    p = 784 * 1024 + 1024 * 1024 + 1024 * 10
+    assert bench.mlp_step_flops(bench.SIZES, 512) == 2 * 512 * p + 4 * 512 * p - 2 * 512 * 784 * 1024
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_flop_count_matches_torch_flop_counter(input_grad):
+    """What torch.utils.flop_counter sees the custom step run equals the formula."""
+    torch.manual_seed(0)
+    sizes, batch = (7, 5, 4, 3), 6
+    model = MLP(sizes)
+    x, target = torch.rand(batch, sizes[0], requires_grad=input_grad), torch.rand(batch, sizes[-1])
+    step = bench.TrainStep(model, F.mse_loss, x, target)
+    assert bench.counted_step_flops(step) == bench.mlp_step_flops(sizes, batch, input_grad=input_grad)
+
+
+# --------------------------------------------------------------------------- memory
+N_FLOATS = 1 << 18  # 1 MiB of float32
+
+
+def _work():
+    a = torch.ones(4096)
+    return (a * 2).sum()
+
+
+def test_peak_memory_counts_a_known_extra_tensor():
+    def step():
+        return _work()
+
+    def step_with_extra():
+        extra = torch.empty(N_FLOATS)  # held while _work allocates
+        _work()
+        return extra
+
+    base = bench.peak_memory_bytes(step)
+    more = bench.peak_memory_bytes(step_with_extra)
+    assert base > 0
+    assert more - base == N_FLOATS * 4
+
+
+def test_peak_memory_counts_frees_of_the_previous_call():
+    """A step that frees last call's state before a transient: the peak is net of that free (priming works)."""
+
+    class Step:
+        state = None
+
+        def __call__(self):
+            self.state = None  # frees N floats made by the previous call
+            transient = torch.empty(2 * N_FLOATS)
+            del transient
+            self.state = torch.empty(N_FLOATS)
+
+    assert bench.peak_memory_bytes(Step()) == N_FLOATS * 4
+
+
+def test_peak_memory_of_a_training_step_grows_with_an_extra_tensor():
+    torch.manual_seed(0)
+    x, target = torch.rand(32, 20), torch.rand(32, 3)
+    kept = []
+
+    def loss_with_extra(pred, t):
+        kept.append(torch.empty(N_FLOATS))  # alive until the step returns
+        return F.mse_loss(pred, t)
+
+    plain = bench.TrainStep(MLP([20, 16, 3]), F.mse_loss, x, target)
+    heavy = bench.TrainStep(MLP([20, 16, 3]), loss_with_extra, x, target)
+
+    def heavy_step():
+        heavy()
+        kept.clear()
+
+    assert bench.peak_memory_bytes(heavy_step) - bench.peak_memory_bytes(plain) == N_FLOATS * 4
+
+
+def test_state_bytes_counts_weights_gradients_and_batch():
+    model = MLP([4, 3, 2])
+    x, target = torch.rand(5, 4), torch.rand(5, 2)
+    step = bench.TrainStep(model, F.mse_loss, x, target)
+    n_params = 4 * 3 + 3 + 3 * 2 + 2
+    assert step.state_bytes() == 4 * (n_params + x.numel() + target.numel())
+    step()
+    assert step.state_bytes() == 4 * (2 * n_params + x.numel() + target.numel())
+
+
+@pytest.mark.gpu
+def test_quick_run_on_cuda(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--device", "cuda", "--items", "1,2,3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    _check_rows(rows)
+    assert {r["details"]["dtype"] for r in rows} == {"float32", "bfloat16"}
