@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
+from test_compose_stack import postgres  # noqa: F401 - the fixture: CI's PostgreSQL or a throwaway cluster
 
 from bp_service.config import DataConfig
 from bp_service.data import DataError, prepare
@@ -247,3 +248,40 @@ def test_bad_csv_through_the_cli_leaves_no_run_behind(tmp_path, cli):
     if db.exists():  # the data is checked before any run is opened
         client = MlflowClient(f"sqlite:///{db}")
         assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.mark.slow
+def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, postgres):  # noqa: F811
+    """8 bp-train processes at once against `mlflow server` on PostgreSQL: every run, param and metric arrives."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres["uri"])
+    database = f"bp_parallel_{os.getpid()}"
+    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{database}"')
+    conn.close()
+    backend = url.set(drivername="postgresql+psycopg2", database=database).render_as_string(hide_password=False)
+    server = MlflowServer(tmp_path / "server", backend_uri=backend, extra=("--workers", "2"))
+    try:
+        common = [
+            *("data=iris", "trainer=cpu", "trainer.max_epochs=3", "trainer.enable_progress_bar=false"),
+            *(f"tracking.uri={server.url}", "tracking.experiment=parallel", "tracking.log_model=false"),
+        ]
+        procs = [_popen(tmp_path, *common, f"seed={i}", f"task_name=job{i}") for i in range(8)]
+        outcomes = [(p.wait(timeout=900), p.stderr.read()) for p in procs]
+        assert all(rc == 0 for rc, _ in outcomes), [err[-1500:] for rc, err in outcomes if rc]
+        client = MlflowClient(server.url)
+        runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+        assert len(runs) == 8
+        assert sorted(r.data.params["seed"] for r in runs) == [str(i) for i in range(8)]
+        assert len({len(r.data.params) for r in runs}) == 1 and len(runs[0].data.params) > 40
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            assert {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc"} <= run.data.metrics.keys()
+            for key in ("train/loss", "val/acc"):
+                assert len(client.get_metric_history(run.info.run_id, key)) == 3, (run.info.run_id, key)
+    finally:
+        server.stop()
