@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 from conftest import MlflowServer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
@@ -285,3 +285,52 @@ def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, 
                 assert len(client.get_metric_history(run.info.run_id, key)) == 3, (run.info.run_id, key)
     finally:
         server.stop()
+
+
+def _tiny_bundle() -> dict:
+    """A 3-4-2 classifier over features x1..x3, built by hand: no training needed to test the reader."""
+    from bp_service.layers import MLP
+
+    torch.manual_seed(0)
+    net = MLP([3, 4, 2])
+    meta = {
+        **{"task": "classification", "feature_names": ["x1", "x2", "x3"], "classes": ["no", "yes"]},
+        **{"scaler_mean": [0.0, 1.0, 2.0], "scaler_scale": [1.0, 2.0, 3.0], "target_mean": 0.0, "target_scale": 1.0},
+    }
+    architecture = {"sizes": [3, 4, 2], "activations": list(net.activations), "fused": True, "bias": True}
+    return {"state_dict": net.state_dict(), "meta": meta, "architecture": architecture}
+
+
+@st.composite
+def predict_frames(draw):
+    columns = draw(st.lists(st.sampled_from(["x1", "x2", "x3", "id", "x4"]), min_size=0, max_size=5, unique=True))
+    n_rows = draw(st.integers(0, 30))
+    return pd.DataFrame([[draw(CELL) for _ in columns] for _ in range(n_rows)], columns=columns)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=predict_frames(), chunk_size=st.integers(1, 50))
+@example(
+    frame=pd.DataFrame({"id": ["a", "b", "c"], "x3": [3, 0, 1], "x1": [1.5, -2, 0], "x2": [0, 0, 7]}), chunk_size=2
+)
+def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chunk_size):
+    from bp_service.predict import predict_csv, predict_rows
+    from bp_service.serving import InputError, net_from_bundle
+
+    bundle = _tiny_bundle()
+    source, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    out.unlink(missing_ok=True)
+    frame.to_csv(source, index=False)
+    try:
+        n = predict_csv(bundle, source, out, chunk_size=chunk_size)
+    except InputError as exc:
+        message = str(exc)
+        assert "\n" not in message and message.startswith(str(source)), message
+        assert not out.exists(), "no output on error"
+        return
+    written = pd.read_csv(out)
+    assert n == len(frame) == len(written)
+    reread = pd.read_csv(source)[["x1", "x2", "x3"]].apply(pd.to_numeric, errors="raise").to_numpy(dtype=float)
+    expected = predict_rows(net_from_bundle(bundle), bundle["meta"], reread)
+    assert written["prediction"].tolist() == expected["prediction"].tolist()
+    assert list(written.columns) == [*(["id"] if "id" in frame.columns else []), "prediction", "proba_no", "proba_yes"]
