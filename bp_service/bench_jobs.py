@@ -45,11 +45,15 @@ def plain_loop(datamodule: BPDataModule, epochs: int) -> MLP:
     loader = InMemoryLoader(data.x["train"], data.y["train"], 64, shuffle=True, seed=0)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
+        loss_sum, rows = torch.zeros(()), 0  # the epoch's train/loss, as any training loop reports it
         for ((x, y),) in loader:
             loss = F.mse_loss(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += loss.detach() * len(x)
+            rows += len(x)
+        (loss_sum / rows).item()
         with torch.no_grad():
             pred = net(data.x["val"])
             F.mse_loss(pred, data.y["val"]).item()

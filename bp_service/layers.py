@@ -97,7 +97,10 @@ class MLP(nn.Module):
         output_activation: activation of the last layer, or ``None`` for a linear output
             (regression).
         fused: compute each sigmoid layer with the fused
-            :class:`~bp_service.functions.LinearSigmoidFunction` (same numbers, less memory).
+            :class:`~bp_service.functions.LinearSigmoidFunction`: the same numbers, one autograd
+            node per layer and no pre-activation kept. Its backward holds the incoming gradient
+            and the output until both weight gradients are done, so peak training memory is one
+            activation-sized tensor higher than ``fused=False`` (``make bench``, item 2).
         bias: whether every layer learns a bias.
 
     Shape:

@@ -101,7 +101,8 @@ class BPModule(pl.LightningModule):
     def _check_finite(self, loss: Tensor) -> None:
         """Stop at the step that diverged, before the optimizer writes NaNs into the weights."""
         grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        if torch.isfinite(loss + torch.nn.utils.get_total_norm(grads)):  # one fused check per step
+        # One fused check per step (the kernel clip_grad_norm_ uses); a NaN or inf anywhere reaches the norm.
+        if torch.isfinite(torch.stack([loss.detach(), *torch._foreach_norm(grads)])).all():
             return
         step = self.global_step + 1  # the norm may merely overflow: name what is really non-finite
         if not torch.isfinite(loss):

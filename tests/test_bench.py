@@ -36,6 +36,15 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     assert all(r["name"] in table for r in rows)
 
 
+@pytest.mark.slow
+def test_quick_run_with_compile_adds_its_row(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--compile", "--items", "1", "--reps", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    _check_rows(rows)
+    assert [r["item"] for r in rows] == ["1", "1u", "1c"]
+
+
 def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):
     """Items 4 and 5 will plug in the same way: a function returning make_row rows, one line in ITEMS."""
 
@@ -168,3 +177,18 @@ def test_quick_run_on_cuda(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
     assert {r["details"]["dtype"] for r in rows} == {"float32", "bfloat16"}
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_job_items(tmp_path):
+    """Items 4 and 5 start Trainers and whole processes: their harness, not their speed."""
+    out = tmp_path / "jobs.json"
+    assert bench.main(["--quick", "--items", "4,5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["item"] for r in rows] == ["4", "4", "5"]
+    for row in rows:
+        assert row["ours"] > 0 and row["peer"] > 0
+        assert row["ratio"] == pytest.approx(row["ours"] / row["peer"], rel=1e-12)
+    peer_job = rows[-1]["details"]
+    assert 0 < peer_job["ours_test_acc"] <= 1 and 0.9 < peer_job["peer_test_acc"] <= 1  # quick: 5 epochs only
+    assert rows[-1]["met"] == (rows[-1]["ratio"] <= 1.0 and peer_job["ours_test_acc"] >= 0.97)
