@@ -43,6 +43,7 @@ import pytest
 import requests
 import yaml
 from sklearn.datasets import load_digits
+from test_docker import final_stage
 
 pytestmark = pytest.mark.slow
 
@@ -66,21 +67,8 @@ def interpolate(value: str) -> str:
 
 def image_config(dockerfile: Path) -> dict:
     """ENTRYPOINT, CMD, ENV and WORKDIR of the Dockerfile's last stage."""
-    lines, pending = [], ""
-    for raw in dockerfile.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    last = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
     config: dict = {"entrypoint": [], "cmd": [], "env": {}, "workdir": "/"}
-    for line in lines[last:]:
-        word, _, rest = line.partition(" ")
-        word = word.upper()
+    for word, rest in final_stage(dockerfile):
         if word == "ENTRYPOINT":
             config["entrypoint"] = json.loads(rest)
         elif word == "CMD":

@@ -106,17 +106,24 @@ def _clone_leaves(tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+def _inputs(x, arity: int, h_out: int, g):
+    """The arguments of a Function taking x: (x, W, b) for layers, (pred, target) for losses, (x,) else."""
+    if arity == 3:
+        return [
+            x,
+            torch.randn(h_out, x.shape[-1], dtype=x.dtype, generator=g),
+            torch.randn(h_out, dtype=x.dtype, generator=g),
+        ]
+    if arity == 2:
+        return [x, torch.randn(x.shape, dtype=x.dtype, generator=g)]
+    return [x]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("name", "ours", "native", "arity"), OURS_VS_TORCH, ids=[c[0] for c in OURS_VS_TORCH])
 def test_ours_vs_torch(name, ours, native, arity, dtype):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 7, 5, dtype=dtype, generator=g)
-    if arity == 3:
-        inputs = [x, torch.randn(6, 5, dtype=dtype, generator=g), torch.randn(6, dtype=dtype, generator=g)]
-    elif arity == 2:
-        inputs = [x, torch.randn(x.shape, dtype=dtype, generator=g)]
-    else:
-        inputs = [x]
+    inputs = _inputs(torch.randn(2, 7, 5, dtype=dtype, generator=g), arity, 6, g)
     a, b = _clone_leaves(inputs), _clone_leaves(inputs)
     y_ours, y_native = ours(*a), native(*b)
     torch.testing.assert_close(y_ours, y_native)
@@ -209,12 +216,7 @@ def test_bad_input_names_both_shapes(call, message):
 def test_cuda_matches_cpu(name, ours, native, arity):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 32, dtype=DOUBLE, generator=g)
-    if arity == 3:
-        inputs = [x, torch.randn(16, 32, dtype=DOUBLE, generator=g), torch.randn(16, dtype=DOUBLE, generator=g)]
-    elif arity == 2:
-        inputs = [x, torch.randn(x.shape, dtype=DOUBLE, generator=g)]
-    else:
-        inputs = [x]
+    inputs = _inputs(x, arity, 16, g)
     cpu = _clone_leaves(inputs)
     gpu = [t.detach().cuda().requires_grad_() for t in inputs]
     ours(*cpu).sum().backward()
