@@ -23,7 +23,7 @@ train: $(STAMP) ## Train the digits experiment end to end (CPU or CUDA), recorde
 	$(BIN)/bp-train experiment=digits $(ARGS)
 
 ui: $(STAMP) ## Open the MLflow dashboard over the embedded store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(BP_SERVICE_HOME),$(CURDIR))/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)
 
 explain: $(STAMP) ## Show the worked example: every chain-rule factor of the 3-2-1 network, with numbers
 	$(BIN)/bp-explain $(ARGS)
