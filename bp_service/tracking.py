@@ -117,7 +117,9 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
             out[prefix[:-1]] = json.dumps(node) if isinstance(node, list | dict) else str(node)
 
     walk(raw, resolved, "")
-    return out
+    # Where a run writes is not a hyperparameter: as params these would differ between every pair of
+    # runs and crowd the dashboard's comparisons. They are tags instead (see run_tags).
+    return {k: v for k, v in out.items() if not k.startswith("paths.")}
 
 
 def git_commit() -> str | None:
@@ -131,9 +133,10 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def run_tags(overrides: list[str], device: str) -> dict[str, str]:
+def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, str]:
     tags = {
         "hydra.overrides": " ".join(overrides),
+        "bp.output_dir": output_dir,
         "device": device,
         "host.python": platform.python_version(),
         "version.torch": torch.__version__,
@@ -276,12 +279,14 @@ class Tracker:
                 resume_run_id = None
         self.experiment = cfg.tracking.experiment
         ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
-        tags = run_tags(overrides, device)
+        tags = run_tags(overrides, device, cfg.paths.output_dir)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self.logger = ResilientMLFlowLogger(
             experiment_name=self.experiment,
-            run_name=cfg.tracking.run_name,
+            # MLflow's generated names come from `random`, which the run has just seeded: every run would
+            # be called the same. The task and its overrides say what the run is.
+            run_name=cfg.tracking.run_name or " ".join([cfg.task_name, *overrides])[:200],
             tracking_uri=self.uri,
             tags=tags,
             artifact_location=artifact_location(self.uri, cfg.paths.root_dir),

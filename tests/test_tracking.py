@@ -64,6 +64,9 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert tags["version.lightning"]
     assert tags["device"] == "cpu"
     assert "data=iris" in tags["hydra.overrides"]
+    assert tags["mlflow.runName"].startswith("train ") and "data=iris" in tags["mlflow.runName"]
+    assert tags["bp.output_dir"] == cfg.paths.output_dir
+    assert not [k for k in params if k.startswith("paths.")]  # where a run writes is a tag, not a param
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
