@@ -98,25 +98,38 @@ def ensure_experiment(uri: str, name: str, root_dir: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- what a run records
-def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config flattened to ``a.b.c`` keys, leaving out values taken from ``${oc.env:...}``.
+ENV_REDACTED = "<from the environment: not recorded>"
 
-    Environment values may be secrets (tokens, passwords in URIs): they never reach MLflow.
+
+def recordable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config with every value taken from ``${oc.env:...}`` replaced by a marker.
+
+    Environment values may be secrets (tokens, passwords in URIs): they never reach MLflow, neither as
+    params nor inside the logged ``config.yaml``.
     """
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def walk(raw_node: Any, node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: walk(raw_node.get(k) if isinstance(raw_node, Mapping) else None, v) for k, v in node.items()}
+        if isinstance(raw_node, str) and "${oc.env:" in raw_node:
+            return ENV_REDACTED
+        return node
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened to ``a.b.c`` keys, without environment values (see recordable_config)."""
     out: dict[str, str] = {}
 
-    def walk(raw_node: Any, node: Any, prefix: str) -> None:
+    def walk(node: Any, prefix: str) -> None:
         if isinstance(node, Mapping):
             for key, value in node.items():
-                walk(raw_node.get(key) if isinstance(raw_node, Mapping) else None, value, f"{prefix}{key}.")
-        elif isinstance(raw_node, str) and "${oc.env:" in raw_node:
-            return
-        else:
+                walk(value, f"{prefix}{key}.")
+        elif node != ENV_REDACTED:
             out[prefix[:-1]] = json.dumps(node) if isinstance(node, list | dict) else str(node)
 
-    walk(raw, resolved, "")
+    walk(recordable_config(cfg), "")
     # Where a run writes is not a hyperparameter: as params these would differ between every pair of
     # runs and crowd the dashboard's comparisons. They are tags instead (see run_tags).
     return {k: v for k, v in out.items() if not k.startswith("paths.")}
@@ -227,7 +240,9 @@ class MLflowSweepCallback(Callback):
         path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
         if path.is_file():
             with contextlib.suppress(Exception):
-                MlflowClient(resolve_uri(config)).set_terminated(path.read_text().strip(), "FINISHED")
+                client, run_id = MlflowClient(resolve_uri(config)), path.read_text().strip()
+                if client.get_run(run_id).info.status == "RUNNING":  # a failed job already marked it FAILED
+                    client.set_terminated(run_id, "FINISHED")
 
 
 def parent_run_id(sweep_dir: str | Path | None) -> str | None:
@@ -271,7 +286,7 @@ class Tracker:
             resume_run_id = None  # that run lives on the unreachable server
         if resume_run_id is not None:
             try:
-                MlflowClient(self.uri).update_run(resume_run_id, status="RUNNING")
+                MlflowClient(self.uri).get_run(resume_run_id)
             except mlflow.exceptions.MlflowException:
                 warnings.warn(
                     f"run {resume_run_id} of the checkpoint is not in {self.uri}; starting a new run", stacklevel=2
@@ -295,6 +310,7 @@ class Tracker:
         self.run_id: str = self.logger.run_id
         self.resumed = resume_run_id is not None
         if self.resumed:
+            self.logger.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
             self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
             self.logger.call("read metric history", self.logger.skip_replayed_steps)
         else:  # params are immutable in MLflow: a resumed run keeps those it started with
@@ -318,6 +334,8 @@ class Tracker:
 
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         history: dict[str, list[tuple[int, float]]] = {}
+        if self.logger.lost:
+            return history
         for key in keys:
             with contextlib.suppress(Exception):
                 history[key] = [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
@@ -358,5 +376,17 @@ class Tracker:
         self.logger.call("log_model", log)
 
     def end(self, status: str) -> None:
-        """FINISHED, FAILED or KILLED: never leave the run RUNNING."""
-        self.logger.call("set_terminated", self.client.set_terminated, self.run_id, status)
+        """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
+        try:
+            with _quick_http(retries=1):
+                self.client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {str(exc)[:200]}", stacklevel=2)
+
+
+def mark_sweep_failed(cfg: DictConfig, sweep_dir: str | Path) -> None:
+    """A failed job fails its sweep: the parent run does not stay RUNNING or end FINISHED."""
+    run_id = parent_run_id(sweep_dir)
+    if run_id:
+        with contextlib.suppress(Exception), _quick_http(retries=1):
+            MlflowClient(resolve_uri(cfg)).set_terminated(run_id, "FAILED")

@@ -7,6 +7,7 @@ and the model, print a summary.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -35,7 +36,7 @@ from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
 from bp_service.serving import InputError, load_bundle
-from bp_service.tracking import Tracker, TrackingError, parent_run_id
+from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
@@ -181,12 +182,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     device = (
         "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     )
+    root_dir, on_slurm = cfg.paths.output_dir, SLURMEnvironment.detect()
+    if on_slurm:  # a requeued job keeps its id: Lightning finds its HPC checkpoint here and resumes from it
+        root_dir = str(Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}")
+    hpc = sorted(Path(root_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime) if on_slurm else []
     tracker = None
     if cfg.tracking.enabled and rank_zero_only.rank == 0:  # DDP: one process records the run
         sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-        tracker = Tracker(
-            cfg, list(hydra_cfg.overrides.task), device, _resume_run_id(ckpt_path), parent_run_id(sweep_dir)
-        )
+        resume_id = _resume_run_id(ckpt_path or (str(hpc[-1]) if hpc else None))
+        tracker = Tracker(cfg, list(hydra_cfg.overrides.task), device, resume_id, parent_run_id(sweep_dir))
+
+    lightning_has_sigterm = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        """Outside fit and test (whose SIGTERM Lightning handles), stop the same way: KILLED, 143."""
+        if not lightning_has_sigterm:
+            raise SIGTERMException()
+
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     status = "FAILED"  # until proven otherwise: no run is left RUNNING
     try:
@@ -229,11 +243,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_kwargs["log_every_n_steps"] = 1  # the module logs train/loss_step at its own cadence
         trainer_kwargs.setdefault("deterministic", device == "cpu")
         plugins: list[Any] = [AtomicCheckpointIO()]
-        root_dir = cfg.paths.output_dir
-        if SLURMEnvironment.detect():
+        if on_slurm:
             plugins.append(SLURMEnvironment(cfg.slurm.auto_requeue, getattr(signal, cfg.slurm.requeue_signal)))
-            # A requeued job keeps its id: Lightning finds its HPC checkpoint here and resumes from it.
-            root_dir = str(Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}")
         trainer = pl.Trainer(
             **trainer_kwargs,
             logger=tracker.logger if tracker else False,
@@ -250,23 +261,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 bad = [e["layer"] + ":" + e["function"] for e in report["layers"] if not e["passed"]]
                 raise GradcheckError(f"gradient check failed before training for {', '.join(bad)}")
 
+        lightning_has_sigterm = True
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except SIGTERMException:  # Lightning stopped at a batch end; it would exit 0
+        except SIGTERMException:  # Lightning stopped at a batch end (it would exit 0): keep the work
             trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-            status = "KILLED"
-            print(
-                f"bp-train: stopped by SIGTERM at step {trainer.global_step}; checkpoint {ckpt_dir / 'last.ckpt'}; "
-                "resume with ckpt_path=last",
-                file=sys.stderr,
-            )
-            raise SystemExit(EXIT_SIGTERM) from None
+            raise
 
         # Read before test(): restoring the best checkpoint also restores this callback's older state.
         best = checkpoint.best_model_path or None
         last = str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").is_file() else None
         best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
         test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)[0]
+        lightning_has_sigterm = False
         result = {
             "metrics": {k: float(v) for k, v in test_metrics.items()},
             "best_checkpoint": best,
@@ -280,10 +287,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if tracker:
             _record_artifacts(cfg, tracker, module, data, result)
         status = "FINISHED"
+    except SIGTERMException:
+        status = "KILLED"
+        print(
+            f"bp-train: stopped by SIGTERM at step {trainer.global_step}; checkpoint {ckpt_dir / 'last.ckpt'}; "
+            "resume with ckpt_path=last",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_SIGTERM) from None
     except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
         raise
     finally:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if tracker:
             tracker.end(status)
     result["wall_time_s"] = time.perf_counter() - started
@@ -293,7 +310,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _record_artifacts(cfg: DictConfig, tracker: Tracker, module: BPModule, data, result: dict[str, Any]) -> None:
     """Config, curves, confusion matrix, checkpoint pointer, and the servable model."""
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_text(OmegaConf.to_yaml(recordable_config(cfg)), "config.yaml")
     keys = ["train/loss", "val/loss"] + (["val/acc"] if data.task == "classification" else [])
     history = tracker.metric_history(keys)
     if any(history.values()):
@@ -372,10 +389,16 @@ def one_line(exc: BaseException) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
     try:
         result = train(cfg)
-    except KNOWN_ERRORS as exc:
-        if full_error_requested():
+    except Exception as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # Hydra records the failed job and runs the others; the sweep then fails as a whole.
+            print(f"bp-train: error: job {hydra_cfg.job.num}: {exc}", file=sys.stderr)
+            mark_sweep_failed(cfg, hydra_cfg.sweep.dir)
+            raise
+        if full_error_requested() or not isinstance(exc, KNOWN_ERRORS):
             raise
         print(f"bp-train: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, USAGE_ERRORS) else 1)

@@ -138,6 +138,11 @@ def test_env_values_are_not_logged_as_params(compose_cfg, tmp_path, monkeypatch)
     assert "tracking.run_name" not in run.data.params
     assert "hunter2" not in json.dumps(run.data.params)
     assert run.data.tags["mlflow.runName"] == "hunter2"  # used, just not recorded as a param
+    config = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
+        run.info.run_id, "config.yaml", str(tmp_path / "dl")
+    )
+    text = Path(config).read_text()
+    assert "hunter2" not in text and "run_name: <from the environment: not recorded>" in text
 
 
 def test_register_model_creates_a_version(compose_cfg, tmp_path, monkeypatch):
@@ -267,3 +272,15 @@ def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_fails_the_sweep_but_not_the_other_jobs(cli, tmp_path):
+    result = cli("bp-train", "-m", "data=csv,iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.log_model=false")
+    assert result.returncode == 1
+    assert "bp-train: error: job 0: data.path is required for data=csv" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    statuses = {r.data.tags.get("bp.role", r.data.params.get("data.name")): r.info.status for r in runs}
+    assert statuses == {"sweep": "FAILED", "iris": "FINISHED"}
