@@ -142,7 +142,7 @@ def test_env_values_are_not_logged_as_params(compose_cfg, tmp_path, monkeypatch)
         run.info.run_id, "config.yaml", str(tmp_path / "dl")
     )
     text = Path(config).read_text()
-    assert "hunter2" not in text and "run_name: <from the environment: not recorded>" in text
+    assert "hunter2" not in text and "run_name: '<from the environment: not recorded>'" in text
 
 
 def test_register_model_creates_a_version(compose_cfg, tmp_path, monkeypatch):
