@@ -8,6 +8,7 @@ in :func:`validate`, which raises :class:`ConfigError` with one line naming the 
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,15 @@ from bp_service.layers import ACTIVATIONS
 
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field."""
+
+
+def full_error_requested() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``) rather than one-line errors.
+
+    ``bp-train`` sets ``HYDRA_FULL_ERROR=1`` for Hydra itself and keeps the user's choice in
+    ``BP_SERVICE_FULL_ERROR``, which child processes (DDP ranks) inherit.
+    """
+    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 DATASETS = ("blog", "xor", "moons", "digits", "breast_cancer", "iris", "wine", "diabetes", "csv")

@@ -47,6 +47,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from bp_service.config import full_error_requested
 from bp_service.serving import (
     InputError,
     check_columns,
@@ -289,10 +290,6 @@ def predict_csv(
 
 
 # --------------------------------------------------------------------------- entry point
-def full_error_requested() -> bool:
-    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
-
-
 def _sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(EXIT_SIGTERM)  # unwinds through predict_csv, which removes its temporary file
 

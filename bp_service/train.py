@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bp_service.config import ConfigError, register_configs, validate
+from bp_service.config import ConfigError, full_error_requested, register_configs, validate
 from bp_service.data import BPDataModule, DataError
 from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
@@ -363,10 +363,6 @@ _HYDRA_NOISE = (
     "provider=",
     "Set the environment",
 )
-
-
-def full_error_requested() -> bool:
-    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def one_line(exc: BaseException) -> str:

@@ -28,7 +28,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from conftest import free_port
 from sklearn.datasets import load_digits
 from test_docker import final_stage
 
@@ -52,12 +52,6 @@ COMPOSE = REPO / "docker" / "compose.yaml"
 VENV_BIN = Path(sys.executable).parent
 IMAGE_PATHS = {"/opt/venv/bin": str(VENV_BIN), "/opt/bp-service/conf": str(REPO / "conf")}
 DIGITS_ROWS = 1797
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def interpolate(value: str) -> str:
