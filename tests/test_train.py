@@ -271,3 +271,13 @@ def test_compose_api_sees_the_experiment_presets():
         register_configs()
         cfg = compose("train", overrides=["experiment=digits", "paths.root_dir=/tmp"])
     assert cfg.data.name == "digits" and cfg.task_name == "digits"
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(compose_cfg):
+    cfg = compose_cfg(
+        "data=iris", "trainer.max_epochs=30", "optimizer.lr=1e-9", "early_stopping.enabled=true",
+        "early_stopping.patience=2", *NO_TRACKING,
+    )  # fmt: skip
+    result = train(cfg)
+    epochs_run = torch.load(result["last_checkpoint"], weights_only=True)["epoch"] + 1
+    assert epochs_run < 30
