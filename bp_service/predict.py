@@ -56,6 +56,7 @@ from bp_service.serving import (
     net_from_bundle,
     predict_frame,
 )
+from bp_service.tables import atomic_path
 
 USAGE = "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
 HELP = f"""{USAGE}
@@ -258,12 +259,11 @@ def predict_csv(
         raise InputError(f"{out}: output is a folder; give a file name")
     if out.resolve() == source.resolve():
         raise InputError(f"{out}: output would overwrite the input; give another file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     rows = 0
-    try:
-        # "x": created with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
-        with open(tmp, "x", newline="", encoding="utf-8") as fh:
+    # A regular file is replaced only when complete; /dev/null, a FIFO or a terminal is written in place.
+    with atomic_path(out) as target:
+        # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
+        with open(target, "w", newline="", encoding="utf-8") as fh:
             reader = pd.read_csv(source, chunksize=chunk_size, dtype={id_col: str} if id_col else None)
             try:
                 for chunk in reader:
@@ -282,10 +282,6 @@ def predict_csv(
                 reader.close()
         if rows == 0:
             raise InputError(f"{source}: has a header but no data rows")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return rows
 
 
@@ -299,6 +295,9 @@ def run(argv: Sequence[str]) -> int:
         print(HELP)
         return 0
     cfg = parse_args(argv)
+    if cfg.output.endswith(("/", os.sep)) or Path(cfg.output).is_dir():
+        folder = cfg.output.rstrip("/")
+        raise UsageError(f"output={cfg.output} names a folder; give a file name such as {folder}/predictions.csv")
     started = time.perf_counter()
     _header(Path(cfg.input))  # a missing or empty input fails before any model is fetched
     bundle = load_model(cfg.model)

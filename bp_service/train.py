@@ -36,6 +36,7 @@ from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
 from bp_service.serving import InputError, load_bundle
+from bp_service.tables import atomic_path
 from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -64,11 +65,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file and rename: a kill mid-write never leaves a half-written checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 class LastCheckpoint(Checkpoint):

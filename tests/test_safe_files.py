@@ -1,0 +1,129 @@
+"""Outputs that are not regular files, and writes that run out of space.
+
+``output=`` may name ``/dev/null``, a FIFO, a terminal or a link to ``/dev/stdout``: those are written in place,
+never replaced by a regular file. A regular output is replaced only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bp_service.predict import main
+from bp_service.serving import build_net
+
+BIN = Path(sys.executable).parent
+ARCH = {"sizes": [2, 4, 1], "activations": ["sigmoid", "sigmoid"], "fused": True, "bias": True}
+META = {
+    "task": "classification",
+    "feature_names": ["a", "b"],
+    "classes": [0, 1],
+    "scaler_mean": [0.0, 0.0],
+    "scaler_scale": [1.0, 1.0],
+    "target_mean": 0.0,
+    "target_scale": 1.0,
+}
+N_ROWS = 50
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "model_bundle.pt"
+    torch.save({"state_dict": build_net(ARCH).state_dict(), "meta": META, "architecture": ARCH}, path)
+    return path
+
+
+@pytest.fixture
+def rows(tmp_path) -> Path:
+    path = tmp_path / "rows.csv"
+    pd.DataFrame({"a": range(N_ROWS), "b": [0.5] * N_ROWS}).to_csv(path, index=False)
+    return path
+
+
+def _predictions_text(bundle: Path, rows: Path, tmp_path: Path, capsys) -> str:
+    out = tmp_path / "reference.csv"
+    assert main([f"model={bundle}", f"input={rows}", f"output={out}"]) == 0, capsys.readouterr().err
+    return out.read_text()
+
+
+def test_a_fifo_is_written_in_place_and_its_reader_gets_every_row(bundle, rows, tmp_path, capsys):
+    expected = _predictions_text(bundle, rows, tmp_path, capsys)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    code = main([f"model={bundle}", f"input={rows}", f"output={fifo}"])
+    reader.join(timeout=60)
+    assert code == 0, capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert received and received[0].decode() == expected
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_character_device_stays_a_device(bundle, rows, tmp_path, capsys):
+    # Our own /dev/null (major 1, minor 3), so a regression can never replace the system's.
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs root with CAP_MKNOD")
+    assert main([f"model={bundle}", f"input={rows}", f"output={null}"]) == 0, capsys.readouterr().err
+    st = os.lstat(null)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_link_to_a_regular_file_replaces_the_target_and_stays_a_link(bundle, rows, tmp_path, capsys):
+    expected = _predictions_text(bundle, rows, tmp_path, capsys)
+    target = tmp_path / "data" / "predictions.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "latest.csv"
+    link.symlink_to(target)
+    assert main([f"model={bundle}", f"input={rows}", f"output={link}"]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == expected
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # a replaced file keeps its permissions
+
+
+def test_output_naming_a_folder_is_refused_before_anything_is_written(bundle, rows, tmp_path, capsys):
+    code = main([f"model={bundle}", f"input={rows}", f"output={tmp_path / 'newdir'}/"])
+    assert code == 2
+    assert "names a folder" in capsys.readouterr().err
+    assert not (tmp_path / "newdir").exists()
+
+
+@pytest.mark.slow
+def test_bp_predict_through_links_to_dev_stdout_and_dev_null(bundle, rows, tmp_path, capsys):
+    expected = _predictions_text(bundle, rows, tmp_path, capsys)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    to_stdout, to_null = tmp_path / "to-stdout.csv", tmp_path / "to-null.csv"
+    to_stdout.symlink_to("/dev/stdout")
+    to_null.symlink_to("/dev/null")
+    null_before = os.stat("/dev/null")
+    for link in (to_stdout, to_null):
+        proc = subprocess.run(
+            [str(BIN / "bp-predict"), f"model={bundle}", f"input={rows}", f"output={link}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert link.is_symlink()
+        if link is to_stdout:  # the predictions went down the pipe, followed by the summary line
+            assert proc.stdout.startswith(expected)
+    null_after = os.stat("/dev/null")
+    assert stat.S_ISCHR(null_after.st_mode) and null_after.st_rdev == null_before.st_rdev
+    assert not list(tmp_path.glob(".*.tmp"))
