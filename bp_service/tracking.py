@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -69,6 +70,87 @@ def _quick_http(retries: int = 0, timeout: int = 5) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
+
+
+def _store_problem(db: Path) -> tuple[str, int] | None:
+    """(what is wrong, runs it holds) for a store left half-created; None for a usable one."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+            version = (
+                con.execute("SELECT version_num FROM alembic_version").fetchone()
+                if "alembic_version" in tables
+                else None
+            )
+    except sqlite3.DatabaseError as exc:
+        return f"not a readable SQLite database ({exc})", -1
+    if leftovers:
+        return f"a migration was interrupted (table {leftovers[0]} left behind)", runs
+    if tables and version is None:
+        return "its creation was interrupted (no schema version recorded)", runs
+    return None
+
+
+def prepare_store(uri: str, root_dir: str | Path) -> None:
+    """Create the embedded SQLite store safely: complete or not at all, once, whoever starts first.
+
+    MLflow creates a missing SQLite store by running its migrations in place: a signal in the middle leaves
+    a half-migrated file every later run fails on, and two first runs at once migrate the same file twice
+    (``duplicate column name``). Here the store is created and migrated in a temporary file, under a lock
+    beside it, and renamed into place only when complete. A store an older version left half-created is
+    moved aside and recreated when it holds no runs; with runs in it, the error says how to recover.
+    """
+    db = sqlite_path(uri)
+    if db is None or (db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None):
+        return
+    from filelock import FileLock
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(db.with_name(db.name + ".lock")):
+        if db.is_file() and db.stat().st_size > 0:
+            problem = _store_problem(db)
+            if problem is None:  # created meanwhile by another first run
+                return
+            what, runs = problem
+            if runs != 0:
+                raise TrackingError(
+                    f"tracking store {db} is damaged: {what}; it holds runs, so it is left as it is: "
+                    f"back it up, then repair it with `mlflow db upgrade sqlite:///{db}` or move it aside"
+                )
+            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            warnings.warn(
+                f"tracking store {db} was half-created ({what}) and held no runs: moved to {aside}", stacklevel=2
+            )
+        for stale in db.parent.glob(f".{db.name}.*.tmp*"):  # left by a creator that was killed: we hold the lock
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        tmp_uri = f"sqlite:///{tmp}"
+        try:
+            store = SqlAlchemyStore(tmp_uri, artifact_location(uri, root_dir))
+            store.engine.dispose()
+            SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+            os.replace(tmp, db)
+        except BaseException:
+            SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+            for leftover in db.parent.glob(f"{tmp.name}*"):  # with its -journal
+                leftover.unlink(missing_ok=True)
+            raise
 
 
 def check_reachable(uri: str) -> None:
@@ -223,6 +305,7 @@ class MLflowSweepCallback(Callback):
         uri = resolve_uri(config)
         try:
             check_reachable(uri)
+            prepare_store(uri, config.paths.root_dir)
             experiment_id = ensure_experiment(uri, config.tracking.experiment, config.paths.root_dir)
             sweep_dir = Path(config.hydra.sweep.dir)
             run = MlflowClient(uri).create_run(
@@ -284,6 +367,7 @@ class Tracker:
             self.uri = default_uri(cfg.paths.root_dir)
             warnings.warn(f"{exc}; recording locally in {self.uri}", stacklevel=2)
             resume_run_id = None  # that run lives on the unreachable server
+        prepare_store(self.uri, cfg.paths.root_dir)
         if resume_run_id is not None:
             try:
                 MlflowClient(self.uri).get_run(resume_run_id)

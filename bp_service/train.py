@@ -36,7 +36,7 @@ from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
 from bp_service.serving import InputError, load_bundle
-from bp_service.tables import atomic_path
+from bp_service.tables import atomic_path, unique_run_dir
 from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -410,6 +410,8 @@ def main() -> None:
     register_configs()
     if not OmegaConf.has_resolver("bp_root"):
         OmegaConf.register_new_resolver("bp_root", project_root)
+    if not OmegaConf.has_resolver("bp_run_dir"):
+        OmegaConf.register_new_resolver("bp_run_dir", unique_run_dir)
     os.environ.setdefault("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
