@@ -57,6 +57,42 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     raise InputError(f"{path}: not a bp-service checkpoint (no model description inside)")
 
 
+def check_resumable(bundle: dict[str, Any], net: MLP, meta: dict[str, Any], where: str) -> None:
+    """A checkpoint to resume must hold this config's network, trained on data of the same shape and meaning.
+
+    Checked before the run is opened: a mismatch found by Lightning deep inside ``fit`` would fail (and
+    rewrite) the run the checkpoint belongs to, with an error that names no file.
+    """
+    arch = bundle.get("architecture") or {}
+    mine = {"sizes": list(net.sizes), "activations": list(net.activations), "fused": net.fused}
+    for key, value in mine.items():
+        theirs = arch.get(key, value)
+        if (list(theirs) if isinstance(theirs, list | tuple) else theirs) != value:
+            raise InputError(
+                f"{where}: a checkpoint of another network ({key} {arch[key]}, this config builds {value}); "
+                "resume with the model settings it was trained with"
+            )
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in bundle["state_dict"].items() if hasattr(v, "shape")}
+    if shapes != found:
+        diff = sorted(set(shapes.items()) ^ set(found.items()))[0][0]
+        raise InputError(f"{where}: a checkpoint of another network (parameter {diff!r} differs from this config's)")
+    old = bundle.get("meta") or {}
+    for key in ("task", "feature_names", "classes"):
+        if key in old and old[key] != meta.get(key):
+            shown = old[key] if not isinstance(old[key], list) or len(old[key]) <= 8 else [*old[key][:8], "..."]
+            raise InputError(
+                f"{where}: trained on other data ({key} was {shown}, this data's differs); "
+                "resume on the data it was trained on, or start a new run"
+            )
+    for key in ("scaler_mean", "scaler_scale"):  # same columns, other rows: another data set, split or seed
+        if key in old and not np.allclose(old[key], meta.get(key, []), rtol=1e-6, atol=0):
+            raise InputError(
+                f"{where}: trained on other data (the features' {key.removeprefix('scaler_')} differs: another "
+                "data set, split or seed); resume on the data it was trained on, or start a new run"
+            )
+
+
 def net_from_bundle(bundle: dict[str, Any]) -> MLP:
     net = build_net(bundle["architecture"])
     net.load_state_dict(bundle["state_dict"])

@@ -393,7 +393,12 @@ class Tracker:
         )
         self.run_id: str = self.logger.run_id
         self.resumed = resume_run_id is not None
+        self.finished_before: int | None = None  # end time of a FINISHED run this job continues
         if self.resumed:
+            with contextlib.suppress(Exception):
+                info = self.client.get_run(self.run_id).info
+                if info.status == "FINISHED":
+                    self.finished_before = info.end_time
             self.logger.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
             self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
             self.logger.call("read metric history", self.logger.skip_replayed_steps)
@@ -463,6 +468,12 @@ class Tracker:
         """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
         try:
             with _quick_http(retries=1):
+                if self.finished_before is not None and status != "FINISHED":
+                    # A finished run's record is never rewritten by a later failure: the continuation's
+                    # outcome is a tag, the run stays FINISHED as it was.
+                    self.client.set_tag(self.run_id, "bp.resume_status", status)
+                    self.client.set_terminated(self.run_id, "FINISHED", end_time=self.finished_before)
+                    return
                 self.client.set_terminated(self.run_id, status)
         except Exception as exc:
             warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {str(exc)[:200]}", stacklevel=2)

@@ -35,7 +35,7 @@ from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
-from bp_service.serving import InputError, load_bundle
+from bp_service.serving import InputError, check_resumable, load_bundle
 from bp_service.tables import atomic_path, unique_run_dir
 from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
 
@@ -175,6 +175,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     mode = "max" if monitor.endswith("acc") else "min"
 
     ckpt_path, ckpt_dir = resolve_resume(cfg)
+    if ckpt_path:  # before the run it belongs to is reopened: a mismatch must not fail that run
+        check_resumable(_read_checkpoint(Path(ckpt_path)), net, data.meta, ckpt_path)
     hydra_cfg = HydraConfig.get()
     accelerator = cfg.trainer.accelerator
     device = (

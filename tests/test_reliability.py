@@ -334,3 +334,47 @@ def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chu
     expected = predict_rows(net_from_bundle(bundle), bundle["meta"], reread)
     assert written["prediction"].tolist() == expected["prediction"].tolist()
     assert list(written.columns) == [*(["id"] if "id" in frame.columns else []), "prediction", "proba_no", "proba_yes"]
+
+
+# --------------------------------------------------------------------------- resumes never rewrite a finished run
+def _only_run(tmp_path: Path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+@pytest.mark.slow
+def test_resuming_another_network_or_other_data_is_refused_and_the_finished_run_is_untouched(tmp_path, cli):
+    tiny = ["data=xor", "trainer=cpu", "trainer.max_epochs=1", "tracking.log_model=false", "model.hidden=[4]"]
+    first = cli("bp-train", *tiny)
+    assert first.returncode == 0, first.stderr[-2000:]
+    _, before = _only_run(tmp_path)
+    last = _checkpoint(tmp_path, "train")
+    for change, needle in [("model.hidden=[8]", "a checkpoint of another network"), ("data=moons", "other data")]:
+        result = cli("bp-train", *tiny, change, f"ckpt_path={last}", "trainer.max_epochs=2")
+        assert result.returncode == 2, result.stderr[-2000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"bp-train: error: {last}: ") and needle in line, line
+    _, after = _only_run(tmp_path)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert after.data.metrics == before.data.metrics and "bp.resumed" not in after.data.tags
+
+
+@pytest.mark.slow
+def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_path, cli):
+    common = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "tracking.log_model=false",
+              "checkpoint.every_n_train_steps=50", "trainer.enable_progress_bar=false"]  # fmt: skip
+    first = cli("bp-train", *common, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    _, before = _only_run(tmp_path)
+    last = _checkpoint(tmp_path, "train")
+    step = _step_of(last)
+    proc = _popen(tmp_path, *common, "trainer.max_epochs=20", f"ckpt_path={last}")
+    _wait_for(lambda: _step_of(last) > step, what="the continuation's first checkpoint", proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    _, after = _only_run(tmp_path)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
+    assert after.data.tags["bp.resume_status"] == "KILLED" and after.data.tags["bp.resumed"] == "true"
