@@ -61,6 +61,9 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_r
 class DiskFullError(OSError):
     """A write ran out of space; the message names the folder (and what was being written)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _is_disk_full(exc: BaseException, folder: Path) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -92,7 +95,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     if st is not None and not stat.S_ISREG(st.st_mode):
-        yield path
+        try:
+            yield path
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"no space left on {path}") from None
+            raise
         return
     real = Path(os.path.realpath(path))  # a dangling link: its target is created
     real.parent.mkdir(parents=True, exist_ok=True)

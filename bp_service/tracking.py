@@ -8,6 +8,7 @@ absolute paths, so nothing depends on the working directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -269,9 +270,12 @@ class ResilientMLFlowLogger(MLFlowLogger):
         try:
             fn(*args, **kwargs)
         except Exception as exc:
-            self.lost = (
-                f"{what} failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-            )
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = Path(exc.filename).parent if exc.filename else "the artifact store"
+                reason = f"no space left on {where}"
+            else:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            self.lost = f"{what} failed: {reason}"
             warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

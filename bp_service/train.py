@@ -36,7 +36,7 @@ from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
 from bp_service.serving import InputError, check_resumable, load_bundle
-from bp_service.tables import atomic_path, unique_run_dir
+from bp_service.tables import DiskFullError, atomic_path, unique_run_dir
 from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -332,9 +332,15 @@ def _record_artifacts(cfg: DictConfig, tracker: Tracker, module: BPModule, data,
         tracker.log_artifact(result["best_checkpoint"], "checkpoints")
     if cfg.tracking.log_model:
         bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
-        torch.save(
-            {"state_dict": net.state_dict(), "meta": module.meta, "architecture": module.architecture}, bundle_path
-        )
+        try:
+            with atomic_path(bundle_path) as tmp:
+                torch.save(
+                    {"state_dict": net.state_dict(), "meta": module.meta, "architecture": module.architecture}, tmp
+                )
+        except DiskFullError as exc:  # trained and tested: the run stands, only this artifact is lost
+            result["lost_artifacts"] = [f"{bundle_path.name} and the MLflow model ({exc.strerror})"]
+            tracker.logger.call("set_tag", tracker.client.set_tag, tracker.run_id, "bp.lost_artifacts", exc.strerror)
+            return
         tracker.log_model(bundle_path, data.raw_example(), cfg.tracking.register_model)
 
 
@@ -349,11 +355,22 @@ def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
         lines.append(f"  dashboard    {dashboard}   (store: {uri})")
     if result.get("tracking_lost"):
         lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
+    for lost in result.get("lost_artifacts") or []:
+        lines.append(f"  WARNING      not written: {lost}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line
-KNOWN_ERRORS = (ConfigError, DataError, TrackingError, CheckpointError, GradcheckError, NonFiniteError, InputError)
+KNOWN_ERRORS = (
+    ConfigError,
+    DataError,
+    TrackingError,
+    CheckpointError,
+    GradcheckError,
+    NonFiniteError,
+    InputError,
+    DiskFullError,
+)
 USAGE_ERRORS = (ConfigError, DataError, InputError)
 _HYDRA_NOISE = (
     "full_key:",

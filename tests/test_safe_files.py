@@ -127,3 +127,76 @@ def test_bp_predict_through_links_to_dev_stdout_and_dev_null(bundle, rows, tmp_p
     null_after = os.stat("/dev/null")
     assert stat.S_ISCHR(null_after.st_mode) and null_after.st_rdev == null_before.st_rdev
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- a full disk
+TINY_TRAIN = ["data=xor", "trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+              "trainer.enable_model_summary=false", "tracking.gradcheck=false"]  # fmt: skip
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a tmpfs of the given size (root with CAP_SYS_ADMIN); unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); see the /dev/full test")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def _train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_"))}
+    env["BP_SERVICE_HOME"] = str(tmp_path / "home")
+    return subprocess.run(
+        [str(BIN / "bp-train"), *TINY_TRAIN, *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def _run_record(tmp_path: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    return run
+
+
+@pytest.mark.slow
+def test_checkpoints_on_a_full_disk_leave_no_partial_file_and_name_the_folder(tmp_path, small_disk):
+    disk = small_disk("ckpts", "16k")  # a checkpoint of 2 -> 2048 -> 1 is ~40 KB
+    result = _train(tmp_path, "model.hidden=[2048]", f"paths.ckpt_dir={disk}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"bp-train: error: no space left on {disk} (writing "), line
+    assert "inline_container" not in result.stderr and "Traceback" not in result.stderr
+    assert list(disk.iterdir()) == [], "a partial checkpoint was left behind"
+    assert _run_record(tmp_path).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_bundle_lost_to_a_full_disk_after_training_keeps_the_run_finished(tmp_path, small_disk):
+    disk = small_disk("run", "64k")  # Hydra's few files fit; a bundle of 2 -> 16384 -> 1 (~200 KB) does not
+    result = _train(tmp_path, "model.hidden=[16384]", f"hydra.run.dir={disk}", f"paths.ckpt_dir={tmp_path / 'ck'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"not written: model_bundle.pt and the MLflow model (no space left on {disk}" in result.stdout
+    assert not (disk / "model_bundle.pt").exists() and not list(disk.glob(".model_bundle.pt*"))
+    run = _run_record(tmp_path)
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    assert run.data.tags["bp.lost_artifacts"].startswith(f"no space left on {disk}")
+
+
+def test_predictions_to_a_device_that_is_full_are_one_line_and_the_device_stays(bundle, rows, tmp_path, capsys):
+    full = tmp_path / "full"
+    full.symlink_to("/dev/full")  # every write: ENOSPC
+    code = main([f"model={bundle}", f"input={rows}", f"output={full}"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == f"bp-predict: error: no space left on {full}"
+    assert full.is_symlink() and stat.S_ISCHR(os.stat("/dev/full").st_mode)
