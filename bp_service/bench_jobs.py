@@ -6,17 +6,20 @@ Kept apart from ``bench.py`` because they import Lightning (item 4) and start wh
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 
 from bp_service import functions as F
 from bp_service.bench import BenchConfig, Row, make_row, time_round_robin
@@ -61,16 +64,30 @@ def plain_loop(datamodule: BPDataModule, epochs: int) -> MLP:
     return net
 
 
-def lightning_loop(datamodule: BPDataModule, epochs: int) -> MLP:
-    """bp-train's LightningModule and Trainer, without MLflow and checkpoint files (their I/O is not the loop)."""
+def lightning_loop(
+    datamodule: BPDataModule,
+    epochs: int,
+    *,
+    device: str = "cpu",
+    sizes: tuple[int, ...] = DIGITS_SIZES,
+    activation: str = "sigmoid",
+    output_activation: str | None = "sigmoid",
+    optimizer: dict[str, Any] = OPTIMIZER,
+    **module_kwargs: Any,
+) -> MLP:
+    """bp-train's LightningModule and Trainer, without MLflow and checkpoint files (their I/O is not the loop).
+
+    ``module_kwargs`` go to :class:`~bp_service.module.BPModule` (a CUDA row's ``capture`` switch, say).
+    """
     import lightning.pytorch as pl
 
     from bp_service.module import BPModule
 
     torch.manual_seed(0)
-    module = BPModule(MLP(DIGITS_SIZES), optimizer=OPTIMIZER, log_every_n_steps=10)
+    net = MLP(sizes, activation=activation, output_activation=output_activation)
+    module = BPModule(net, optimizer=optimizer, log_every_n_steps=10, **module_kwargs)
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         max_epochs=epochs,
         logger=False,
@@ -90,11 +107,19 @@ def item_lightning_overhead(cfg: BenchConfig) -> list[Row]:
     Start-up (Trainer construction, the first iteration) is excluded by timing ``n2`` and ``n1``
     epochs and dividing the difference by ``n2 - n1``. Rows: one optimizer step per Lightning
     step (``K=1``) and a whole epoch per Lightning step (``data.steps_per_execution=20``).
+    On CUDA (``--device cuda|all``), :func:`item_lightning_cuda` adds the synthetic preset's rows.
     """
     import logging
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    rows = item_lightning_cpu(cfg) if "cpu" in cfg.devices else []
+    if "cuda" in cfg.devices:
+        rows += item_lightning_cuda(cfg)
+    return rows
+
+
+def item_lightning_cpu(cfg: BenchConfig) -> list[Row]:
     n1, n2 = (1, 3) if cfg.quick else (2, 12)
     reps = 3 if cfg.quick else 15
     rows = []
@@ -127,6 +152,194 @@ def item_lightning_overhead(cfg: BenchConfig) -> list[Row]:
                 epochs=[n1, n2],
                 reps=reps,
                 steps_per_epoch=len(InMemoryLoader(plain_dm.data.x["train"], plain_dm.data.y["train"], 64)),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- item 4 on CUDA: the synthetic preset
+# conf/experiment/synthetic.yaml's workload (tests/test_synthetic.py checks that these agree with it).
+SYNTHETIC_DATA = {
+    "n_samples": 1_000_000,
+    "n_features": 128,
+    "n_classes": 10,
+    "n_informative": 32,
+    "noise": 0.01,
+    "batch_size": 4096,
+}
+SYNTHETIC_HIDDEN = (1024, 1024)
+SYNTHETIC_ACTIVATION = "relu"
+SYNTHETIC_OUTPUT_ACTIVATION = None
+SYNTHETIC_OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 1e-3}
+NATIVE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+
+
+def synthetic_datamodule(n_samples: int = SYNTHETIC_DATA["n_samples"], seed: int = 0) -> BPDataModule:
+    """The synthetic preset's data (``n_samples`` rows), prepared once; Lightning keeps a CUDA copy of it."""
+    cfg = OmegaConf.structured(DataConfig(name="synthetic", **{**SYNTHETIC_DATA, "n_samples": n_samples}))
+    datamodule = BPDataModule(cfg, seed=seed)
+    datamodule.setup()
+    return datamodule
+
+
+class NativeNet(nn.Module):
+    """The peer a user writes by hand: ``nn.Linear`` layers and torch's activations (native autograd).
+
+    ``state_dict`` keys match :class:`bp_service.MLP`, so it starts from the same weights.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], activation: str, output_activation: str | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(sizes))
+        self.activations = [activation] * (len(sizes) - 2) + [output_activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer, act in zip(self.layers, self.activations):
+            x = layer(x) if act is None else NATIVE_ACTIVATIONS[act](layer(x))
+        return x
+
+
+def native_loop(
+    datamodule: BPDataModule,
+    epochs: int,
+    *,
+    device: str = "cuda",
+    sizes: tuple[int, ...],
+    activation: str,
+    output_activation: str | None,
+    optimizer: dict[str, Any],
+) -> nn.Module:
+    """A plain eager PyTorch loop over the same batches as bp-train: native network, MSE, the same optimizer.
+
+    The splits are copied to ``device`` once, as bp-train's data module does (``data.on_device``), so both
+    sides gather their batches on the device; per epoch: the training steps, the epoch's mean loss, and a
+    validation pass in batches of 4096 with loss and accuracy read back, as Lightning logs them.
+    """
+    data = datamodule.data
+    torch.manual_seed(0)
+    initial = MLP(sizes, activation=activation, output_activation=output_activation).state_dict()  # as lightning_loop
+    net = NativeNet(sizes, activation, output_activation)
+    net.load_state_dict(initial)
+    net.to(device)
+    kwargs = {k: v for k, v in optimizer.items() if k != "_target_"}
+    opt = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.SGD": torch.optim.SGD}[optimizer["_target_"]](
+        net.parameters(), **kwargs
+    )
+    x_train, y_train = data.x["train"].to(device), data.y["train"].to(device)
+    x_val, y_val = data.x["val"].to(device), data.y["val"].to(device)
+    loader = InMemoryLoader(x_train, y_train, datamodule.cfg.batch_size, shuffle=True, seed=datamodule.seed)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        loss_sum, rows = torch.zeros((), device=device), 0
+        for ((x, y),) in loader:
+            loss = nn.functional.mse_loss(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(x)
+            rows += len(x)
+        (loss_sum / rows).item()
+        with torch.no_grad():
+            for ((x, y),) in InMemoryLoader(x_val, y_val, 4096):
+                pred = net(x)
+                nn.functional.mse_loss(pred, y).item()
+                (pred.argmax(1) == y.argmax(1)).float().mean().item()
+    return net
+
+
+def _val_acc(net: nn.Module, datamodule: BPDataModule, device: str) -> float:
+    x, y = datamodule.data.x["val"].to(device), datamodule.data.y["val"].to(device)
+    with torch.no_grad():
+        return float((net.to(device)(x).argmax(1) == y.argmax(1)).float().mean())
+
+
+def lightning_variants() -> dict[str, dict[str, Any]]:
+    """Lightning-side rows on CUDA: name -> keyword arguments for ``BPModule``.
+
+    ``eager`` and ``captured`` (the whole training step in a CUDA graph) when ``BPModule`` has a
+    ``capture`` switch; until then only ``eager``, and one line says the captured row is left out.
+    """
+    from bp_service.module import BPModule
+
+    if "capture" in inspect.signature(BPModule.__init__).parameters:
+        return {"eager": {"capture": False}, "captured": {"capture": True}}
+    print("bp-bench: item 4: BPModule has no capture switch: the captured CUDA row is left out", file=sys.stderr)
+    return {"eager": {}}
+
+
+def item_lightning_cuda(
+    cfg: BenchConfig,
+    variants: dict[str, dict[str, Any]] | None = None,
+    n_samples: int | None = None,
+    device: str = "cuda",
+) -> list[Row]:
+    """4 on CUDA: an epoch of bp-train's Lightning loop (each of ``variants``) vs a plain native eager loop.
+
+    The synthetic preset's workload (1M x 128, 128-1024-1024-10 relu with linear outputs, MSE, Adam, batch 4096),
+    float32, one device. As on the CPU, ``n2 - n1`` epochs' difference over ``n2 - n1`` cancels start-up;
+    every timed call ends with ``torch.cuda.synchronize``. The peer is native autograd in a loop a user
+    would write (:func:`native_loop`); each side's validation accuracy after ``n2`` epochs is in ``details``.
+    ``device="cpu"`` and a small ``n_samples`` run the same harness without a GPU (its test).
+    """
+    n1, n2 = (1, 3) if cfg.quick else (2, 6)
+    reps = 3 if cfg.quick else 7
+    variants = lightning_variants() if variants is None else variants
+    datamodule = synthetic_datamodule(n_samples or SYNTHETIC_DATA["n_samples"], seed=cfg.seed)
+    sizes = (datamodule.data.n_features, *SYNTHETIC_HIDDEN, datamodule.data.n_outputs)
+    common = {
+        "device": device,
+        "sizes": sizes,
+        "activation": SYNTHETIC_ACTIVATION,
+        "output_activation": SYNTHETIC_OUTPUT_ACTIVATION,
+        "optimizer": SYNTHETIC_OPTIMIZER,
+    }
+    nets: dict[str, nn.Module] = {}
+
+    def keep(name: str, fn):
+        def run():
+            nets[name] = fn()
+
+        return run
+
+    fns = {
+        "native_n1": lambda: native_loop(datamodule, n1, **common),
+        "native_n2": keep("native", lambda: native_loop(datamodule, n2, **common)),
+    }
+    for name, kwargs in variants.items():
+        fns[f"{name}_n1"] = lambda kw=kwargs: lightning_loop(datamodule, n1, **common, **kw)
+        fns[f"{name}_n2"] = keep(name, lambda kw=kwargs: lightning_loop(datamodule, n2, **common, **kw))
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    samples = time_round_robin(fns, reps=reps, warmup=1, sync=sync)
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    native = (med["native_n2"] - med["native_n1"]) / (n2 - n1)
+    peer_acc = _val_acc(nets["native"], datamodule, device)
+    rows = []
+    for name in variants:
+        light = (med[f"{name}_n2"] - med[f"{name}_n1"]) / (n2 - n1)
+        rows.append(
+            make_row(
+                "4",
+                f"epoch time, Lightning loop ({name}) vs native eager loop, synthetic b4096 "
+                f"{'-'.join(map(str, sizes))} [{device} float32]",
+                light,
+                native,
+                target=1.00,
+                cmp="<=",
+                unit="s",
+                ours_label=f"bp-train Lightning ({name})",
+                peer_label="native eager loop",
+                device=device,
+                dtype="float32",
+                variant=name,
+                module_kwargs=variants[name],
+                rows=datamodule.data.x["train"].shape[0],
+                batch=datamodule.cfg.batch_size,
+                steps_per_epoch=InMemoryLoader(datamodule.data.x["train"], datamodule.data.y["train"], 4096).n_batches,
+                epochs=[n1, n2],
+                reps=reps,
+                ours_val_acc=_val_acc(nets[name], datamodule, device),
+                peer_val_acc=peer_acc,
+                timing="host clock around each call, the device synchronized before and after",
             )
         )
     return rows

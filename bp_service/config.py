@@ -32,7 +32,7 @@ def full_error_requested() -> bool:
     return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
-DATASETS = ("blog", "xor", "moons", "digits", "breast_cancer", "iris", "wine", "diabetes", "csv")
+DATASETS = ("blog", "xor", "moons", "synthetic", "digits", "breast_cancer", "iris", "wine", "diabetes", "csv")
 LOSSES = ("mse", "l1")
 TASKS = ("auto", "classification", "regression")
 
@@ -45,12 +45,16 @@ class DataConfig:
     target: str | None = None  # csv only: the target column
     features: list[str] | None = None  # csv only: feature columns (default: all but target and id)
     id_column: str | None = None  # csv only: carried through to predictions, never a feature
-    n_samples: int = 1000  # generated datasets (blog, xor, moons)
-    noise: float = 0.1  # generated datasets
+    n_samples: int = 1000  # generated datasets (blog, xor, moons, synthetic)
+    noise: float = 0.1  # generated datasets (synthetic classification: fraction of labels flipped)
+    n_features: int = 20  # synthetic only
+    n_classes: int = 2  # synthetic classification only
+    n_informative: int | None = None  # synthetic only (default: half the features)
     val_size: float = 0.15
     test_size: float = 0.15
     batch_size: int = 64  # per process, as in Lightning
     steps_per_execution: int = 1  # optimizer steps per Lightning step (amortizes per-step hooks)
+    on_device: bool = True  # CUDA: keep the splits on the GPU, batches gathered there (no per-batch copy)
 
 
 @dataclass
@@ -202,6 +206,26 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_synthetic(d: DictConfig) -> None:
+    """make_classification's own limits, checked here so that the error names the field."""
+    _require(d.n_features >= 1, f"data.n_features must be >= 1, got {d.n_features}")
+    _require(d.n_classes >= 2, f"data.n_classes must be >= 2, got {d.n_classes}")
+    informative = d.n_informative
+    if informative is not None:
+        _require(
+            1 <= informative <= d.n_features,
+            f"data.n_informative must be in [1, data.n_features={d.n_features}], got {informative}",
+        )
+    if d.task != "regression":
+        _require(d.noise <= 1, f"data.noise must be <= 1 for synthetic classification (labels flipped), got {d.noise}")
+        n = informative if informative is not None else d.n_features
+        _require(
+            2 * d.n_classes <= 2**n,
+            f"data.n_informative={n} is too small for data.n_classes={d.n_classes}: "
+            f"needs 2 * n_classes <= 2 ** n_informative",
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and cross-field checks; raises ConfigError naming the first bad field."""
     d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
@@ -212,6 +236,8 @@ def validate(cfg: DictConfig) -> None:
         _require(bool(d.target), "data.target is required for data=csv")
     _require(d.n_samples >= 20, f"data.n_samples must be >= 20, got {d.n_samples}")
     _require(d.noise >= 0, f"data.noise must be >= 0, got {d.noise}")
+    if d.name == "synthetic":
+        _validate_synthetic(d)
     for name in ("val_size", "test_size"):
         value = d[name]
         _require(0 < value < 1, f"data.{name} must be in (0, 1), got {value}")

@@ -67,6 +67,37 @@ GENERATED = {"blog": _blog, "xor": _xor, "moons": _moons}
 REGRESSION_DATASETS = {"diabetes"}
 
 
+def _synthetic(cfg, seed: int, task: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's ``make_classification`` / ``make_regression``, sized by ``n_samples`` x ``n_features``.
+
+    Features come back as float32: at 1M x 128 that is 0.5 GB instead of scikit-learn's 1 GB of float64,
+    before the splits copy it. ``shuffle=False`` and no redundant features skip two full passes over the
+    matrix (about 6 s instead of 15 s at 1M x 128 on one core); the split shuffles the rows anyway.
+    Classification: ``noise`` is the fraction of labels assigned at random (``flip_y``). Regression:
+    ``noise`` is the standard deviation of the Gaussian noise added to the target.
+    """
+    common = {
+        "n_samples": cfg.n_samples,
+        "n_features": cfg.n_features,
+        "n_informative": synthetic_informative(cfg),
+        "shuffle": False,
+        "random_state": seed,
+    }
+    if task == "regression":
+        x, y = skd.make_regression(**common, noise=cfg.noise)
+    else:
+        x, y = skd.make_classification(**common, n_classes=cfg.n_classes, n_redundant=0, flip_y=cfg.noise)
+    return x.astype(np.float32), y, [f"x{i}" for i in range(cfg.n_features)]
+
+
+def synthetic_informative(cfg) -> int:
+    """``data.n_informative``, or by default half the features (at least enough for the classes' clusters)."""
+    if cfg.n_informative is not None:
+        return cfg.n_informative
+    needed = math.ceil(math.log2(2 * cfg.n_classes))  # make_classification: 2 clusters per class on a hypercube
+    return min(cfg.n_features, max(cfg.n_features // 2, needed))
+
+
 def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     frame = read_feature_frame(cfg.path)
     if cfg.target not in frame.columns:
@@ -152,6 +183,9 @@ def load_raw(cfg, seed: int) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     """Features, targets, feature names and task for ``cfg`` (the ``data`` config node)."""
     if cfg.name == "csv":
         return _csv(cfg)
+    if cfg.name == "synthetic":
+        task = "regression" if cfg.task == "regression" else "classification"
+        return (*_synthetic(cfg, seed, task), task)
     if cfg.name in GENERATED:
         x, y, names = GENERATED[cfg.name](cfg.n_samples, cfg.noise, seed)
     else:
@@ -266,7 +300,7 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], ...]]:
         # A generator: the position is read at the first next(), after Lightning restored its loop.
         epoch, done_chunks = self.position() if self.position else (self.epoch, 0)
-        order = self._order(epoch)
+        order = self._order(epoch).to(self.x.device)  # on CUDA the batches are gathered there
         global_batch = self.batch_size * self.world_size
         chunk: list[tuple[Tensor, Tensor]] = []
         for i in range(done_chunks * self.steps_per_execution, self.n_batches):
@@ -287,10 +321,26 @@ class BPDataModule(pl.LightningDataModule):
         self.cfg, self.seed = cfg, seed
         self.data: Prepared | None = None
         self._train: InMemoryLoader | None = None
+        self._resident: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = prepare(self.cfg, self.seed)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The split's ``(x, y)``: on a CUDA training device a copy kept there (``data.on_device``), else ``data``'s.
+
+        One copy per run instead of one host-to-device copy (and a CPU gather) per batch: at 1M x 128
+        that is 0.5 GB of GPU memory, and a step no longer waits on the host. ``data`` stays on the CPU.
+        """
+        x, y = self.data.x[name], self.data.y[name]
+        device = self.trainer.strategy.root_device if self.trainer else None
+        if device is None or device.type != "cuda" or not self.cfg.get("on_device", True):
+            return x, y
+        key = (name, str(device))
+        if key not in self._resident:
+            self._resident[key] = (x.to(device), y.to(device))
+        return self._resident[key]
 
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -299,8 +349,7 @@ class BPDataModule(pl.LightningDataModule):
             return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
         self._train = InMemoryLoader(
-            self.data.x["train"],
-            self.data.y["train"],
+            *self.split("train"),
             self.cfg.batch_size,
             shuffle=True,
             seed=self.seed,
@@ -312,7 +361,7 @@ class BPDataModule(pl.LightningDataModule):
         return self._train
 
     def _eval_loader(self, split: str) -> InMemoryLoader:
-        return InMemoryLoader(self.data.x[split], self.data.y[split], batch_size=4096)
+        return InMemoryLoader(*self.split(split), batch_size=4096)
 
     def val_dataloader(self) -> InMemoryLoader:
         return self._eval_loader("val")

@@ -15,7 +15,7 @@ from bp_service.data import BPDataModule, DataError, InMemoryLoader
 from bp_service.layers import MLP
 from bp_service.train import CONF_DIR, build_network, train
 
-DATASETS = ["blog", "xor", "moons", "digits", "breast_cancer", "iris", "wine", "diabetes"]
+DATASETS = ["blog", "xor", "moons", "synthetic", "digits", "breast_cancer", "iris", "wine", "diabetes"]
 OPTIMIZERS = ["sgd", "sgd_momentum", "adam"]
 NO_TRACKING = ["tracking.enabled=false"]
 
