@@ -18,22 +18,28 @@ features, ``H_out`` output features. This module imports only torch.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import Function
+from torch.autograd import Function, forward_ad
 
 __all__ = [
     "L1LossFunction",
     "LinearFunction",
     "LinearSigmoidFunction",
+    "MLPCostFuncFunction",
+    "MLPCostFunction",
     "MSELossFunction",
     "ReLUFunction",
     "SigmoidFunction",
     "TanhFunction",
+    "backprop",
+    "gradient_norms",
     "l1_loss",
     "linear",
     "linear_sigmoid",
+    "mlp_cost",
     "mse_loss",
     "relu",
     "sigmoid",
@@ -86,14 +92,8 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _sigmoid_delta(grad_y: Tensor, y: Tensor) -> Tensor:
-    """dL/dz = dL/dy * y (1 - y) for y = sigmoid(z), as one fused kernel into a new tensor.
-
-    ``aten.sigmoid_backward(g, y)`` computes exactly ``g * (1 - y) * y`` (the kernel native
-    ``torch.sigmoid`` uses for its own backward): one pass over memory and one allocation where
-    the spelled-out product takes three of each. It is itself differentiable, in reverse and
-    forward mode, and batched by vmap, so double backward, jvp-of-backward and vmap still work.
-    """
-    return torch.ops.aten.sigmoid_backward(grad_y, y)  # (*, H) x (*, H) -> (*, H): grad_y * y * (1 - y)
+    """dL/dz = dL/dy * y (1 - y) for y = sigmoid(z), read off the saved output y."""
+    return grad_y * y * (1 - y)  # (*, H) x (*, H) -> (*, H)
 
 
 def _affine_backward(ctx, delta: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
@@ -197,9 +197,7 @@ class TanhFunction(Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        # One fused kernel, as native tanh's backward: aten.tanh_backward(g, y) = g * (1 - y^2),
-        # itself differentiable (double backward, forward mode) and batched by vmap.
-        return torch.ops.aten.tanh_backward(grad_y, y)  # dL/dx = dL/dy * tanh'(x), tanh' = 1 - y^2
+        return grad_y * (1 - y * y)  # dL/dx = dL/dy * tanh'(x), tanh' = 1 - y^2
 
     @staticmethod
     def jvp(ctx, dx):
@@ -224,8 +222,7 @@ class ReLUFunction(Function):
     @staticmethod
     def backward(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        # One fused kernel, as native relu's backward: aten.threshold_backward(g, y, 0) = g where y > 0, else 0.
-        return torch.ops.aten.threshold_backward(grad_y, y, 0)  # dL/dx = dL/dy * 1[x > 0]
+        return grad_y * (y > 0)  # dL/dx = dL/dy * relu'(x), relu' = 1[x > 0] (read off y > 0)
 
     @staticmethod
     def jvp(ctx, dx):
@@ -344,6 +341,244 @@ def _tangent_difference(dpred: Tensor | None, dtarget: Tensor | None, like: Tens
     return dpred - dtarget if dtarget is not None else dpred
 
 
+# --------------------------------------------------------------------------- the whole network
+# One Function for the forward pass, the cost and backpropagation through every layer: the
+# algorithm the worked example teaches, and one autograd node per training step instead of
+# one per layer (each ``Function.apply`` costs tens of microseconds of Python).
+COSTS = ("mse", "l1")
+_ACTIVATION_NAMES = ("sigmoid", "tanh", "relu", None)
+
+
+def _activate_(z: Tensor, activation: str | None) -> Tensor:
+    """a = f(z), in place: z is a buffer of the forward pass and never needed again."""
+    if activation == "sigmoid":
+        return z.sigmoid_()
+    if activation == "tanh":
+        return z.tanh_()
+    if activation == "relu":
+        return z.clamp_min_(0)
+    if activation is None:
+        return z
+    raise ValueError(f"unknown activation {activation!r}, expected one of {_ACTIVATION_NAMES}")
+
+
+def _activate(z: Tensor, activation: str | None) -> Tensor:
+    """a = f(z) as a new tensor, for a forward pass that autograd records."""
+    return _activate_(z.clone(), activation) if activation is not None else z
+
+
+def _times_derivative(grad_a: Tensor, a: Tensor, activation: str | None, inplace: bool) -> Tensor:
+    """delta = dC/dz = dC/da * f'(z), with f' read off the layer's output a.
+
+    ``inplace`` overwrites ``grad_a``, a buffer the backward allocated itself, when no graph of
+    the backward is being built.
+    """
+    if activation is None:  # linear output: f' = 1
+        return grad_a
+    if activation == "sigmoid":  # f' = a (1 - a)
+        if inplace:  # u = g a, then u - u a = g a (1 - a): two passes, no new buffer
+            return grad_a.mul_(a).addcmul_(grad_a, a, value=-1)
+        return grad_a * a * (1 - a)
+    if activation == "tanh":  # f' = 1 - a^2
+        return grad_a.mul_(1 - a * a) if inplace else grad_a * (1 - a * a)
+    return grad_a.mul_(a > 0) if inplace else grad_a * (a > 0)  # relu: f' = 1[a > 0]
+
+
+def _network_forward(
+    x: Tensor, params: tuple[Tensor | None, ...], activations: tuple[str | None, ...], inplace: bool
+) -> list[Tensor]:
+    """[a_1, ..., a_L] for a_l = f_l(z_l), z_l = a_{l-1} W_l^T + b_l, a_0 = x of shape (N, H_in)."""
+    acts, a = [], x
+    for layer, activation in enumerate(activations):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        if bias is None:
+            z = a @ weight.T  # (N, H_in) @ (H_in, H_out) -> (N, H_out)
+        else:
+            z = torch.addmm(bias, a, weight.T)  # b + (N, H_in) @ (H_in, H_out) -> (N, H_out)
+        a = _activate_(z, activation) if inplace else _activate(z, activation)
+        acts.append(a)
+    return acts
+
+
+def _cost_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The cost is summed in at least float32, as native losses are under autocast."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _difference(pred: Tensor, target: Tensor) -> Tensor:
+    """a_L - y in the cost's dtype (casts cost a call each, so only when needed)."""
+    dtype = _cost_dtype(pred.dtype)
+    if pred.dtype == target.dtype == dtype:
+        return pred - target
+    return pred.to(dtype) - target.to(dtype)
+
+
+def _cost(diff: Tensor, cost: str) -> Tensor:
+    """C = mean((a_L - y)^2) or mean(|a_L - y|) over all M elements, from diff = a_L - y."""
+    if cost == "mse":
+        return diff.square().mean()
+    if cost == "l1":
+        return diff.abs().mean()
+    raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(COSTS)}")
+
+
+def backprop(
+    grad_cost: Tensor,
+    x: Tensor,
+    params: tuple[Tensor | None, ...],
+    acts: list[Tensor],
+    diff: Tensor,
+    activations: tuple[str | None, ...],
+    cost: str,
+    needs_grad: tuple[bool, ...],
+    deltas: list[Tensor] | None = None,
+) -> tuple[Tensor | None, ...]:
+    """The backward pass of the whole network: the delta recursion, from the cost down.
+
+        dC/da_L = dC/dC * cost'(a_L)             MSE: 2 (a_L - y) / M,  L1: sign(a_L - y) / M
+        delta_l = dC/da_l * f_l'(a_l)            sigmoid: a(1-a), tanh: 1-a^2, relu: 1[a>0], none: 1
+        dC/dW_l = delta_l^T a_{l-1},  dC/db_l = sum of delta_l over the batch,  dC/da_{l-1} = delta_l W_l
+
+    Args:
+        grad_cost: dL/dC, the scalar gradient flowing into the cost (1 for ``cost.backward()``).
+        x: the input a_0, ``(N, H_in)``; params: ``(W_1, b_1, ..., W_L, b_L)``, a bias may be None.
+        acts: ``[a_1, ..., a_L]``, each ``(N, H_l)``; diff: ``a_L - y`` in the cost's dtype.
+        needs_grad: ``(x, y, W_1, b_1, ...)``: which gradients to compute.
+        deltas: if given, each delta_l is appended to it (last layer first), for diagnostics.
+
+    Returns:
+        ``(dC/dx, dC/dy, dC/dW_1, dC/db_1, ..., dC/dW_L, dC/db_L)``, None where not needed.
+    """
+    inplace = not torch.is_grad_enabled()  # building a graph of the backward: keep every buffer
+    n_layers = len(activations)
+    if cost == "mse":
+        grad_a = (diff * grad_cost).mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
+    else:
+        grad_a = (torch.sign(diff) * grad_cost).mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
+    grad_y = -grad_a if needs_grad[1] else None  # C depends on a_L - y
+    if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not
+        grad_a = grad_a.to(acts[-1].dtype)
+    grads: list[Tensor | None] = [None] * (2 * n_layers)
+    for layer in reversed(range(n_layers)):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        a_prev = x if layer == 0 else acts[layer - 1]
+        delta = _times_derivative(grad_a, acts[layer], activations[layer], inplace)  # (N, H_out)
+        if deltas is not None:
+            deltas.append(delta.detach().clone() if inplace else delta)
+        if needs_grad[2 + 2 * layer]:
+            grads[2 * layer] = delta.T @ a_prev  # (H_out, N) @ (N, H_in) -> (H_out, H_in)
+        if bias is not None and needs_grad[3 + 2 * layer]:
+            grads[2 * layer + 1] = delta.sum(0)  # (N, H_out) -> (H_out,)
+        if layer > 0 or needs_grad[0]:
+            grad_a = delta @ weight  # (N, H_out) @ (H_out, H_in) -> (N, H_in): dC/da_{l-1}
+    grad_x = grad_a if needs_grad[0] else None
+    return (grad_x, grad_y, *grads)
+
+
+class MLPCostFunction(Function):
+    """C = cost(a_L, y) of a whole multilayer perceptron, with backpropagation as its backward.
+
+    Forward, for l = 1..L with a_0 = x:  z_l = a_{l-1} W_l^T + b_l,  a_l = f_l(z_l);  then the
+    cost, MSE ``mean((a_L - y)^2)`` or L1 ``mean(|a_L - y|)``. It saves x, the weights and every
+    a_l (no z_l: each f' is read off a_l). Backward is :func:`backprop`, the delta recursion.
+
+    ``apply(x, y, activations, cost, W_1, b_1, ..., W_L, b_L)``: ``activations`` holds
+    ``"sigmoid" | "tanh" | "relu" | None`` per layer, ``cost`` is ``"mse" | "l1"``, a bias may be
+    None. Use it through :func:`mlp_cost` or :meth:`bp_service.MLP.cost`.
+
+    The combined ``forward(ctx, ...)`` saves the intermediates a_l directly: one output, one
+    autograd node, the cheapest call there is. When a graph of the backward is requested
+    (double backward), the a_l are recomputed from the inputs with recorded ops, so that second
+    derivatives see how they depend on x and the weights. ``torch.func`` transforms and forward
+    mode need the ``setup_context`` style: :func:`mlp_cost` then uses :class:`MLPCostFuncFunction`.
+
+    Shape:
+        - x: ``(N, H_in)`` (more leading dimensions are flattened by :func:`mlp_cost`);
+          y: ``(N, H_out)``; W_l: ``(H_l, H_{l-1})``; b_l: ``(H_l,)``; C: ``()``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, activations: tuple, cost: str, *params: Tensor | None) -> Tensor:
+        acts = _network_forward(x, params, activations, inplace=True)  # [a_1, ..., a_L]
+        if target.shape != acts[-1].shape:  # a_L - y would broadcast
+            raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(acts[-1].shape)}")
+        diff = _difference(acts[-1], target)  # (N, H_L)
+        ctx.activations, ctx.cost, ctx.n_acts = activations, cost, len(acts)
+        ctx.save_for_backward(x, target, *params, *acts, diff)
+        return _cost(diff, cost)
+
+    @staticmethod
+    def backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
+        return _network_backward(ctx, grad_cost)
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor, tuple, list[Tensor], Tensor]:
+    """(x, y, params, [a_1, ..., a_L], diff) as the cost Functions saved them."""
+    x, target, *saved = ctx.saved_tensors
+    return x, target, tuple(saved[: -ctx.n_acts - 1]), saved[-ctx.n_acts - 1 : -1], saved[-1]
+
+
+def _network_backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
+    """Backward of both cost Functions: :func:`backprop` on what forward saved."""
+    x, target, params, acts, diff = _saved(ctx)
+    if torch.is_grad_enabled():  # double backward: activations as recorded functions of x and the weights
+        acts = _network_forward(x, params, ctx.activations, inplace=False)
+        diff = _difference(acts[-1], target)
+    needs = ctx.needs_input_grad
+    grad_x, grad_y, *grads = backprop(
+        grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, (needs[0], needs[1], *needs[4:])
+    )
+    return (grad_x, grad_y, None, None, *grads)
+
+
+class MLPCostFuncFunction(Function):
+    """:class:`MLPCostFunction` in the ``setup_context`` style that ``torch.func`` and forward mode need.
+
+    The same forward pass, cost and backward. ``setup_context`` sees only inputs and outputs, so
+    forward also returns the activations and ``a_L - y`` (marked non-differentiable); that costs
+    a few microseconds per call, which is why training uses :class:`MLPCostFunction`.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, target: Tensor, activations: tuple, cost: str, *params: Tensor | None):
+        acts = _network_forward(x, params, activations, inplace=True)
+        if target.shape != acts[-1].shape:  # a_L - y would broadcast
+            raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(acts[-1].shape)}")
+        diff = _difference(acts[-1], target)  # (N, H_L)
+        return (_cost(diff, cost), *acts, diff)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, activations, cost, *params = inputs
+        *acts, diff = output[1:]
+        ctx.mark_non_differentiable(*acts, diff)
+        ctx.set_materialize_grads(False)
+        ctx.activations, ctx.cost, ctx.n_acts = activations, cost, len(acts)
+        ctx.save_for_backward(x, target, *params, *acts, diff)
+        ctx.save_for_forward(x, target, *params, *acts, diff)
+
+    @staticmethod
+    def backward(ctx, grad_cost, *_):  # the activations and diff are not differentiable outputs
+        if grad_cost is None:
+            return (None,) * len(ctx.needs_input_grad)
+        return _network_backward(ctx, grad_cost)
+
+    @staticmethod
+    def jvp(ctx, dx, dtarget, _activations, _cost, *dparams):
+        """Forward mode: dz_l = da_{l-1} W_l^T + a_{l-1} dW_l^T + db_l, da_l = f'(a_l) dz_l, then dC."""
+        x, _, params, acts, diff = _saved(ctx)
+        da = dx
+        for layer, activation in enumerate(ctx.activations):
+            a_prev = x if layer == 0 else acts[layer - 1]
+            dz = _affine_jvp(a_prev, params[2 * layer], da, dparams[2 * layer], dparams[2 * layer + 1])
+            da = _times_derivative(dz, acts[layer], activation, inplace=False)
+        ddiff = _tangent_difference(da.to(diff.dtype), None if dtarget is None else dtarget.to(diff.dtype), diff)
+        dcost = (2 * diff * ddiff).mean() if ctx.cost == "mse" else (torch.sign(diff) * ddiff).mean()
+        return (dcost,) + (None,) * (ctx.n_acts + 1)  # the activations and diff are not differentiable
+
+
 # --------------------------------------------------------------------------- call overhead
 # ``Function.apply`` binds every call's arguments to ``forward``'s signature, and
 # ``inspect.signature`` rebuilds that signature each time: about 10 µs a call, as much as a
@@ -357,6 +592,8 @@ for _function in (
     LinearSigmoidFunction,
     MSELossFunction,
     L1LossFunction,
+    MLPCostFunction,
+    MLPCostFuncFunction,
 ):
     _function.forward.__signature__ = inspect.signature(_function.forward)
 
@@ -375,8 +612,21 @@ _MSELossNoJvp = type("_MSELossNoJvp", (MSELossFunction,), _NO_JVP)
 _L1LossNoJvp = type("_L1LossNoJvp", (L1LossFunction,), _NO_JVP)
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``t``'s device, or None outside autocast."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Casts recorded by autograd: each input's gradient comes back in that input's own dtype."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x @ weight.T + bias`` through :class:`LinearFunction`."""
+    """``x @ weight.T + bias`` through :class:`LinearFunction`; under autocast in its dtype, as ``F.linear``."""
+    if (dtype := _autocast_dtype(x)) is not None:
+        x, weight, bias = _cast(dtype, x, weight, bias)
     return (_LinearNoJvp if torch.compiler.is_compiling() else LinearFunction).apply(x, weight, bias)
 
 
@@ -396,15 +646,125 @@ def relu(x: Tensor) -> Tensor:
 
 
 def linear_sigmoid(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``sigmoid(x @ weight.T + bias)`` through the fused :class:`LinearSigmoidFunction`."""
+    """``sigmoid(x @ weight.T + bias)`` through the fused :class:`LinearSigmoidFunction`; autocast as :func:`linear`."""
+    if (dtype := _autocast_dtype(x)) is not None:
+        x, weight, bias = _cast(dtype, x, weight, bias)
     return (_LinearSigmoidNoJvp if torch.compiler.is_compiling() else LinearSigmoidFunction).apply(x, weight, bias)
 
 
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error through :class:`MSELossFunction`."""
+    """Mean squared error through :class:`MSELossFunction` (in float32 under autocast, as ``F.mse_loss``)."""
+    if _autocast_dtype(pred) is not None:
+        pred, target = _cast(_cost_dtype(pred.dtype), pred, target)
     return (_MSELossNoJvp if torch.compiler.is_compiling() else MSELossFunction).apply(pred, target)
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean absolute error through :class:`L1LossFunction`."""
+    """Mean absolute error through :class:`L1LossFunction` (in float32 under autocast, as ``F.l1_loss``)."""
+    if _autocast_dtype(pred) is not None:
+        pred, target = _cast(_cost_dtype(pred.dtype), pred, target)
     return (_L1LossNoJvp if torch.compiler.is_compiling() else L1LossFunction).apply(pred, target)
+
+
+def mlp_cost(
+    x: Tensor,
+    target: Tensor,
+    params: Sequence[Tensor | None],
+    activations: Sequence[str | None],
+    cost: str = "mse",
+) -> Tensor:
+    """The cost of a whole network through :class:`MLPCostFunction`: one autograd node.
+
+    Args:
+        x: input ``(*, H_in)``; target: ``(*, H_out)``, the same leading dimensions.
+        params: ``(W_1, b_1, ..., W_L, b_L)``, ``W_l`` of shape ``(H_l, H_{l-1})``; a bias may be None.
+        activations: one of ``"sigmoid" | "tanh" | "relu" | None`` per layer.
+        cost: ``"mse"`` or ``"l1"``.
+
+    Under autocast the layers run in the autocast dtype and the cost in float32, as native
+    ``F.linear`` and ``F.mse_loss`` do; each input's gradient comes back in its own dtype.
+    """
+    try:  # checked only when something failed: the check costs as much as a small layer
+        x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
+        if (dtype := _autocast_dtype(x)) is None:
+            return _apply_cost(x2, target2, activations, cost, params)
+        x2, *cast_params = _cast(dtype, x2, *params)
+        with torch.autocast(x.device.type, enabled=False):  # already cast: the cost stays in float32
+            return _apply_cost(x2, target2, activations, cost, cast_params)
+    except (RuntimeError, ValueError, IndexError):
+        _check_network(x, target, params, activations, cost)  # one line naming the layer, if it is the cause
+        raise
+
+
+def _apply_cost(x: Tensor, target: Tensor, activations: Sequence, cost: str, params: Sequence[Tensor | None]) -> Tensor:
+    # What Function.apply itself checks to route a call through torch.func; forward mode's
+    # level is the one forward_ad.dual_level() sets. Neither has a public reader.
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return MLPCostFuncFunction.apply(x, target, activations, cost, *params)[0]
+    return MLPCostFunction.apply(x, target, activations, cost, *params)
+
+
+def _check_network(
+    x: Tensor, target: Tensor, params: Sequence[Tensor | None], activations: Sequence[str | None], cost: str
+) -> None:
+    """One line naming the layer whose pieces do not fit (the per-layer Functions check the same)."""
+    if cost not in COSTS:
+        raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(COSTS)}")
+    if not activations or len(params) != 2 * len(activations):
+        raise ValueError(f"mlp_cost: {len(params)} params for {len(activations)} layers; expected (W, b) per layer")
+    same_dtype = _autocast_dtype(x) is None  # under autocast every input is cast to one dtype
+    h = x.shape[-1] if x.dim() else 0
+    for layer, activation in enumerate(activations, start=1):
+        weight, bias = params[2 * layer - 2], params[2 * layer - 1]
+        name = f"mlp_cost: layer {layer}"
+        if activation not in _ACTIVATION_NAMES:
+            raise ValueError(f"{name}: unknown activation {activation!r}, expected one of {_ACTIVATION_NAMES}")
+        if weight.dim() != 2 or weight.shape[1] != h:
+            raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, its input has {h} features")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, weight expects ({weight.shape[0]},)")
+        for t, label in ((weight, "weight"), (bias, "bias")):
+            if t is not None and same_dtype and t.dtype != x.dtype:
+                raise ValueError(f"{name}: input is {x.dtype}, {label} is {t.dtype}")
+            if t is not None and t.device != x.device:
+                raise ValueError(f"{name}: input is on {x.device}, {label} is on {t.device}")
+        h = weight.shape[0]
+    if tuple(target.shape) != (*x.shape[:-1], h):
+        raise ValueError(f"mlp_cost: prediction has shape {(*x.shape[:-1], h)}, target has shape {tuple(target.shape)}")
+
+
+def gradient_norms(
+    x: Tensor,
+    target: Tensor,
+    params: Sequence[Tensor | None],
+    activations: Sequence[str | None],
+    cost: str = "mse",
+) -> tuple[Tensor, Tensor]:
+    """How strongly the error reaches each layer: ``(|dC/dW_l|, |delta_l|)`` for l = 1..L.
+
+    One forward pass and one run of :func:`backprop` on this batch, outside autograd (no
+    ``.grad`` is touched). Norms are Frobenius norms; both results have shape ``(L,)``.
+    """
+    _check_network(x, target, params, activations, cost)
+    x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
+    with torch.no_grad():
+        acts = _network_forward(x2, tuple(params), tuple(activations), inplace=True)
+        diff = _difference(acts[-1], target2)
+        deltas: list[Tensor] = []
+        needs = (False, False) + (True,) * len(params)
+        _, _, *grads = backprop(
+            torch.ones((), dtype=diff.dtype, device=x.device),
+            x2,
+            tuple(params),
+            acts,
+            diff,
+            tuple(activations),
+            cost,
+            needs,
+            deltas,
+        )
+        w_norms = torch.stack([torch.linalg.vector_norm(g) for g in grads[0::2]])
+        delta_norms = torch.stack(
+            [torch.linalg.vector_norm(d) for d in reversed(deltas)]
+        )  # deltas come last layer first
+    return w_norms, delta_norms

@@ -135,12 +135,37 @@ class MLP(nn.Module):
         self.activations: list[str | None] = [activation] * (len(sizes) - 2) + [output_activation]
 
     def forward(self, x: Tensor) -> Tensor:
+        """The prediction ``a_L``; training goes through :meth:`cost`."""
         for layer, act in zip(self.layers, self.activations):
             if act == "sigmoid" and self.fused:
                 x = F.linear_sigmoid(x, layer.weight, layer.bias)
             else:
                 x = layer(x) if act is None else ACTIVATIONS[act](layer(x))
         return x
+
+    def cost(self, x: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
+        """The scalar cost ``loss(self(x), target)`` as one autograd node, whose backward is backprop.
+
+        :class:`~bp_service.functions.MLPCostFunction` runs the forward pass, the cost and, on
+        ``backward()``, the delta recursion through every layer: the same numbers as the
+        per-layer path ``F.mse_loss(self(x), target)``, without a Python call per layer.
+
+        Args:
+            x: input ``(*, sizes[0])``; target: ``(*, sizes[-1])``.
+            loss: ``"mse"`` or ``"l1"``.
+        """
+        return F.mlp_cost(x, target, self.params(), self.activations, loss)
+
+    def gradient_norms(self, x: Tensor, target: Tensor, loss: str = "mse") -> tuple[Tensor, Tensor]:
+        """Per layer ``(|dC/dW_l|, |delta_l|)`` on one batch: where the gradient vanishes or explodes.
+
+        Runs :func:`~bp_service.functions.backprop` outside autograd; no ``.grad`` is touched.
+        """
+        return F.gradient_norms(x, target, self.params(), self.activations, loss)
+
+    def params(self) -> tuple[Tensor | None, ...]:
+        """``(W_1, b_1, ..., W_L, b_L)`` in layer order, a bias None where the layers have none."""
+        return tuple(p for layer in self.layers for p in (layer.weight, layer.bias))
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activations={self.activations}, fused={self.fused}"
