@@ -13,7 +13,10 @@ import json
 import logging
 import os
 import platform
+import signal
+import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -229,8 +232,26 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux); None where unknown or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process holds a run RUNNING: host, pid and the pid's start time (a reused pid is another process)."""
+    tags = {"bp.host": socket.gethostname(), "bp.pid": str(os.getpid())}
+    started = process_start(os.getpid())
+    if started:
+        tags["bp.pid_start"] = started
+    return tags
+
+
 def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, str]:
     tags = {
+        **owner_tags(),
         "hydra.overrides": " ".join(overrides),
         "bp.output_dir": output_dir,
         "device": device,
@@ -405,6 +426,8 @@ class Tracker:
                     self.finished_before = info.end_time
             self.logger.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
             self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
+            for key, value in owner_tags().items():  # this process holds the run now
+                self.logger.call("set_tag", self.client.set_tag, self.run_id, key, value)
             self.logger.call("read metric history", self.logger.skip_replayed_steps)
         else:  # params are immutable in MLflow: a resumed run keeps those it started with
             self.logger.log_hyperparams(flat_params(cfg))
@@ -489,3 +512,99 @@ def mark_sweep_failed(cfg: DictConfig, sweep_dir: str | Path) -> None:
     if run_id:
         with contextlib.suppress(Exception), _quick_http(retries=1):
             MlflowClient(resolve_uri(cfg)).set_terminated(run_id, "FAILED")
+
+
+# --------------------------------------------------------------------------- signals while a run opens
+@contextlib.contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold these signals for the block, then deliver each once to the handler in force after it.
+
+    Around the creation of a run: a SIGTERM (or Ctrl-C) between the moment the store records the run
+    and the moment its id is known here would leave it RUNNING for good. Held, it arrives when the id
+    is known, and the run is closed KILLED like any stopped run.
+    """
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda s, f: pending.append(s))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+# --------------------------------------------------------------------------- runs left RUNNING
+def _owner_gone(tags: Mapping[str, str]) -> str | None:
+    """Why the process holding a run is known to be gone; None when it may be alive (or is elsewhere)."""
+    if tags.get("bp.host") != socket.gethostname() or not tags.get("bp.pid", "").isdigit():
+        return None
+    pid = int(tags["bp.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"process {pid} is gone"
+    except PermissionError:  # alive, another user's
+        pass
+    started = process_start(pid)
+    if tags.get("bp.pid_start") and started and started != tags["bp.pid_start"]:
+        return f"process {pid} is gone (the pid now belongs to another process)"
+    return None
+
+
+def stale_runs(uri: str) -> list[tuple[Any, str | None]]:
+    """Every RUNNING run in the store with why its process is known gone (None: alive, or on another host)."""
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000) if experiments else []
+    return [(run, _owner_gone(run.data.tags)) for run in runs]
+
+
+def close_stale_main(argv: list[str]) -> int:
+    """``bp-train --stale-runs [--close]``: list runs left RUNNING by a killed process; close them KILLED.
+
+    Only runs whose process is known to be gone are closed: recorded on this host, and its pid no longer
+    runs (or now belongs to a process started later). Runs of other hosts are listed, never touched.
+    The store is ``MLFLOW_TRACKING_URI``, else the embedded one under ``BP_SERVICE_HOME``.
+    """
+    from bp_service.train import project_root
+
+    close = "--close" in argv
+    unknown = [a for a in argv if a != "--close"]
+    if unknown:
+        print(
+            f"bp-train: error: unknown option {unknown[0]!r}; usage: bp-train --stale-runs [--close]", file=sys.stderr
+        )
+        return 2
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_uri(project_root())
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        print(f"no store at {db}: no runs")
+        return 0
+    with _quick_http():
+        found = stale_runs(uri)
+    closed = 0
+    for run, gone in found:
+        name = run.info.run_name or ""
+        where = f"{run.data.tags.get('bp.host', '?')} pid {run.data.tags.get('bp.pid', '?')}"
+        if gone and close:
+            client = MlflowClient(uri)
+            client.set_tag(run.info.run_id, "bp.closed_as_stale", gone)
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+            state = f"closed KILLED ({gone})"
+        elif gone:
+            state = f"stale ({gone}): close with --close"
+        else:
+            state = "running, or on another host: left as it is"
+        print(f"{run.info.run_id}  {name[:40]:<40}  {where:<28}  {state}")
+    print(f"{len(found)} RUNNING run(s) in {uri}; {closed} closed")
+    return 0

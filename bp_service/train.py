@@ -37,7 +37,15 @@ from bp_service.module import BPModule, NonFiniteError
 from bp_service.reports import confusion_figure, curves_figure
 from bp_service.serving import InputError, check_resumable, load_bundle
 from bp_service.tables import DiskFullError, atomic_path, unique_run_dir
-from bp_service.tracking import Tracker, TrackingError, mark_sweep_failed, parent_run_id, recordable_config
+from bp_service.tracking import (
+    Tracker,
+    TrackingError,
+    close_stale_main,
+    mark_sweep_failed,
+    parent_run_id,
+    recordable_config,
+    signals_deferred,
+)
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
@@ -186,12 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if on_slurm:  # a requeued job keeps its id: Lightning finds its HPC checkpoint here and resumes from it
         root_dir = str(Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}")
     hpc = sorted(Path(root_dir).glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime) if on_slurm else []
-    tracker = None
-    if cfg.tracking.enabled and rank_zero_only.rank == 0:  # DDP: one process records the run
-        sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-        resume_id = _resume_run_id(ckpt_path or (str(hpc[-1]) if hpc else None))
-        tracker = Tracker(cfg, list(hydra_cfg.overrides.task), device, resume_id, parent_run_id(sweep_dir))
-
+    tracker = trainer = None
     lightning_has_sigterm = False
 
     def on_sigterm(signum: int, frame: Any) -> None:
@@ -199,11 +202,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not lightning_has_sigterm:
             raise SIGTERMException()
 
-    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        signal.signal(signal.SIGTERM, on_sigterm)
-
     status = "FAILED"  # until proven otherwise: no run is left RUNNING
     try:
+        # Installed before the run opens, and signals held while it opens: a SIGTERM at any moment closes it.
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            signal.signal(signal.SIGTERM, on_sigterm)
+        if cfg.tracking.enabled and rank_zero_only.rank == 0:  # DDP: one process records the run
+            sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+            resume_id = _resume_run_id(ckpt_path or (str(hpc[-1]) if hpc else None))
+            with signals_deferred(signal.SIGTERM, signal.SIGINT):
+                tracker = Tracker(cfg, list(hydra_cfg.overrides.task), device, resume_id, parent_run_id(sweep_dir))
         module = BPModule(
             net,
             loss=cfg.model.loss,
@@ -291,7 +299,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         status = "KILLED"
         print(
             f"bp-train: stopped by SIGTERM at step {trainer.global_step}; checkpoint {ckpt_dir / 'last.ckpt'}; "
-            "resume with ckpt_path=last",
+            "resume with ckpt_path=last"
+            if trainer is not None
+            else "bp-train: stopped by SIGTERM before training started",
             file=sys.stderr,
         )
         raise SystemExit(EXIT_SIGTERM) from None
@@ -426,6 +436,8 @@ def main() -> None:
     it raises them instead, and they are shown here as one line (the full trace only when the
     user asked for it with ``HYDRA_FULL_ERROR=1``).
     """
+    if sys.argv[1:2] == ["--stale-runs"]:  # list (and with --close, close) runs left RUNNING by a killed process
+        sys.exit(close_stale_main(sys.argv[2:]))
     register_configs()
     if not OmegaConf.has_resolver("bp_root"):
         OmegaConf.register_new_resolver("bp_root", project_root)

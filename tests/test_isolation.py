@@ -142,3 +142,72 @@ def test_a_store_left_half_migrated_with_no_runs_is_moved_aside_and_recreated(tm
     assert "was half-created" in err
     assert len(list(home.glob("mlflow.db.broken-*"))) == 1
     assert [r.info.status for r in _runs(home)] == ["FINISHED"]
+
+
+# --------------------------------------------------------------------------- no run left RUNNING
+LONG = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "trainer.max_epochs=50",
+        "trainer.enable_progress_bar=false", "tracking.log_model=false"]  # fmt: skip
+
+
+def _statuses(home: Path) -> list[tuple[str, str]]:
+    """(run id, status) straight from the store's table, without MLflow's client, as fast as it can be polled."""
+    try:
+        with sqlite3.connect(f"file:{home / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
+            return list(con.execute("SELECT run_uuid, status FROM runs"))
+    except sqlite3.Error:  # not created yet, or busy
+        return []
+
+
+@pytest.mark.slow
+def test_sigterm_the_moment_the_run_row_exists_closes_it_killed(tmp_path):
+    home = tmp_path / "home"
+    proc = _start(home, *LONG)
+    deadline = time.monotonic() + 120
+    while not _statuses(home):
+        assert proc.poll() is None and time.monotonic() < deadline, "no run was created"
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = _finish(proc, timeout=120)
+    assert code == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert [status for _, status in _statuses(home)] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_stale_runs_left_by_kill_9_are_listed_and_closed_but_live_runs_are_not(tmp_path):
+    home = tmp_path / "home"
+    killed = _start(home, *LONG, "task_name=killed")
+    deadline = time.monotonic() + 120
+    while not any(s == "RUNNING" for _, s in _statuses(home)):
+        assert killed.poll() is None and time.monotonic() < deadline, "no run was created"
+    (killed_id, _), *_ = _statuses(home)
+    killed.kill()
+    killed.wait()
+    alive = _start(home, *LONG, "task_name=alive")
+    while len(_statuses(home)) < 2:
+        assert alive.poll() is None and time.monotonic() < deadline, "the second run was not created"
+    try:
+        listed = subprocess.run(
+            [str(BIN / "bp-train"), "--stale-runs"], capture_output=True, text=True, env=_env(home), timeout=300
+        )
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        lines = {line.split()[0]: line for line in listed.stdout.splitlines() if line[:32].isalnum()}
+        (alive_id,) = set(lines) - {killed_id}
+        assert f"process {killed.pid} is gone" in lines[killed_id] and "--close" in lines[killed_id]
+        assert "left as it is" in lines[alive_id]
+        assert dict(_statuses(home)) == {killed_id: "RUNNING", alive_id: "RUNNING"}  # listing changes nothing
+
+        closed = subprocess.run(
+            [str(BIN / "bp-train"), "--stale-runs", "--close"],
+            capture_output=True,
+            text=True,
+            env=_env(home),
+            timeout=300,
+        )
+        assert closed.returncode == 0, closed.stderr[-2000:]
+        assert "1 closed" in closed.stdout
+        assert dict(_statuses(home)) == {killed_id: "KILLED", alive_id: "RUNNING"}
+        assert _store(home).get_run(killed_id).data.tags["bp.closed_as_stale"] == f"process {killed.pid} is gone"
+    finally:
+        alive.send_signal(signal.SIGTERM)
+        _finish(alive, timeout=120)
+    assert dict(_statuses(home))[alive_id] == "KILLED"
