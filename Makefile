@@ -62,14 +62,24 @@ clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
 IMAGE       ?= bp-service:latest
 DOCKERFILE  ?= docker/Dockerfile
 DOCKER_ARGS ?=
-COMPOSE     := docker compose -f docker/compose.yaml
+BUILD_ARGS  ?=
+OFFLINE     ?=
+HOST_NETWORK ?=
+# compose v2; HOST_NETWORK=1 adds docker/compose.host.yaml (every service on the host network, on 127.0.0.1)
+COMPOSE      = docker compose -f docker/compose.yaml $(if $(HOST_NETWORK),-f docker/compose.host.yaml)
 BP_PREDICT_INPUT ?= docker/input.csv
 
-docker-build: ## Build the image (GPU hosts: DOCKERFILE=docker/Dockerfile.cuda IMAGE=bp-service:cuda)
-	docker build -f $(DOCKERFILE) -t $(IMAGE) .
+docker-build: ## Build the image (OFFLINE=1: only from docker/wheelhouse/; GPU: DOCKERFILE=docker/Dockerfile.cuda IMAGE=bp-service:cuda)
+	docker build -f $(DOCKERFILE) $(if $(OFFLINE),--build-arg OFFLINE=1) $(BUILD_ARGS) -t $(IMAGE) .
 
 docker-train: docker-build ## Train experiment=digits in the image; runs and checkpoints on the bp-data volume (GPU: DOCKER_ARGS=--gpus=all)
 	docker run --rm $(DOCKER_ARGS) -v bp-data:/data $(IMAGE) bp-train experiment=digits trainer.enable_progress_bar=false $(ARGS)
+
+wheelhouse: $(STAMP) ## Download every wheel of the lock (torch's CPU build) into docker/wheelhouse/ for OFFLINE=1 builds
+	bash docker/wheelhouse.sh $(PY) docker/wheelhouse
+
+docker-check: $(STAMP) ## Build the image offline and run the container checks CI runs (docker/ci-check.sh)
+	bash docker/ci-check.sh
 
 $(BP_PREDICT_INPUT): | $(STAMP)
 	$(PY) -c 'import pandas as pd; from sklearn.datasets import load_digits; d = load_digits(); \
@@ -81,4 +91,4 @@ compose-up: $(BP_PREDICT_INPUT) ## PostgreSQL + MLflow (http://127.0.0.1:5000), 
 compose-down: ## Stop the compose stack; its volumes (database, runs, models, predictions) stay unless ARGS=-v
 	$(COMPOSE) down $(ARGS)
 
-.PHONY: docker-build docker-train compose-up compose-down
+.PHONY: docker-build docker-train wheelhouse docker-check compose-up compose-down
