@@ -42,6 +42,10 @@ class BPModule(pl.LightningModule):
         meta: preprocessing and labels, saved in every checkpoint so it predicts from raw features.
         log_every_n_steps: cadence of the per-step ``train/loss_step`` metric.
         gradient_clip_val: clip the gradient norm to this value, if set.
+        compile: run the training cost (forward, cost and hand-written backward) under ``torch.compile``.
+
+    Each training step goes through ``net.cost``: forward pass, cost and backpropagation as one
+    :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``.
     """
 
     def __init__(
@@ -54,11 +58,14 @@ class BPModule(pl.LightningModule):
         meta: dict[str, Any] | None = None,
         log_every_n_steps: int = 10,
         gradient_clip_val: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = net
+        self.loss = loss
         self.loss_fn = LOSSES[loss]
+        self._cost = torch.compile(net.cost) if compile else net.cost
         self.task = task
         self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.SGD", "lr": 0.1})
         self.scheduler_cfg = dict(scheduler) if scheduler else None
@@ -79,7 +86,7 @@ class BPModule(pl.LightningModule):
     def training_step(self, chunk: tuple[tuple[Tensor, Tensor], ...], batch_idx: int) -> None:
         opt = self.optimizers()
         for x, y in chunk:
-            loss = self.loss_fn(self.net(x), y)
+            loss = self._cost(x, y, self.loss)
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             if self.gradient_clip_val:

@@ -1,4 +1,4 @@
-"""Pictures of a run for the dashboard: learning curves and a confusion matrix (matplotlib)."""
+"""Pictures of a run for the dashboard: learning curves, a confusion matrix, gradient flow (matplotlib)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # batch jobs and CI have no display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -40,5 +41,35 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[ob
         y_true, y_pred, labels=list(range(len(labels))), display_labels=[str(x) for x in labels], ax=ax, colorbar=False
     )
     ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]) -> Figure:
+    """Layers x epochs heat maps of gradient norms on a log colour scale, one panel per quantity.
+
+    ``panels`` maps a title (``|dC/dW_l|``, ``|delta_l|``) to an array of shape (layers, epochs);
+    a vanishing gradient shows as the first layers' rows orders of magnitude darker.
+    """
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.0 * len(panels), 0.9 + 0.45 * max(len(v) for v in panels.values())), squeeze=False
+    )
+    for ax, (title, norms) in zip(axes[0], panels.items()):
+        positive = norms[norms > 0]
+        low, high = (positive.min(), positive.max()) if positive.size else (1e-12, 1.0)
+        image = ax.imshow(
+            np.where(norms > 0, norms, low),
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            norm=LogNorm(vmin=low, vmax=max(high, low * 10)),
+            interpolation="nearest",
+        )
+        ax.set_yticks(range(len(norms)), [f"layer {i}" for i in range(1, len(norms) + 1)])
+        step = max(1, len(epochs) // 10)
+        ax.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]])
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
