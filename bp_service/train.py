@@ -29,12 +29,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bp_service.callbacks import GradientFlow
 from bp_service.config import ConfigError, full_error_requested, register_configs, validate
 from bp_service.data import BPDataModule, DataError
 from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
-from bp_service.reports import confusion_figure, curves_figure
+from bp_service.reports import confusion_figure, curves_figure, gradient_flow_figure
 from bp_service.serving import InputError, check_resumable, load_bundle
 from bp_service.tables import DiskFullError, atomic_path, unique_run_dir
 from bp_service.tracking import (
@@ -221,6 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             meta={**data.meta, "mlflow_run_id": tracker.run_id if tracker else None},
             log_every_n_steps=cfg.trainer.log_every_n_steps,
             gradient_clip_val=cfg.trainer.gradient_clip_val,
+            compile=cfg.model.compile,
         )
         if cfg.model.compile:
             net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
@@ -243,8 +245,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     monitor, patience=cfg.early_stopping.patience, mode=mode, min_delta=cfg.early_stopping.min_delta
                 )
             )
+        gradient_flow = GradientFlow()
         if tracker:
             callbacks.append(LearningRateMonitor(logging_interval=cfg.scheduler.interval if cfg.scheduler else "epoch"))
+            callbacks.append(gradient_flow)
 
         trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
         trainer_kwargs.pop("gradient_clip_val", None)  # manual optimization clips in the module
@@ -293,7 +297,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "output_dir": cfg.paths.output_dir,
         }
         if tracker:
-            _record_artifacts(cfg, tracker, module, data, result)
+            _record_artifacts(cfg, tracker, module, data, result, gradient_flow)
         status = "FINISHED"
     except SIGTERMException:
         status = "KILLED"
@@ -318,17 +322,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _record_artifacts(cfg: DictConfig, tracker: Tracker, module: BPModule, data, result: dict[str, Any]) -> None:
-    """Config, curves, confusion matrix, checkpoint pointer, and the servable model."""
+def _record_artifacts(
+    cfg: DictConfig, tracker: Tracker, module: BPModule, data, result: dict[str, Any], gradient_flow: GradientFlow
+) -> None:
+    """Config, curves, gradient flow, confusion matrix, checkpoint pointer, and the servable model."""
     tracker.log_text(OmegaConf.to_yaml(recordable_config(cfg)), "config.yaml")
     keys = ["train/loss", "val/loss"] + (["val/acc"] if data.task == "classification" else [])
     history = tracker.metric_history(keys)
     if any(history.values()):
         tracker.log_figure(curves_figure(history), "curves.png")
+    epochs, panels = gradient_flow.panels()
+    if panels:
+        tracker.log_figure(gradient_flow_figure(epochs, panels), "gradient_flow.png")
     net = module.net
     if data.task == "classification":
         with torch.no_grad():
-            pred = net(data.x["test"]).cpu()
+            weight = net.layers[0].weight  # *-true precisions: the test rows in the network's dtype
+            pred = net(data.x["test"].to(weight.device, weight.dtype)).float().cpu()
         target = data.y["test"]
         to_index = (lambda t: (t[:, 0] > 0.5).long()) if pred.shape[1] == 1 else (lambda t: t.argmax(1))
         tracker.log_figure(
