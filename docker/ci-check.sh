@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 REPO="$PWD"
 PY="${PY:-$REPO/.venv/bin/python}"
 IMAGE="${BP_CHECK_IMAGE:-bp-service:check}"
-STATE=/var/lib/bp-service-ci
+STATE="${BP_CHECK_STATE:-/var/lib/bp-service-ci}"  # the private engine's data root, its log, a wheelhouse cache
 RUNDIR=/run/bp-service-ci
 started_all=$SECONDS
 phase_start=$SECONDS
