@@ -9,14 +9,17 @@ noisy the run was.
 
 Items (``--items`` selects them; ``ITEMS`` lists them):
 
-1. Training step time, the hand-written Functions (``bp_service.MLP``) vs native autograd
-   (``nn.Linear`` + ``torch.sigmoid`` + ``F.mse_loss``), same weights, same batch. Row ``1`` is
-   the MLP as it comes (fused ``LinearSigmoidFunction`` layers), ``1u`` the same with
-   ``fused=False``; ``--compile`` adds the fused MLP under ``torch.compile`` as ``1c``.
-2. Peak memory of the same step, ``2`` fused and ``2u`` unfused (see
+1. Training step time, bp-train's path vs native autograd (``nn.Linear`` + ``torch.sigmoid`` +
+   ``F.mse_loss``, SGD), same weights, same batch, at the shapes users run (``SHAPES``: the
+   digits job's 64-64-10 at batch 64, the worked example's 3-2-1 at batch 1, 784-1024-1024-10
+   at batch 512; on CUDA also 4096 wide at batch 4096). Row ``1`` is ``MLP.cost`` (the
+   whole-network Function bp-train trains through), ``1l`` the per-layer Functions;
+   ``--compile`` adds the cost path under ``torch.compile`` as ``1c``.
+2. Peak memory of the same steps, ``2`` for ``MLP.cost`` and ``2l`` per-layer (see
    :func:`item_peak_memory` and :func:`peak_memory_bytes` for what is measured and how).
-3. Roofline: FLOP/s the custom step achieves over the FLOP/s ``torch.mm`` reaches on the
-   GEMMs of that step, at the same thread count (see :func:`mlp_step_flops`).
+3. Roofline: FLOP/s the cost step achieves over the FLOP/s ``torch.mm`` reaches on the
+   GEMMs of that step, at the same thread count (see :func:`mlp_step_flops`); on CUDA at the
+   GPU-sized shape, where a step is not launch-bound.
 4. One epoch of bp-train's Lightning loop vs a plain PyTorch loop (``bench_jobs.py``).
 5. ``bp-train experiment=digits`` vs scikit-learn's ``MLPClassifier``, each from a cold process.
 
@@ -51,8 +54,17 @@ from bp_service.layers import MLP
 
 Row = dict[str, Any]
 
-SIZES: tuple[int, ...] = (784, 1024, 1024, 10)
+SIZES: tuple[int, ...] = (784, 1024, 1024, 10)  # the compute-bound shape: MNIST-sized, batch 512
 BATCH = 512
+# The networks users train, with the batch each runs at: (label, sizes, batch, CPU target, CUDA target).
+# Targets are step-time ratios bp-train's path / native autograd (issue 11).
+SHAPES: tuple[tuple[str, tuple[int, ...], int, float, float], ...] = (
+    ("digits job", (64, 64, 10), 64, 1.00, 1.05),
+    ("worked example", (3, 2, 1), 1, 1.00, 1.05),
+    ("MNIST-sized", SIZES, BATCH, 1.02, 1.05),
+)
+GPU_SHAPE = ("GPU-sized", (4096, 4096, 4096, 10), 4096, 1.00, 1.00)  # not launch-bound: CUDA only
+MEMORY_TARGET = 1.10
 LR = 0.1
 
 
@@ -254,39 +266,67 @@ class TrainStep:
         return sum(storages.values())
 
 
+class CostStep(TrainStep):
+    """bp-train's training step: ``model.cost`` (one whole-network Function), backward, SGD."""
+
+    def __init__(self, model: MLP, x: Tensor, target: Tensor, cost: Callable[[Tensor, Tensor], Tensor] | None = None):
+        super().__init__(model, F.mse_loss, x, target)
+        self.cost = cost or model.cost
+
+    def __call__(self) -> Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.cost(self.x, self.target)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+
 SIDES = {
-    "custom": "bp_service.MLP",
+    "cost": "bp_service.MLP.cost",
+    "custom": "bp_service.MLP per-layer",
     "unfused": "bp_service.MLP(fused=False)",
-    "compiled": "torch.compile(bp_service.MLP)",
+    "compiled": "torch.compile(bp_service.MLP.cost)",
     "native": "nn.Linear+torch.sigmoid",
 }
 
 
 def build_steps(
-    cfg: BenchConfig, device: str, dtype: torch.dtype, sides: Sequence[str] = ("custom", "native")
+    cfg: BenchConfig,
+    device: str,
+    dtype: torch.dtype,
+    sides: Sequence[str] = ("cost", "native"),
+    sizes: Sequence[int] = SIZES,
+    batch: int = BATCH,
 ) -> dict[str, TrainStep]:
     """Training steps keyed by side (see ``SIDES``), each with its own copy of the same weights.
 
-    ``custom`` is ``bp_service.MLP`` as it comes (fused sigmoid layers); ``unfused`` the same
-    with ``fused=False``; ``compiled`` the custom one under ``torch.compile``; ``native`` the
-    peer. Before returning, the first step of each is checked to give the same loss as the
-    native one, so every side provably computes the same network.
+    ``cost`` is bp-train's path (``MLP.cost``: one whole-network Function); ``custom`` the
+    per-layer Functions (fused sigmoid layers, then ``F.mse_loss``); ``unfused`` the same with
+    ``fused=False``; ``compiled`` the cost path under ``torch.compile``; ``native`` the peer.
+    Before returning, the first step of each is checked to give the same loss as the native
+    one, so every side provably computes the same network.
     """
-    x, target = build_batch(device, dtype, cfg.seed)
+    x, target = build_batch(device, dtype, cfg.seed, sizes, batch)
     steps: dict[str, TrainStep] = {}
     for side in sides:
-        ours, native = build_models(device, dtype, cfg.seed, fused=side != "unfused")
+        ours, native = build_models(device, dtype, cfg.seed, sizes, fused=side != "unfused")
         if side == "native":
             steps[side] = TrainStep(native, TF.mse_loss, x, target)
+        elif side in ("cost", "compiled"):
+            steps[side] = CostStep(ours, x, target, torch.compile(ours.cost) if side == "compiled" else None)
         else:
-            model = torch.compile(ours) if side == "compiled" else ours
-            steps[side] = TrainStep(model, F.mse_loss, x, target)
+            steps[side] = TrainStep(ours, F.mse_loss, x, target)
     first = {side: step() for side, step in steps.items()}
     if "native" in first:
         tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
         for side, loss in first.items():
             torch.testing.assert_close(loss, first["native"], **tol, msg=lambda m, s=side: f"{s} vs native: {m}")
     return steps
+
+
+def shapes_for(device: str) -> tuple[tuple[str, tuple[int, ...], int, float, float], ...]:
+    """The networks item 1 and 2 run on ``device``: the users' shapes, plus a GPU-sized one on CUDA."""
+    return SHAPES + ((GPU_SHAPE,) if device.startswith("cuda") else ())
 
 
 # --------------------------------------------------------------------------- memory
@@ -387,93 +427,111 @@ def step_gemms(sizes: Sequence[int], batch: int) -> list[tuple[int, int, int]]:
 
 
 # --------------------------------------------------------------------------- items
-def _step_common(device: str, dtype: torch.dtype) -> dict[str, Any]:
-    return {"device": device, "dtype": _dtype_name(dtype), "threads": torch.get_num_threads(), "batch": BATCH}
+def _step_common(device: str, dtype: torch.dtype, sizes: Sequence[int] = SIZES, batch: int = BATCH) -> dict[str, Any]:
+    return {
+        "device": device,
+        "dtype": _dtype_name(dtype),
+        "threads": torch.get_num_threads(),
+        "sizes": list(sizes),
+        "batch": batch,
+    }
+
+
+def _shape_name(label: str, sizes: Sequence[int], batch: int) -> str:
+    return f"{label} {'-'.join(map(str, sizes))}, batch {batch}"
 
 
 def item_step_time(cfg: BenchConfig) -> list[Row]:
-    """Item 1: median training-step time over native autograd's, for each custom variant.
+    """Item 1: median training-step time over native autograd's, at every shape users run.
 
-    Row ``1`` is ``bp_service.MLP`` as it comes (fused sigmoid layers), ``1u`` the same with
-    ``fused=False``, ``1c`` (with ``--compile``) the fused one under ``torch.compile``. All sides
-    are timed in the same rounds.
+    For each shape of :func:`shapes_for` (the digits job's network, the worked example's, the
+    MNIST-sized one, and on CUDA a GPU-sized one): row ``1`` is bp-train's path (``MLP.cost``),
+    ``1l`` the per-layer Functions (fused), ``1c`` (with ``--compile``) the cost path under
+    ``torch.compile``. All sides of a shape are timed in the same rounds; small steps are timed
+    in groups of calls so that the clock's resolution does not matter.
     """
     rows = []
-    sides = ["custom", "unfused", *(["compiled"] if cfg.compile else []), "native"]
+    sides = ["cost", "custom", *(["compiled"] if cfg.compile else []), "native"]
     for device, dtype in cfg.targets():
-        t0 = time.perf_counter()
-        steps = build_steps(cfg, device, dtype, sides)
-        setup_s = time.perf_counter() - t0
-        inner = 1 if device == "cpu" else 10
-        samples = time_round_robin(steps, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
-        med = {side: statistics.median(s) for side, s in samples.items()}
-        for side, item in (("custom", "1"), ("unfused", "1u"), ("compiled", "1c")):
-            if side not in samples:
-                continue
-            extra = {"setup_and_compile_s": setup_s} if side == "compiled" else {}
-            rows.append(
-                make_row(
-                    item,
-                    f"training step time, {SIDES[side]} [{device} {_dtype_name(dtype)}]",
-                    med[side],
-                    med["native"],
-                    target=1.0,
-                    cmp="<=",
-                    unit="s",
-                    ours_label=SIDES[side],
-                    peer_label=SIDES["native"],
-                    reps=cfg.reps,
-                    sizes=list(SIZES),
-                    **_step_common(device, dtype),
-                    **_paired_ratio_stats(samples[side], samples["native"]),
-                    **extra,
+        for label, sizes, batch, cpu_target, cuda_target in shapes_for(device):
+            t0 = time.perf_counter()
+            steps = build_steps(cfg, device, dtype, sides, sizes, batch)
+            setup_s = time.perf_counter() - t0
+            flops = mlp_step_flops(sizes, batch)
+            inner = 1 if flops > 1e9 else (20 if device == "cpu" else 10)
+            samples = time_round_robin(steps, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
+            med = {side: statistics.median(v) for side, v in samples.items()}
+            for side, item in (("cost", "1"), ("custom", "1l"), ("compiled", "1c")):
+                if side not in samples:
+                    continue
+                extra = {"setup_and_compile_s": setup_s} if side == "compiled" else {}
+                rows.append(
+                    make_row(
+                        item,
+                        f"training step time, {SIDES[side]}, {_shape_name(label, sizes, batch)} "
+                        f"[{device} {_dtype_name(dtype)}]",
+                        med[side],
+                        med["native"],
+                        target=cpu_target if device == "cpu" else cuda_target,
+                        cmp="<=",
+                        unit="s",
+                        ours_label=SIDES[side],
+                        peer_label=SIDES["native"],
+                        reps=cfg.reps,
+                        inner=inner,
+                        **_step_common(device, dtype, sizes, batch),
+                        **_paired_ratio_stats(samples[side], samples["native"]),
+                        **extra,
+                    )
                 )
-            )
     return rows
 
 
 def item_peak_memory(cfg: BenchConfig) -> list[Row]:
-    """Item 2: peak live tensor bytes of one training step, custom / native.
+    """Item 2: peak live tensor bytes of one training step, bp-train's path (and per-layer) / native.
 
     ``ours`` and ``peer`` are the bytes that live across steps (weights, gradients, batch,
     optimizer state; measured from the tensors) plus the step's own peak on top of them
     (:func:`peak_memory_bytes`), i.e. what ``torch.cuda.max_memory_allocated`` would say for
     that side alone. ``details.net_ratio`` compares the step's own peaks without the state.
-    Each side is measured ``memory_reps`` times, alternating, and the median kept.
+    Each side is measured ``memory_reps`` times, alternating, and the median kept; every shape
+    of :func:`shapes_for` is measured.
     """
     rows = []
     for device, dtype in cfg.targets():
-        steps = build_steps(cfg, device, dtype, ("custom", "unfused", "native"))
-        for step in steps.values():  # steady state: last step's gradients exist, allocator warmed up
-            step()
-        state = {side: step.state_bytes() for side, step in steps.items()}
-        nets: dict[str, list[int]] = {side: [] for side in steps}
-        for r in range(cfg.memory_reps):
-            order = list(steps) if r % 2 == 0 else list(steps)[::-1]
-            for side in order:
-                nets[side].append(peak_memory_bytes(steps[side], device))
-        net = {side: statistics.median(v) for side, v in nets.items()}
-        for side, item in (("custom", "2"), ("unfused", "2u")):
-            rows.append(
-                make_row(
-                    item,
-                    f"training step peak memory, {SIDES[side]} [{device} {_dtype_name(dtype)}]",
-                    state[side] + net[side],
-                    state["native"] + net["native"],
-                    target=1.0,
-                    cmp="<=",
-                    unit="B",
-                    ours_label=SIDES[side],
-                    peer_label=SIDES["native"],
-                    measured="bytes live across steps + the step's peak of live tensor bytes above them",
-                    measured_by="torch.profiler memory events" if device == "cpu" else "CUDA caching allocator",
-                    state_bytes={"ours": state[side], "peer": state["native"]},
-                    net_peak_bytes={"ours": net[side], "peer": net["native"]},
-                    net_ratio=net[side] / net["native"] if net["native"] else None,
-                    net_samples={"ours": nets[side], "peer": nets["native"]},
-                    **_step_common(device, dtype),
+        for label, sizes, batch, _, _ in shapes_for(device):
+            steps = build_steps(cfg, device, dtype, ("cost", "custom", "native"), sizes, batch)
+            for step in steps.values():  # steady state: last step's gradients exist, allocator warmed up
+                step()
+            state = {side: step.state_bytes() for side, step in steps.items()}
+            nets: dict[str, list[int]] = {side: [] for side in steps}
+            for r in range(cfg.memory_reps):
+                order = list(steps) if r % 2 == 0 else list(steps)[::-1]
+                for side in order:
+                    nets[side].append(peak_memory_bytes(steps[side], device))
+            net = {side: statistics.median(v) for side, v in nets.items()}
+            for side, item in (("cost", "2"), ("custom", "2l")):
+                rows.append(
+                    make_row(
+                        item,
+                        f"training step peak memory, {SIDES[side]}, {_shape_name(label, sizes, batch)} "
+                        f"[{device} {_dtype_name(dtype)}]",
+                        state[side] + net[side],
+                        state["native"] + net["native"],
+                        target=MEMORY_TARGET,
+                        cmp="<=",
+                        unit="B",
+                        ours_label=SIDES[side],
+                        peer_label=SIDES["native"],
+                        measured="bytes live across steps + the step's peak of live tensor bytes above them",
+                        measured_by="torch.profiler memory events" if device == "cpu" else "CUDA caching allocator",
+                        state_bytes={"ours": state[side], "peer": state["native"]},
+                        net_peak_bytes={"ours": net[side], "peer": net["native"]},
+                        net_ratio=net[side] / net["native"] if net["native"] else None,
+                        net_samples={"ours": nets[side], "peer": nets["native"]},
+                        **_step_common(device, dtype, sizes, batch),
+                    )
                 )
-            )
     return rows
 
 
@@ -489,13 +547,15 @@ def item_roofline(cfg: BenchConfig) -> list[Row]:
     """
     rows = []
     for device, dtype in cfg.targets():
-        steps = build_steps(cfg, device, dtype)
-        flops = mlp_step_flops(SIZES, BATCH)
-        counted = counted_step_flops(steps["custom"])
-        fns: dict[str, Callable[[], object]] = {"custom": steps["custom"]}
+        # On CUDA the MNIST-sized step is launch-bound: the roofline needs a shape that is not.
+        sizes, batch = (GPU_SHAPE[1], GPU_SHAPE[2]) if device.startswith("cuda") else (SIZES, BATCH)
+        steps = build_steps(cfg, device, dtype, ("cost",), sizes, batch)
+        flops = mlp_step_flops(sizes, batch)
+        counted = counted_step_flops(steps["cost"])
+        fns: dict[str, Callable[[], object]] = {"cost": steps["cost"]}
         gemm_flops: dict[str, int] = {}
         g = torch.Generator().manual_seed(cfg.seed)
-        for m, k, n in step_gemms(SIZES, BATCH):
+        for m, k, n in step_gemms(sizes, batch):
             a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
             b = torch.randn(k, n, generator=g).to(device=device, dtype=dtype)
             out = torch.empty(m, n, device=device, dtype=dtype)
@@ -506,10 +566,10 @@ def item_roofline(cfg: BenchConfig) -> list[Row]:
         samples = time_round_robin(fns, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=_sync(device))
         mm_rate = {label: f / statistics.median(samples[label]) for label, f in gemm_flops.items()}
         best = max(mm_rate, key=mm_rate.get)
-        step_s = statistics.median(samples["custom"])
+        step_s = statistics.median(samples["cost"])
         # The same ratio from the least disturbed rounds (10th percentile times), for noisy machines.
         mm_rate_p10 = max(f / _percentile(samples[label], 0.1) for label, f in gemm_flops.items())
-        ratio_p10 = flops / _percentile(samples["custom"], 0.1) / mm_rate_p10
+        ratio_p10 = flops / _percentile(samples["cost"], 0.1) / mm_rate_p10
         rows.append(
             make_row(
                 "3",
@@ -519,11 +579,9 @@ def item_roofline(cfg: BenchConfig) -> list[Row]:
                 target=0.75,
                 cmp=">=",
                 unit="FLOP/s",
-                ours_label="bp_service.MLP step",
+                ours_label="bp_service.MLP.cost step",
                 peer_label=f"torch.mm {best}",
-                device=device,
-                dtype=_dtype_name(dtype),
-                threads=torch.get_num_threads(),
+                **_step_common(device, dtype, sizes, batch),
                 step_flops=flops,
                 step_flops_counted_by_torch=counted,
                 step_seconds=step_s,

@@ -25,7 +25,12 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     report = json.loads(out.read_text())
     rows = report["rows"]
     _check_rows(rows)
-    assert {"1", "1u", "2", "2u", "3"} <= {r["item"] for r in rows}
+    assert {"1", "1l", "2", "2l", "3"} <= {r["item"] for r in rows}
+    # Item 1 and 2 run at every shape users train (issue 11), each with its own target.
+    step_rows = {(tuple(r["details"]["sizes"]), r["details"]["batch"]): r for r in rows if r["item"] == "1"}
+    assert set(step_rows) == {(sizes, batch) for _, sizes, batch, _, _ in bench.SHAPES}
+    assert step_rows[((3, 2, 1), 1)]["target"] == 1.0 and step_rows[(bench.SIZES, bench.BATCH)]["target"] == 1.02
+    assert {r["target"] for r in rows if r["item"] == "2"} == {bench.MEMORY_TARGET}
     assert report["meta"]["threads"] == torch.get_num_threads()
     assert report["meta"]["quick"] is True
     roofline = next(r for r in rows if r["item"] == "3")
@@ -42,7 +47,7 @@ def test_quick_run_with_compile_adds_its_row(tmp_path):
     assert bench.main(["--quick", "--compile", "--items", "1", "--reps", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    assert [r["item"] for r in rows] == ["1", "1u", "1c"]
+    assert [r["item"] for r in rows] == ["1", "1l", "1c"] * len(bench.SHAPES)
 
 
 def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):
@@ -93,12 +98,12 @@ def test_flop_count_is_the_exact_formula():
 
 @pytest.mark.parametrize("input_grad", [False, True])
 def test_flop_count_matches_torch_flop_counter(input_grad):
-    """What torch.utils.flop_counter sees the custom step run equals the formula."""
+    """What torch.utils.flop_counter sees the cost step (bp-train's path) run equals the formula."""
     torch.manual_seed(0)
     sizes, batch = (7, 5, 4, 3), 6
     model = MLP(sizes)
     x, target = torch.rand(batch, sizes[0], requires_grad=input_grad), torch.rand(batch, sizes[-1])
-    step = bench.TrainStep(model, F.mse_loss, x, target)
+    step = bench.CostStep(model, x, target)
     assert bench.counted_step_flops(step) == bench.mlp_step_flops(sizes, batch, input_grad=input_grad)
 
 
