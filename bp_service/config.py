@@ -66,6 +66,7 @@ class ModelConfig:
     fused: bool = True
     bias: bool = True
     compile: bool = False  # torch.compile the network
+    capture: bool | None = None  # CUDA-graph training steps: null when possible, true says why not, false off
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -9,6 +11,7 @@ import torch
 from torch import Tensor
 
 from bp_service import functions as F
+from bp_service.capture import CapturedStep
 from bp_service.config import check_target
 from bp_service.layers import MLP
 
@@ -43,6 +46,9 @@ class BPModule(pl.LightningModule):
         log_every_n_steps: cadence of the per-step ``train/loss_step`` metric.
         gradient_clip_val: clip the gradient norm to this value, if set.
         compile: run the training cost (forward, cost and hand-written backward) under ``torch.compile``.
+        capture: replay each training step from a CUDA graph (:class:`~bp_service.capture.CapturedStep`):
+            ``None`` when it can (one CUDA device, no compile, clipping, fp16 loss scaling or
+            step-wise scheduler), ``True`` the same but says in one line why it cannot, ``False`` never.
 
     Each training step goes through ``net.cost``: forward pass, cost and backpropagation as one
     :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``.
@@ -59,6 +65,7 @@ class BPModule(pl.LightningModule):
         log_every_n_steps: int = 10,
         gradient_clip_val: float | None = None,
         compile: bool = False,
+        capture: bool | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -66,6 +73,9 @@ class BPModule(pl.LightningModule):
         self.loss = loss
         self.loss_fn = LOSSES[loss]
         self._cost = torch.compile(net.cost) if compile else net.cost
+        self.compile, self.capture = compile, capture
+        self._captured: CapturedStep | None = None
+        self._said_ragged = False
         self.task = task
         self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.SGD", "lr": 0.1})
         self.scheduler_cfg = dict(scheduler) if scheduler else None
@@ -83,21 +93,75 @@ class BPModule(pl.LightningModule):
         self._epoch_loss_sum = torch.zeros((), device=self.device)
         self._epoch_rows = 0
 
+    def on_train_start(self) -> None:
+        reason = self._why_not_captured()
+        if reason is None:
+            params = list(self.net.parameters())
+            self._captured = CapturedStep(lambda x, y: self._cost(x, y, self.loss), params, self._raw_optimizer())
+            self._say("bp-train: training steps are captured in a CUDA graph and replayed (model.capture=false: off)")
+        elif self.capture or (self.capture is None and self.device.type == "cuda"):
+            self._say(f"bp-train: training eagerly, not from a CUDA graph: {reason}")
+
+    def _say(self, line: str) -> None:
+        """One line on stderr from the first process (Lightning's info channel is muted in bp-train)."""
+        if self.trainer.is_global_zero:
+            print(line, file=sys.stderr)
+
+    def _why_not_captured(self) -> str | None:
+        """Why this run's training step cannot be captured, or None when it can."""
+        precision = str(self.trainer.precision)
+        reasons = [
+            (self.capture is False, "model.capture=false"),
+            (self.device.type != "cuda", f"the device is {self.device.type}, not CUDA"),
+            (self.trainer.world_size > 1, "several processes (DDP)"),
+            (self.compile, "model.compile=true"),
+            (bool(self.gradient_clip_val), "gradient clipping"),
+            (precision.startswith("16"), f"precision {precision} scales the loss (GradScaler)"),
+            (bool(self.scheduler_cfg) and self.scheduler_cfg.get("interval") == "step", "a step-wise LR scheduler"),
+        ]
+        return next((why for cannot, why in reasons if cannot), None)
+
+    def _raw_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.optimizers()
+        return opt.optimizer if hasattr(opt, "optimizer") else opt
+
     def training_step(self, chunk: tuple[tuple[Tensor, Tensor], ...], batch_idx: int) -> None:
         opt = self.optimizers()
         for x, y in chunk:
-            loss = self._cost(x, y, self.loss)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if self.gradient_clip_val:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            self._check_finite(loss)
-            opt.step()
+            if self._captured is not None and self._captured.fits(x, y):
+                loss = self._captured_step(opt, x, y)
+            else:
+                loss = self._eager_step(opt, x, y)
             self._step_scheduler("step")
             self._epoch_loss_sum = self._epoch_loss_sum.to(loss.device) + loss.detach() * len(x)
             self._epoch_rows += len(x)
             if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
                 self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
+
+    def _eager_step(self, opt, x: Tensor, y: Tensor) -> Tensor:
+        if self._captured is not None and not self._said_ragged:
+            self._say(f"bp-train: a batch of {len(x)} rows runs eagerly (the graph was captured for another shape)")
+            self._said_ragged = True
+        loss = self._cost(x, y, self.loss)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip_val:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        self._check_finite(loss, [p.grad for p in self.net.parameters()])
+        opt.step()
+        if self._captured is not None:
+            self._captured.restore_grads()
+        return loss
+
+    def _captured_step(self, opt, x: Tensor, y: Tensor) -> Tensor:
+        # LightningOptimizer.step's own accounting around the replay: global_step stays Lightning's.
+        opt._on_before_step()
+        loss = self._captured(x, y)
+        opt._on_after_step()
+        # Checking reads the GPU (a sync): under capture at the logging cadence, not every step.
+        if self.global_step % self.log_every_n_steps == 0:
+            self._check_finite(loss, self._captured.grads or [p.grad for p in self.net.parameters()])
+        return loss
 
     def on_train_epoch_end(self) -> None:
         # Mean over rows, independent of how optimizer steps were grouped into Lightning steps.
@@ -105,11 +169,15 @@ class BPModule(pl.LightningModule):
         self.log("train/loss", epoch_loss, prog_bar=True, sync_dist=True)
         self._step_scheduler("epoch")
 
-    def _check_finite(self, loss: Tensor) -> None:
-        """Stop at the step that diverged, before the optimizer writes NaNs into the weights."""
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+    def _check_finite(self, loss: Tensor, grads: list[Tensor | None]) -> None:
+        """Stop at the step that diverged, before the optimizer writes NaNs into the weights.
+
+        Under capture the check runs every ``log_every_n_steps`` steps, after the update.
+        """
+        grads = [g for g in grads if g is not None]
         # One fused check per step (the kernel clip_grad_norm_ uses); a NaN or inf anywhere reaches the norm.
-        if torch.isfinite(torch.stack([loss.detach(), *torch._foreach_norm(grads)])).all():
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        if torch.isfinite(torch.stack([loss.detach(), *norms])).all():
             return
         step = self.global_step + 1  # the norm may merely overflow: name what is really non-finite
         if not torch.isfinite(loss):
@@ -140,7 +208,14 @@ class BPModule(pl.LightningModule):
     # ----------------------------------------------------------------------- optimizers, checkpoints
     def configure_optimizers(self):
         kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "_target_"}
-        optimizer = check_target(self.optimizer_cfg["_target_"], "optimizer")(self.net.parameters(), **kwargs)
+        optimizer_cls = check_target(self.optimizer_cfg["_target_"], "optimizer")
+        if (
+            self.capture is not False
+            and self.device.type == "cuda"
+            and "capturable" in inspect.signature(optimizer_cls).parameters
+        ):
+            kwargs.setdefault("capturable", True)  # Adam and friends: their step may then go in a CUDA graph
+        optimizer = optimizer_cls(self.net.parameters(), **kwargs)
         if not self.scheduler_cfg:
             return optimizer
         scheduler_cls = check_target(self.scheduler_cfg["_target_"], "scheduler")

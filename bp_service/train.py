@@ -223,6 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log_every_n_steps=cfg.trainer.log_every_n_steps,
             gradient_clip_val=cfg.trainer.gradient_clip_val,
             compile=cfg.model.compile,
+            capture=cfg.model.capture,
         )
         if cfg.model.compile:
             net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
