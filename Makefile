@@ -92,3 +92,14 @@ compose-down: ## Stop the compose stack; its volumes (database, runs, models, pr
 	$(COMPOSE) down $(ARGS)
 
 .PHONY: docker-build docker-train wheelhouse docker-check compose-up compose-down
+
+# --------------------------------------------------------------------------- CUDA machine without internet
+GPU_WHEELS ?= .gpu-wheels
+
+gpu-wheels: $(STAMP) ## Download the wheels a CUDA machine without internet lacks (the lock minus torch, Lightning, numpy...) into .gpu-wheels
+	PY=$(PY) tools/gpu-wheels.sh $(GPU_WHEELS) $(or $(GPU_PYTHON_VERSION),3.12)
+
+gpu-check: ## On a CUDA machine: install from .gpu-wheels, make test-gpu, bp-bench CUDA rows, bp-train synthetic per precision; results in $OUT
+	WHEELS=$(abspath $(GPU_WHEELS)) bash tools/gpu-check.sh $(or $(OUT_DIR),$(OUT),gpu-check-out)
+
+.PHONY: gpu-wheels gpu-check
