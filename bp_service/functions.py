@@ -432,6 +432,7 @@ def backprop(
     cost: str,
     needs_grad: tuple[bool, ...],
     deltas: list[Tensor] | None = None,
+    release: bool = False,
 ) -> tuple[Tensor | None, ...]:
     """The backward pass of the whole network: the delta recursion, from the cost down.
 
@@ -445,6 +446,7 @@ def backprop(
         acts: ``[a_1, ..., a_L]``, each ``(N, H_l)``; diff: ``a_L - y`` in the cost's dtype.
         needs_grad: ``(x, y, W_1, b_1, ...)``: which gradients to compute.
         deltas: if given, each delta_l is appended to it (last layer first), for diagnostics.
+        release: drop each entry of ``acts`` once used (set to None), so its memory can go.
 
     Returns:
         ``(dC/dx, dC/dy, dC/dW_1, dC/db_1, ..., dC/dW_L, dC/db_L)``, None where not needed.
@@ -463,8 +465,10 @@ def backprop(
         weight, bias = params[2 * layer], params[2 * layer + 1]
         a_prev = x if layer == 0 else acts[layer - 1]
         delta = _times_derivative(grad_a, acts[layer], activations[layer], inplace)  # (N, H_out)
+        if release:
+            acts[layer] = None  # a_l was needed for f' and dC/dW_{l+1} only: both are done
         if deltas is not None:
-            deltas.append(delta.detach().clone() if inplace else delta)
+            deltas.append(delta)  # never written again: the next layer's grad_a is a new buffer
         if needs_grad[2 + 2 * layer]:
             grads[2 * layer] = delta.T @ a_prev  # (H_out, N) @ (N, H_in) -> (H_out, H_in)
         if bias is not None and needs_grad[3 + 2 * layer]:
@@ -504,7 +508,10 @@ class MLPCostFunction(Function):
             raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(acts[-1].shape)}")
         diff = _difference(acts[-1], target)  # (N, H_L)
         ctx.activations, ctx.cost, ctx.n_acts = activations, cost, len(acts)
-        ctx.save_for_backward(x, target, *params, *acts, diff)
+        ctx.save_for_backward(x, target, *params)
+        # Buffers only this Function ever sees (made without grad: no reference cycle), kept on ctx
+        # so that backward can let each go once used, as native autograd frees each layer's.
+        ctx.acts, ctx.diff = acts, diff
         return _cost(diff, cost)
 
     @staticmethod
@@ -513,20 +520,29 @@ class MLPCostFunction(Function):
 
 
 def _saved(ctx) -> tuple[Tensor, Tensor, tuple, list[Tensor], Tensor]:
-    """(x, y, params, [a_1, ..., a_L], diff) as the cost Functions saved them."""
+    """(x, y, params, [a_1, ..., a_L], diff) as either cost Function saved them."""
+    if getattr(ctx, "acts", None) is not None:  # MLPCostFunction: the activations live on ctx
+        x, target, *params = ctx.saved_tensors
+        return x, target, tuple(params), ctx.acts, ctx.diff
     x, target, *saved = ctx.saved_tensors
-    return x, target, tuple(saved[: -ctx.n_acts - 1]), saved[-ctx.n_acts - 1 : -1], saved[-1]
+    return x, target, tuple(saved[: -ctx.n_acts - 1]), list(saved[-ctx.n_acts - 1 : -1]), saved[-1]
 
 
 def _network_backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
     """Backward of both cost Functions: :func:`backprop` on what forward saved."""
     x, target, params, acts, diff = _saved(ctx)
+    # The engine's own flag (what AOTAutograd reads too): a graph kept for another backward
+    # (retain_graph, create_graph) needs every activation again; otherwise each goes once used.
+    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    release = not keep and getattr(ctx, "acts", None) is not None
+    if release:
+        ctx.acts = ctx.diff = None
     if torch.is_grad_enabled():  # double backward: activations as recorded functions of x and the weights
         acts = _network_forward(x, params, ctx.activations, inplace=False)
         diff = _difference(acts[-1], target)
     needs = ctx.needs_input_grad
     grad_x, grad_y, *grads = backprop(
-        grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, (needs[0], needs[1], *needs[4:])
+        grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, (needs[0], needs[1], *needs[4:]), release=release
     )
     return (grad_x, grad_y, None, None, *grads)
 
