@@ -20,7 +20,9 @@ Items (``--items`` selects them; ``ITEMS`` lists them):
 3. Roofline: FLOP/s the cost step achieves over the FLOP/s ``torch.mm`` reaches on the
    GEMMs of that step, at the same thread count (see :func:`mlp_step_flops`); on CUDA at the
    GPU-sized shape, where a step is not launch-bound.
-4. One epoch of bp-train's Lightning loop vs a plain PyTorch loop (``bench_jobs.py``).
+4. One epoch of bp-train's Lightning loop vs a plain PyTorch loop (``bench_jobs.py``); with
+   ``--device cuda|all`` also at the synthetic preset's size (1M x 128, 128-1024-1024-10, batch 4096),
+   Lightning eager and captured vs a native eager loop, float32.
 5. ``bp-train experiment=digits`` vs scikit-learn's ``MLPClassifier``, each from a cold process.
 
 With CUDA, every item also runs on the GPU in float32 and bfloat16.
