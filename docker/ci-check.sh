@@ -36,15 +36,17 @@ apt_install() {  # packages
 }
 
 # --------------------------------------------------------------------------- engine
-DOCKERD_PID=""
+DOCKERD_PID=""  # dockerd's own pid (from its pidfile: `sudo` or a subshell may stand between)
 stop_engine() {
-    if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
+    if [ -n "$DOCKERD_PID" ] && as_root kill -0 "$DOCKERD_PID" 2>/dev/null; then
         say "stopping the dockerd started here (pid $DOCKERD_PID)"
         # containers a failed test left behind go first, so that dockerd stops within its own timeout
         docker ps -q | xargs -r docker rm -f >/dev/null 2>&1 || true
-        kill -TERM "$DOCKERD_PID"
-        for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
-        if kill -0 "$DOCKERD_PID" 2>/dev/null; then kill -KILL "$DOCKERD_PID"; fi
+        as_root kill -TERM "$DOCKERD_PID"
+        for _ in $(seq 60); do as_root kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
+        if as_root kill -0 "$DOCKERD_PID" 2>/dev/null; then as_root kill -KILL "$DOCKERD_PID"; fi
+        # dockerd stops the containerd it started; say so if one outlived it
+        if pgrep -f "containerd --config $RUNDIR/exec/" >/dev/null; then say "containerd of $RUNDIR still runs"; fi
     fi
 }
 trap stop_engine EXIT
@@ -60,11 +62,16 @@ else
         say "a dockerd of an earlier check still runs (pid $(cat "$RUNDIR/dockerd.pid")): not started again"
         exit 1
     fi
+    as_root rm -f "$RUNDIR/dockerd.pid"
     as_root dockerd --bridge=none --iptables=false --ip6tables=false --ip-masq=false \
         --data-root "$STATE/docker" --exec-root "$RUNDIR/exec" --pidfile "$RUNDIR/dockerd.pid" \
         -H "$DOCKER_HOST" > "$STATE/dockerd.log" 2>&1 &
-    DOCKERD_PID=$!
-    for _ in $(seq 120); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    for _ in $(seq 120); do
+        [ -n "$DOCKERD_PID" ] || DOCKERD_PID="$(cat "$RUNDIR/dockerd.pid" 2>/dev/null || true)"
+        docker info >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    DOCKERD_PID="$(cat "$RUNDIR/dockerd.pid" 2>/dev/null || true)"
     docker info >/dev/null 2>&1 || { tail -n 30 "$STATE/dockerd.log"; say "dockerd did not start"; exit 1; }
     say "dockerd $(docker info -f '{{.ServerVersion}}') started (pid $DOCKERD_PID), networks:" \
         "$(docker network ls --format '{{.Name}}' | sort | tr '\n' ' ')"
