@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import Tensor
 
-from bp_service.tables import DataError, numeric_matrix, read_feature_frame
+from bp_service.tables import DataError, check_scaling, numeric_matrix, read_feature_frame
 
 __all__ = ["BPDataModule", "DataError", "InMemoryLoader", "Prepared", "numeric_matrix", "prepare", "read_feature_frame"]
 
@@ -223,6 +223,7 @@ def prepare(cfg, seed: int) -> Prepared:
         x_rest, y_rest, test_size=n_val, random_state=seed, stratify=strat_rest
     )
     scaler = StandardScaler().fit(x_train)
+    check_scaling(names, scaler.mean_, scaler.scale_, source)
     prepared = Prepared(
         task=task,
         feature_names=names,
@@ -233,6 +234,7 @@ def prepare(cfg, seed: int) -> Prepared:
     )
     if task == "regression":
         prepared.target_mean, prepared.target_scale = float(y_train.mean()), float(y_train.std() or 1.0)
+        check_scaling([cfg.target or "target"], prepared.target_mean, prepared.target_scale, source)
     for split, xs, ys in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
         if task == "regression":
             targets = ((ys - prepared.target_mean) / prepared.target_scale).reshape(-1, 1)

@@ -56,7 +56,7 @@ from bp_service.serving import (
     net_from_bundle,
     predict_frame,
 )
-from bp_service.tables import atomic_path
+from bp_service.tables import UNREADABLE, atomic_path, check_unique_columns
 
 USAGE = "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
 HELP = f"""{USAGE}
@@ -219,11 +219,13 @@ def _header(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
     except pd.errors.EmptyDataError:
         raise InputError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+    except UNREADABLE as exc:
         raise InputError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
+    check_unique_columns(header, str(path), InputError)
+    return [str(c) for c in header]
 
 
 def _id_column(header: list[str], meta: dict[str, Any], wanted: str | None, source: str) -> str | None:
@@ -275,8 +277,10 @@ def predict_csv(
                         pred.insert(0, id_col, chunk[id_col].to_numpy())
                     pred.to_csv(fh, header=rows == 0, index=False)
                     rows += len(chunk)
-            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-                first = str(exc).strip().splitlines()[0]
+            except UNREADABLE as exc:  # a damaged file (or compressed stream) found part way through
+                if isinstance(exc, OSError) and exc.errno is not None:  # a write failed (full disk): not the input
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first})") from None
             finally:
                 reader.close()

@@ -7,6 +7,7 @@ A model bundle is a plain dict, loadable with ``torch.load(weights_only=True)``:
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,49 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: not a loadable bp-service checkpoint ({first})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: not a bp-service checkpoint (no model description inside)")
     if "bp_service" in raw:  # a Lightning checkpoint of BPModule: weights are under "net."
         state = {k.removeprefix("net."): v for k, v in raw["state_dict"].items() if k.startswith("net.")}
-        return {"state_dict": state, **raw["bp_service"]}
-    if {"state_dict", "meta", "architecture"} <= raw.keys():
-        return raw
-    raise InputError(f"{path}: not a bp-service checkpoint (no model description inside)")
+        bundle = {"state_dict": state, **raw["bp_service"]}
+    elif {"state_dict", "meta", "architecture"} <= raw.keys():
+        bundle = raw
+    else:
+        raise InputError(f"{path}: not a bp-service checkpoint (no model description inside)")
+    check_weights(bundle, str(path))
+    return bundle
+
+
+def check_weights(bundle: dict[str, Any], where: str) -> None:
+    """The weights are those the architecture describes, and finite: checked before any network is built.
+
+    A small file declaring a huge architecture must not make us allocate it; a shape mismatch is named here
+    rather than by ``load_state_dict``; NaN weights would predict NaN without a word.
+    """
+    try:
+        sizes = [int(s) for s in bundle["architecture"]["sizes"]]
+        bias = bool(bundle["architecture"].get("bias", True))
+        state = bundle["state_dict"]
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{where}: not a bp-service checkpoint (its architecture is unreadable)") from None
+    expected = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        expected[f"layers.{i}.weight"] = (n_out, n_in)
+        if bias:
+            expected[f"layers.{i}.bias"] = (n_out,)
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if found != expected:
+        wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
+        key = wrong[0]
+        raise InputError(
+            f"{where}: weights do not match the architecture it declares (sizes {sizes}): "
+            f"{key} is {found.get(key, 'missing')}, expected {expected.get(key, 'no such parameter')}"
+        )
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(
+                f"{where}: weights are not finite ({key} holds NaN or inf); retrain or use another checkpoint"
+            )
 
 
 def check_resumable(bundle: dict[str, Any], net: MLP, meta: dict[str, Any], where: str) -> None:
@@ -142,7 +180,9 @@ def predict_frame(net: MLP, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFra
     frame = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
     for k, label in enumerate(classes):
         frame[f"proba_{label}"] = proba[:, k]
-    if all(isinstance(c, int | np.integer) for c in classes):
+    if all(isinstance(c, bool | np.bool_) for c in classes):  # True/False labels stay True/False, not 1/0
+        frame["prediction"] = frame["prediction"].astype(bool)
+    elif all(isinstance(c, int | np.integer) for c in classes):
         frame["prediction"] = frame["prediction"].astype(np.int64)
     return frame
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import lzma
 import os
 import stat
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,20 +24,50 @@ class DataError(ValueError):
     """The data cannot be used; the message names the file, row or column."""
 
 
+# What a damaged compressed file raises inside pandas: none of them names the file.
+UNREADABLE = (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def read_feature_frame(path: str | Path) -> pd.DataFrame:
-    """Read a CSV with one-line errors for a missing, empty or header-only file."""
+    """Read a CSV with one-line errors for a missing, empty, header-only, damaged or ambiguous file."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
+        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    except UNREADABLE as exc:
+        raise DataError(f"{path}: not a readable CSV ({_first_line(exc)})") from None
+    check_unique_columns(header, str(path), DataError)
     if frame.empty:
         raise DataError(f"{path}: has a header but no data rows")
     return frame
+
+
+def check_unique_columns(header: list, source: str, error: type[Exception] = DataError) -> None:
+    """Refuse repeated column names: pandas would rename the second ``label`` to ``label.1``, silently."""
+    names = [str(c) for c in header]
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise error(f"{source}: column name(s) {', '.join(map(repr, repeated))} appear more than once; rename them")
+
+
+def check_scaling(names: list[str], means, scales, source: str) -> None:
+    """Every column's mean and spread must be finite numbers: values near 1e308 overflow float64 there."""
+    for name, mean, scale in zip(names, np.atleast_1d(means), np.atleast_1d(scales), strict=True):
+        if not (np.isfinite(mean) and np.isfinite(scale)):
+            raise DataError(
+                f"{source}: column {name!r}: values too large to scale (their mean or spread overflows float64); "
+                "rescale the column, e.g. to other units"
+            )
 
 
 def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_row: int = 0) -> np.ndarray:

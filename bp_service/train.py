@@ -35,6 +35,7 @@ from bp_service.data import BPDataModule, DataError
 from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
+from bp_service.preflight import check_config, check_monitor
 from bp_service.reports import confusion_figure, curves_figure, gradient_flow_figure
 from bp_service.serving import InputError, check_resumable, load_bundle
 from bp_service.tables import DiskFullError, atomic_path, unique_run_dir
@@ -50,6 +51,7 @@ from bp_service.tracking import (
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
+EXIT_INTERRUPT = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 
 class CheckpointError(RuntimeError):
@@ -171,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its metrics, paths and MLflow run id. Raises on any failure."""
     started = time.perf_counter()
     validate(cfg)
+    check_config(cfg, HydraConfig.get().overrides.task)  # everything knowable before the data is read
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = BPDataModule(cfg.data, cfg.seed)
@@ -182,6 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.checkpoint.monitor if cfg.checkpoint.monitor != "auto" else ("val/acc" if classification else "val/loss")
     )
     mode = "max" if monitor.endswith("acc") else "min"
+    check_monitor(cfg, data.task)
 
     ckpt_path, ckpt_dir = resolve_resume(cfg)
     if ckpt_path:  # before the run it belongs to is reopened: a mismatch must not fail that run
@@ -310,8 +314,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             file=sys.stderr,
         )
         raise SystemExit(EXIT_SIGTERM) from None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into sys.exit(1)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
+        if isinstance(exc, KeyboardInterrupt) or (trainer is not None and trainer.interrupted):
+            print("bp-train: interrupted", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPT) from None
         raise
     finally:
         with contextlib.suppress(ValueError):
@@ -432,8 +439,14 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
             print(f"bp-train: error: job {hydra_cfg.job.num}: {exc}", file=sys.stderr)
             mark_sweep_failed(cfg, hydra_cfg.sweep.dir)
             raise
-        if full_error_requested() or not isinstance(exc, KNOWN_ERRORS):
+        if full_error_requested():
             raise
+        if not isinstance(exc, KNOWN_ERRORS):  # one line too, not Hydra's "Error executing job" and a trace
+            print(
+                f"bp-train: error: {type(exc).__name__}: {one_line(exc)} (HYDRA_FULL_ERROR=1 shows where)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         print(f"bp-train: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
     print(summary(cfg, result))
@@ -458,6 +471,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_entry()
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes or the data loads: no run is open yet
+        print("bp-train: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPT)
     except Exception as exc:
         if full_error_requested():
             raise
