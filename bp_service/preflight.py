@@ -110,3 +110,28 @@ def check_monitor(cfg: DictConfig, task: str) -> None:
     monitor = cfg.checkpoint.monitor
     if monitor != "auto" and monitor not in logged:
         raise ConfigError(f"checkpoint.monitor must be auto or one of {', '.join(logged)} for {task}, got {monitor!r}")
+
+
+def world_size(cfg: DictConfig) -> int:
+    """How many processes will train, as far as the config says (``devices="auto"``: one per GPU, else one)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        n = torch.cuda.device_count() if devices == -1 else devices
+    elif isinstance(devices, str):  # "auto", or "0,1"
+        gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        n = (torch.cuda.device_count() if gpu else 1) if devices == "auto" else len(devices.strip(",").split(","))
+    else:  # a list of device indices
+        n = len(devices)
+    return max(1, n) * max(1, int(cfg.trainer.num_nodes))
+
+
+def check_rows(cfg: DictConfig, n_train: int, source: str) -> None:
+    """Every training process needs at least one row: otherwise a rank runs zero steps and the run 'finishes'."""
+    world = world_size(cfg)
+    if n_train < world:
+        raise ConfigError(
+            f"{source}: {n_train} training rows for {world} training processes (trainer.devices x trainer.num_nodes); "
+            "use fewer devices or more data"
+        )

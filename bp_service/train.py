@@ -35,7 +35,7 @@ from bp_service.data import BPDataModule, DataError
 from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
 from bp_service.module import BPModule, NonFiniteError
-from bp_service.preflight import check_config, check_monitor
+from bp_service.preflight import check_config, check_monitor, check_rows
 from bp_service.reports import confusion_figure, curves_figure, gradient_flow_figure
 from bp_service.serving import InputError, check_resumable, load_bundle
 from bp_service.tables import DiskFullError, atomic_path, unique_run_dir
@@ -186,6 +186,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     mode = "max" if monitor.endswith("acc") else "min"
     check_monitor(cfg, data.task)
+    check_rows(cfg, len(data.x["train"]), cfg.data.path if cfg.data.name == "csv" else f"data={cfg.data.name}")
 
     ckpt_path, ckpt_dir = resolve_resume(cfg)
     if ckpt_path:  # before the run it belongs to is reopened: a mismatch must not fail that run

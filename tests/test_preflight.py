@@ -96,12 +96,17 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         return ["data=csv", f"data.path={path}", "data.target=label"], f"{path}: not a readable CSV"
     if name == "folder_as_data":
         return ["data=csv", f"data.path={tmp_path}", "data.target=label"], f"{tmp_path}: is a folder, not a CSV file"
+    if name == "fewer_rows_than_ranks":
+        path = _csv(tmp_path, "few.csv", _classes(12))  # 8 training rows after the val and test splits
+        return ["data=csv", f"data.path={path}", "data.target=label", "trainer=ddp", "trainer.accelerator=cpu",
+                "trainer.devices=16"], f"{path}: 8 training rows for 16 training processes"  # fmt: skip
     raise AssertionError(name)
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
 CASES = ["lr_inf", "monitor_typo", "precision", "seed", "plus_typo", "plus_new", "target_in_features",
          "duplicate_columns", "huge_target", "huge_feature", "corrupt_gzip", "folder_as_data",
+         "fewer_rows_than_ranks",
          pytest.param("gpu_without_cuda", marks=NO_CUDA)]  # fmt: skip
 
 
