@@ -360,3 +360,27 @@ def test_a_million_rows_stream_in_bounded_memory(model, rows, tmp_path):
         header = fh.readline().strip().split(",")
         n_out = sum(1 for _ in fh)
     assert header == _expected_columns()[1:] and n_out == n_rows
+
+
+@pytest.mark.slow
+def test_a_tampered_model_folder_runs_its_code_in_pyfunc_but_never_in_bp_predict(model, rows, tmp_path, capsys):
+    """What the README says about trust: MLflow's loader executes a model-from-code's file; bp-predict reads weights."""
+    import shutil
+
+    (mlmodel,) = model["home"].glob("mlartifacts/models/*/artifacts/MLmodel")
+    folder = tmp_path / "tampered"
+    shutil.copytree(mlmodel.parent, folder)
+    marker = tmp_path / "payload-ran"
+    with open(folder / "pyfunc_model.py", "a") as fh:
+        fh.write(f"\nfrom pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n")
+
+    out = tmp_path / "p.csv"
+    code, err = predict_in_process(capsys, f"model={folder}", f"input={rows}", f"output={out}")
+    assert code == 0, err
+    assert not marker.exists(), "bp-predict ran code from the model folder"
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    load = f"import mlflow; mlflow.pyfunc.load_model({str(folder)!r})"
+    proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker.read_text() == "ran"  # MLflow's design: only load models this way from a trusted store
