@@ -117,6 +117,10 @@ print("imports ok: torch", torch.__version__, "lightning", lightning.__version__
     touch "$VENV/.installed"  # make's stamp: test-gpu must not try to build .venv from the index
 }
 mkdir -p "$WORK"
+lock_sum="$(sha256sum requirements.lock | cut -d' ' -f1)"
+if [ "$(cat "$WHEELS/requirements.lock.sha256" 2>/dev/null)" != "$lock_sum" ]; then
+    say "WARNING $WHEELS was not made from this requirements.lock (rerun make gpu-wheels if imports fail)"
+fi
 if ! step install 300 "$OUT_DIR/install.log" install_venv; then
     say "gpu-check: cannot continue without the install; the end of install.log:"
     tail -n 30 "$OUT_DIR/install.log" | tee -a "$SUMMARY"

@@ -44,5 +44,7 @@ fi
 grep -vE "$sdist_only" "$pins" | "$PY" -m pip download -q --no-deps --only-binary=:all: --disable-pip-version-check \
     ${platform_args[@]+"${platform_args[@]}"} -d "$DEST" -r /dev/stdin
 
+# tools/gpu-check.sh compares this with the lock it runs beside, and says so if the wheels are stale.
+sha256sum requirements.lock | cut -d' ' -f1 > "$DEST/requirements.lock.sha256"
 count="$(ls "$DEST"/*.whl | wc -l)"
 echo "gpu-wheels: $count wheels for python $PYV in $DEST ($(du -sh "$DEST" | cut -f1)); $(wc -l < "$pins") pins carried"
