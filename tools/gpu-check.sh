@@ -130,10 +130,10 @@ fi
 # ----------------------------------------------------------------------------------------------- tests
 pytest_args="-q -p no:cacheprovider --junitxml=$OUT_DIR/junit-gpu.xml"
 if command -v make > /dev/null; then
-    step test-gpu 180 "$OUT_DIR/test-gpu.log" make --no-print-directory test-gpu VENV="$VENV" PYTEST_ARGS="$pytest_args"
+    step test-gpu 240 "$OUT_DIR/test-gpu.log" make --no-print-directory test-gpu VENV="$VENV" PYTEST_ARGS="$pytest_args"
 else  # what `make test-gpu` runs
     # shellcheck disable=SC2086
-    step test-gpu 180 "$OUT_DIR/test-gpu.log" "$VENV/bin/pytest" -m gpu $pytest_args
+    step test-gpu 240 "$OUT_DIR/test-gpu.log" "$VENV/bin/pytest" -m gpu $pytest_args
 fi
 
 # ----------------------------------------------------------------------------------------------- bench
