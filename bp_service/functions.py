@@ -533,7 +533,8 @@ def _network_backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
     x, target, params, acts, diff = _saved(ctx)
     # The engine's own flag (what AOTAutograd reads too): a graph kept for another backward
     # (retain_graph, create_graph) needs every activation again; otherwise each goes once used.
-    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    # Under torch.compile the backward is traced ahead of time and the compiled graph frees its own buffers.
+    keep = torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
     release = not keep and getattr(ctx, "acts", None) is not None
     if release:
         ctx.acts = ctx.diff = None

@@ -226,3 +226,26 @@ def test_no_native_backward_kernel_in_the_package():
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+@pytest.mark.slow
+def test_compiled_cost_trains_like_eager():
+    """torch.compile(MLP.cost), fullgraph: the same losses and weights as eager after several SGD steps."""
+    torch.manual_seed(0)
+    eager, compiled = MLP([5, 8, 6, 3]), MLP([5, 8, 6, 3])
+    compiled.load_state_dict(eager.state_dict())
+    cost = torch.compile(compiled.cost, fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (eager, compiled)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, target = torch.randn(16, 5, generator=g), torch.rand(16, 3, generator=g)
+        losses = []
+        for fn, opt in zip((eager.cost, cost), opts):
+            opt.zero_grad(set_to_none=True)
+            loss = fn(x, target)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0])
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q)
