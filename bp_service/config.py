@@ -65,7 +65,7 @@ class ModelConfig:
     loss: str = "mse"
     fused: bool = True
     bias: bool = True
-    compile: bool = False  # torch.compile the network
+    compile: bool = False  # torch.compile the training cost (forward, cost, hand-written backward)
     capture: bool | None = None  # CUDA-graph training steps: null when possible, true says why not, false off
 
 

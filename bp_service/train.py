@@ -230,8 +230,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             compile=cfg.model.compile,
             capture=cfg.model.capture,
         )
-        if cfg.model.compile:
-            net.compile()  # in place: parameter names, and so checkpoints, stay those of the eager network
 
         checkpoint = ModelCheckpoint(
             dirpath=ckpt_dir,
