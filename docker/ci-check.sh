@@ -111,12 +111,22 @@ else
 fi
 phase "make wheelhouse"
 say "docker build -f docker/Dockerfile --build-arg OFFLINE=1 (base $PYTHON_IMAGE) -t $IMAGE"
-# host network: the runtime stage's apt-get (tini) reaches Debian's mirror as the host does; pip needs none
-docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" --build-arg OFFLINE=1 \
-    -f docker/Dockerfile -t "$IMAGE" . > "$STATE/build.log" 2>&1 \
-    || { tail -n 60 "$STATE/build.log"; say "docker build failed (log: $STATE/build.log)"; exit 1; }
+# host network: the runtime stage's apt-get (tini) reaches Debian's mirror as the host does; pip needs none.
+# The build stage is tagged too, so that pruning what no tag uses keeps its layers for the next run's cache
+# and the engine's data root does not grow run after run.
+logs="$STATE"; [ -w "$STATE" ] || logs="$(mktemp -d)"
+for target in build runtime; do
+    tag="$IMAGE"; [ "$target" = runtime ] || tag="$IMAGE-$target"
+    build_log="$logs/build-$target.log"
+    docker build --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" --build-arg OFFLINE=1 \
+        --target "$target" -f docker/Dockerfile -t "$tag" . > "$build_log" 2>&1 \
+        || { tail -n 60 "$build_log"; say "docker build failed (log: $build_log)"; exit 1; }
+done
 say "built $IMAGE: $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1 / 1e9}')," \
-    "$(grep -c 'Using cache' "$STATE/build.log" || true) steps from cache"
+    "$(grep -c 'Using cache' "$build_log" || true) steps from cache"
+if [ -n "$DOCKERD_PID" ]; then  # our own engine: what no tag needs any more goes
+    docker image prune -f > /dev/null
+fi
 phase "docker build (offline)"
 
 # --------------------------------------------------------------------------- run it
