@@ -1,49 +1,49 @@
-"""bp-service: backpropagation written out by hand, checked against autograd, trained at scale."""
+"""bp-service: backpropagation written out by hand, checked against autograd, trained at scale.
 
+The names below load on first use (PEP 562), so ``import bp_service`` itself costs nothing and the
+command-line entry points (:mod:`bp_service.cli`) can answer a Ctrl-C during the heavy imports.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from bp_service.functions import (
-    L1LossFunction,
-    LinearFunction,
-    LinearSigmoidFunction,
-    MSELossFunction,
-    ReLUFunction,
-    SigmoidFunction,
-    TanhFunction,
-    l1_loss,
-    linear,
-    linear_sigmoid,
-    mse_loss,
-    relu,
-    sigmoid,
-    tanh,
-)
-from bp_service.layers import MLP, L1Loss, Linear, MSELoss, Sigmoid
+from typing import Any
 
 try:
     __version__ = version("bp-service")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = [
-    "MLP",
-    "L1Loss",
+_FUNCTIONS = (
     "L1LossFunction",
-    "Linear",
     "LinearFunction",
     "LinearSigmoidFunction",
-    "MSELoss",
+    "MLPCostFunction",
     "MSELossFunction",
     "ReLUFunction",
-    "Sigmoid",
     "SigmoidFunction",
     "TanhFunction",
-    "__version__",
     "l1_loss",
     "linear",
     "linear_sigmoid",
+    "mlp_cost",
     "mse_loss",
     "relu",
     "sigmoid",
     "tanh",
-]
+)
+_LAYERS = ("MLP", "L1Loss", "Linear", "MSELoss", "Sigmoid")
+_HOME = {**dict.fromkeys(_FUNCTIONS, "bp_service.functions"), **dict.fromkeys(_LAYERS, "bp_service.layers")}
+
+__all__ = sorted([*_FUNCTIONS, *_LAYERS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'bp_service' has no attribute {name!r}")
+    value = getattr(import_module(_HOME[name]), name)
+    globals()[name] = value  # once loaded, an ordinary module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

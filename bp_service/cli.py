@@ -1,0 +1,35 @@
+"""Console entry points: each imports its command only when run, so a Ctrl-C during the heavy
+imports (torch, Lightning, MLflow: seconds on a small machine) ends with one line and exit 130,
+as it does once the command is running, instead of Python's traceback."""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+EXIT_INTERRUPT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def _run(module: str, command: str) -> None:
+    try:
+        main = import_module(module).main
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPT) from None
+    sys.exit(main())
+
+
+def bp_train() -> None:
+    _run("bp_service.train", "bp-train")
+
+
+def bp_predict() -> None:
+    _run("bp_service.predict", "bp-predict")
+
+
+def bp_explain() -> None:
+    _run("bp_service.explain", "bp-explain")
+
+
+def bp_bench() -> None:
+    _run("bp_service.bench", "bp-bench")
