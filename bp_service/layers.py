@@ -165,7 +165,10 @@ class MLP(nn.Module):
 
     def params(self) -> tuple[Tensor | None, ...]:
         """``(W_1, b_1, ..., W_L, b_L)`` in layer order, a bias None where the layers have none."""
-        return tuple(p for layer in self.layers for p in (layer.weight, layer.bias))
+        params: list[Tensor | None] = []
+        for layer in self.layers:  # a plain loop: this runs every training step
+            params += (layer.weight, layer.bias)
+        return tuple(params)
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, activations={self.activations}, fused={self.fused}"
