@@ -175,9 +175,9 @@ class BPModule(pl.LightningModule):
         Under capture the check runs every ``log_every_n_steps`` steps, after the update.
         """
         grads = [g for g in grads if g is not None]
-        # One fused check per step (the kernel clip_grad_norm_ uses); a NaN or inf anywhere reaches the norm.
-        norms = [torch.linalg.vector_norm(g) for g in grads]
-        if torch.isfinite(torch.stack([loss.detach(), *norms])).all():
+        # One fused norm per step (what clip_grad_norm_ computes); a NaN or inf anywhere reaches it.
+        total = torch.nn.utils.get_total_norm(grads).to(loss.device)
+        if torch.isfinite(torch.stack([loss.detach().float(), total.float()])).all():
             return
         step = self.global_step + 1  # the norm may merely overflow: name what is really non-finite
         if not torch.isfinite(loss):
