@@ -166,7 +166,12 @@ class BPModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Mean over rows, independent of how optimizer steps were grouped into Lightning steps.
         epoch_loss = self._epoch_loss_sum / max(self._epoch_rows, 1)
-        self.log("train/loss", epoch_loss, prog_bar=True, sync_dist=True)
+        epoch_loss = self.trainer.strategy.reduce(epoch_loss, reduce_op="mean")  # DDP: the ranks' mean
+        self.log("train/loss", epoch_loss, prog_bar=True, logger=False)
+        # Recorded now, not at Lightning's flush after the epoch: last.ckpt is written in between, and
+        # a run killed there would resume past an epoch whose train/loss was never recorded.
+        if self.logger is not None:
+            self.logger.log_metrics({"train/loss": float(epoch_loss)}, step=self.global_step)
         self._step_scheduler("epoch")
 
     def _check_finite(self, loss: Tensor, grads: list[Tensor | None]) -> None:
