@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bp_service import functions as F
 from bp_service.bench import BenchConfig, Row, make_row, time_round_robin
-from bp_service.config import DataConfig
+from bp_service.config import DataConfig, check_target
 from bp_service.data import BPDataModule, InMemoryLoader
 from bp_service.layers import MLP
 
@@ -39,6 +39,19 @@ def _digits(steps_per_execution: int = 1) -> BPDataModule:
     return datamodule
 
 
+def train_epoch(net: nn.Module, opt: torch.optim.Optimizer, loader: InMemoryLoader, loss_fn) -> float:
+    """One epoch of the loop a user writes: SGD steps over the batches, then the epoch's mean loss read back."""
+    loss_sum, rows = None, 0  # the epoch's train/loss, as any training loop reports it
+    for ((x, y),) in loader:
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum = loss.detach() * len(x) if loss_sum is None else loss_sum + loss.detach() * len(x)
+        rows += len(x)
+    return (loss_sum / rows).item()
+
+
 def plain_loop(datamodule: BPDataModule, epochs: int) -> MLP:
     """What bp-train's loop does, written by hand: shuffled batches, SGD steps, a validation pass per epoch."""
     data = datamodule.data
@@ -48,15 +61,7 @@ def plain_loop(datamodule: BPDataModule, epochs: int) -> MLP:
     loader = InMemoryLoader(data.x["train"], data.y["train"], 64, shuffle=True, seed=0)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        loss_sum, rows = torch.zeros(()), 0  # the epoch's train/loss, as any training loop reports it
-        for ((x, y),) in loader:
-            loss = F.mse_loss(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(x)
-            rows += len(x)
-        (loss_sum / rows).item()
+        train_epoch(net, opt, loader, F.mse_loss)
         with torch.no_grad():
             pred = net(data.x["val"])
             F.mse_loss(pred, data.y["val"]).item()
@@ -222,23 +227,13 @@ def native_loop(
     net.load_state_dict(initial)
     net.to(device)
     kwargs = {k: v for k, v in optimizer.items() if k != "_target_"}
-    opt = {"torch.optim.Adam": torch.optim.Adam, "torch.optim.SGD": torch.optim.SGD}[optimizer["_target_"]](
-        net.parameters(), **kwargs
-    )
+    opt = check_target(optimizer["_target_"], "optimizer")(net.parameters(), **kwargs)
     x_train, y_train = data.x["train"].to(device), data.y["train"].to(device)
     x_val, y_val = data.x["val"].to(device), data.y["val"].to(device)
     loader = InMemoryLoader(x_train, y_train, datamodule.cfg.batch_size, shuffle=True, seed=datamodule.seed)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        loss_sum, rows = torch.zeros((), device=device), 0
-        for ((x, y),) in loader:
-            loss = nn.functional.mse_loss(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(x)
-            rows += len(x)
-        (loss_sum / rows).item()
+        train_epoch(net, opt, loader, nn.functional.mse_loss)
         with torch.no_grad():
             for ((x, y),) in InMemoryLoader(x_val, y_val, 4096):
                 pred = net(x)
