@@ -28,7 +28,7 @@ def bp_predict() -> None:
 
 
 def bp_explain() -> None:
-    _run("bp_service.explain", "bp-explain")
+    _run("bp_service.explain.cli", "bp-explain")
 
 
 def bp_bench() -> None:

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bp_service import explain as E
+from bp_service.explain import cli, deep
+from bp_service.explain import model as E
 
 DOUBLE = torch.float64
 TOL = 1e-12
@@ -123,7 +124,7 @@ def test_train_cost_falls_and_matches_explain():
 
 # --------------------------------------------------------------------------- command line
 def test_text_output(capsys):
-    assert E.main([]) == 0
+    assert cli.main([]) == 0
     out = capsys.readouterr().out
     assert "a3   = 0.5" in out
     for name in E.WEIGHT_NAMES:
@@ -134,7 +135,7 @@ def test_text_output(capsys):
 
 
 def test_steps_table_strictly_decreasing(capsys):
-    assert E.main(["--steps", "5"]) == 0
+    assert cli.main(["--steps", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     start = lines.index("Training on this one example for 5 steps")
     assert lines[start + 1].split() == ["step", "cost", "a3"]
@@ -167,7 +168,7 @@ def check_json(report, bias=False):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_json_in_process(capsys, bias):
-    assert E.main(["--json", "--steps", "3"] + (["--bias"] if bias else [])) == 0
+    assert cli.main(["--json", "--steps", "3"] + (["--bias"] if bias else [])) == 0
     captured = capsys.readouterr()
     check_json(json.loads(captured.out), bias)
     assert captured.err == ""
@@ -183,7 +184,7 @@ def test_json_subprocess():
 
 def test_plot_writes_png(tmp_path, capsys):
     path = tmp_path / "network.png"
-    assert E.main(["--bias", "--plot", str(path)]) == 0
+    assert cli.main(["--bias", "--plot", str(path)]) == 0
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 10_000
@@ -208,7 +209,7 @@ def test_plot_writes_png(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, flag):
-    assert E.main(argv) == 2
+    assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("bp-explain: error: ")
@@ -217,7 +218,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, flag):
 
 
 def test_bad_input_message_wording(capsys):
-    E.main(["--weights", "1", "2", "3"])
+    cli.main(["--weights", "1", "2", "3"])
     assert capsys.readouterr().err == "bp-explain: error: --weights takes 8 numbers (w1..w8), got 3\n"
 
 
@@ -235,21 +236,21 @@ def test_bad_input_subprocess_has_no_traceback():
 
 
 def test_help_exits_0(capsys):
-    assert E.main(["--help"]) == 0
+    assert cli.main(["--help"]) == 0
     assert "--sizes" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- deeper networks
 def test_multiplication_counts_of_the_worked_example():
     # 8 chains: 2 of 3 factors (2 multiplications each) + 6 of 5 factors (4 each) = 28.
-    assert E.naive_multiplications([3, 2, 1]) == 28
+    assert deep.naive_multiplications([3, 2, 1]) == 28
     # delta_2: 1, delta_1: 2 (W2^T delta_2) + 2 (* sigmoid'), dC/dW2: 2, dC/dW1: 6 = 13.
-    assert E.backprop_multiplications([3, 2, 1]) == 13
+    assert deep.backprop_multiplications([3, 2, 1]) == 13
 
 
 @pytest.mark.parametrize(("sizes", "seed", "bias"), [([3, 4, 4, 1], 0, False), ([2, 3, 3, 2], 1, True)])
 def test_deltas_match_autograd(sizes, seed, bias):
-    report = E.explain_deep(sizes, seed=seed, bias=bias)
+    report = deep.explain_deep(sizes, seed=seed, bias=bias)
     # The report's own check, through bp_service's Functions ...
     for layer in report["layers"]:
         assert layer["max_abs_diff"] <= TOL
@@ -268,13 +269,13 @@ def test_deltas_match_autograd(sizes, seed, bias):
     for layer, g in zip(report["layers"], grads[len(Ws) :]):
         assert torch.allclose(torch.tensor(layer["delta"], dtype=DOUBLE), g, rtol=0, atol=TOL)
     counts = report["multiplications"]
-    assert counts["naive_counted"] == counts["naive"] == E.naive_multiplications(sizes, bias)
+    assert counts["naive_counted"] == counts["naive"] == deep.naive_multiplications(sizes, bias)
     assert counts["backprop"] < counts["naive"]
     assert report["cost_after"] < report["cost"]
 
 
 def test_sizes_command(capsys):
-    assert E.main(["--sizes", "3", "4", "4", "1", "--seed", "0"]) == 0
+    assert cli.main(["--sizes", "3", "4", "4", "1", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert "3-4-4-1" in out
     assert "delta_l = (W_{l+1}^T delta_{l+1}) * a_l(1 - a_l)" in out
@@ -282,7 +283,30 @@ def test_sizes_command(capsys):
     (backprop_line,) = [line for line in out.splitlines() if "backprop, reusing the deltas:" in line]
     assert backprop_line.split()[-1] == "61"
 
-    assert E.main(["--sizes", "3", "4", "4", "1", "--seed", "0", "--json"]) == 0
+    assert cli.main(["--sizes", "3", "4", "4", "1", "--seed", "0", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["multiplications"] == {"naive": 360, "backprop": 61, "naive_counted": 360}
     assert all(layer["max_abs_diff"] <= TOL for layer in report["layers"])
+
+
+# --------------------------------------------------------------------------- the package's shape
+def test_imports_only_the_core_and_matplotlib_only_for_plot():
+    """bp-explain is a tool on the core: it never loads the training service, serving or another
+    tool, and the text report never loads matplotlib (checked in a fresh interpreter)."""
+    code = (
+        "import sys, io, contextlib\n"
+        "from bp_service.explain import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert cli.main(['--bias', '--steps', '2']) == 0\n"
+        "    assert cli.main(['--sizes', '3', '4', '1', '--json']) == 0\n"
+        "print('matplotlib' in sys.modules)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('bp_service'))))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    matplotlib_loaded, modules = run.stdout.splitlines()
+    assert matplotlib_loaded == "False"
+    core = {"bp_service", "bp_service.functions", "bp_service.layers", "bp_service.gradcheck"}
+    outside = [m for m in modules.split() if m not in core and not m.startswith("bp_service.explain")]
+    assert outside == []
+    assert "bp_service.explain.cli" in modules.split()
