@@ -32,4 +32,4 @@ def bp_explain() -> None:
 
 
 def bp_bench() -> None:
-    _run("bp_service.bench", "bp-bench")
+    _run("bp_service.bench.cli", "bp-bench")

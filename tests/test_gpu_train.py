@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bp_service import bench_jobs
-from bp_service.bench import BenchConfig
+from bp_service.bench import jobs as bench_jobs
+from bp_service.bench.harness import BenchConfig
 from bp_service.data import BPDataModule, InMemoryLoader
 from bp_service.train import train
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bp_service import bench_jobs
-from bp_service.bench import BenchConfig
+from bp_service.bench import jobs as bench_jobs
+from bp_service.bench.harness import BenchConfig
 from bp_service.config import ConfigError, DataConfig, validate
 from bp_service.data import BPDataModule, load_raw, synthetic_informative
 

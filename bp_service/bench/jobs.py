@@ -1,7 +1,8 @@
 """bp-bench items 4 and 5: the training job as a whole, against a plain loop and against scikit-learn.
 
-Kept apart from ``bench.py`` because they import Lightning (item 4) and start whole processes
-(item 5), which items 1-3 need not pay for.
+Kept apart from :mod:`bp_service.bench.items` because they import Lightning (item 4) and start whole
+processes (item 5), which items 1-3 need not pay for: ``bp_service.bench.cli`` imports this module only
+when one of them runs.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from bp_service import functions as F
-from bp_service.bench import BenchConfig, Row, make_row, time_round_robin
-from bp_service.config import DataConfig, check_target
-from bp_service.data import BPDataModule, InMemoryLoader
+from bp_service.bench.harness import BenchConfig, Row, make_row, time_round_robin
 from bp_service.layers import MLP
+
+# The training service these items drive: its imports, all in one place.
+from bp_service.training.config import DataConfig, check_target
+from bp_service.training.data import BPDataModule
+from bp_service.training.loader import InMemoryLoader
+from bp_service.training.module import BPModule
 
 DIGITS_SIZES = (64, 64, 10)
 OPTIMIZER = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
@@ -82,11 +87,9 @@ def lightning_loop(
 ) -> MLP:
     """bp-train's LightningModule and Trainer, without MLflow and checkpoint files (their I/O is not the loop).
 
-    ``module_kwargs`` go to :class:`~bp_service.module.BPModule` (a CUDA row's ``capture`` switch, say).
+    ``module_kwargs`` go to :class:`~bp_service.training.module.BPModule` (a CUDA row's ``capture`` switch, say).
     """
     import lightning.pytorch as pl
-
-    from bp_service.module import BPModule
 
     torch.manual_seed(0)
     net = MLP(sizes, activation=activation, output_activation=output_activation)
@@ -254,8 +257,6 @@ def lightning_variants() -> dict[str, dict[str, Any]]:
     ``eager`` and ``captured`` (the whole training step in a CUDA graph) when ``BPModule`` has a
     ``capture`` switch; until then only ``eager``, and one line says the captured row is left out.
     """
-    from bp_service.module import BPModule
-
     if "capture" in inspect.signature(BPModule.__init__).parameters:
         return {"eager": {"capture": False}, "captured": {"capture": True}}
     print("bp-bench: item 4: BPModule has no capture switch: the captured CUDA row is left out", file=sys.stderr)
@@ -276,7 +277,7 @@ def item_lightning_cuda(
     would write (:func:`native_loop`); each side's validation accuracy after ``n2`` epochs is in ``details``.
     ``device="cpu"`` and a small ``n_samples`` run the same harness without a GPU (its test).
     """
-    n1, n2 = (1, 3) if cfg.quick else (2, 6)
+    epochs = (1, 3) if cfg.quick else (2, 6)
     reps = 3 if cfg.quick else 7
     variants = lightning_variants() if variants is None else variants
     datamodule = synthetic_datamodule(n_samples or SYNTHETIC_DATA["n_samples"], seed=cfg.seed)
@@ -288,6 +289,25 @@ def item_lightning_cuda(
         "output_activation": SYNTHETIC_OUTPUT_ACTIVATION,
         "optimizer": SYNTHETIC_OPTIMIZER,
     }
+    epoch_s, nets = _time_synthetic_loops(datamodule, variants, epochs, reps, common)
+    peer_acc = _val_acc(nets["native"], datamodule, device)
+    run = {"device": device, "sizes": sizes, "epochs": list(epochs), "reps": reps, "peer_val_acc": peer_acc}
+    return [
+        _lightning_cuda_row(name, variants[name], epoch_s, _val_acc(nets[name], datamodule, device), datamodule, run)
+        for name in variants
+    ]
+
+
+def _time_synthetic_loops(
+    datamodule: BPDataModule,
+    variants: dict[str, dict[str, Any]],
+    epochs: tuple[int, int],
+    reps: int,
+    common: dict[str, Any],
+) -> tuple[dict[str, float], dict[str, nn.Module]]:
+    """Seconds per epoch of the native loop and each Lightning variant (``n2`` minus ``n1`` epochs, over
+    ``n2 - n1``), all in the same rounds, and each side's network as its last ``n2``-epoch run left it."""
+    n1, n2 = epochs
     nets: dict[str, nn.Module] = {}
 
     def keep(name: str, fn):
@@ -303,41 +323,47 @@ def item_lightning_cuda(
     for name, kwargs in variants.items():
         fns[f"{name}_n1"] = lambda kw=kwargs: lightning_loop(datamodule, n1, **common, **kw)
         fns[f"{name}_n2"] = keep(name, lambda kw=kwargs: lightning_loop(datamodule, n2, **common, **kw))
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync = torch.cuda.synchronize if common["device"] == "cuda" else lambda: None
     samples = time_round_robin(fns, reps=reps, warmup=1, sync=sync)
     med = {name: statistics.median(values) for name, values in samples.items()}
-    native = (med["native_n2"] - med["native_n1"]) / (n2 - n1)
-    peer_acc = _val_acc(nets["native"], datamodule, device)
-    rows = []
-    for name in variants:
-        light = (med[f"{name}_n2"] - med[f"{name}_n1"]) / (n2 - n1)
-        rows.append(
-            make_row(
-                "4",
-                f"epoch time, Lightning loop ({name}) vs native eager loop, synthetic b4096 "
-                f"{'-'.join(map(str, sizes))} [{device} float32]",
-                light,
-                native,
-                target=1.00,
-                cmp="<=",
-                unit="s",
-                ours_label=f"bp-train Lightning ({name})",
-                peer_label="native eager loop",
-                device=device,
-                dtype="float32",
-                variant=name,
-                module_kwargs=variants[name],
-                rows=datamodule.data.x["train"].shape[0],
-                batch=datamodule.cfg.batch_size,
-                steps_per_epoch=InMemoryLoader(datamodule.data.x["train"], datamodule.data.y["train"], 4096).n_batches,
-                epochs=[n1, n2],
-                reps=reps,
-                ours_val_acc=_val_acc(nets[name], datamodule, device),
-                peer_val_acc=peer_acc,
-                timing="host clock around each call, the device synchronized before and after",
-            )
-        )
-    return rows
+    epoch_s = {side: (med[f"{side}_n2"] - med[f"{side}_n1"]) / (n2 - n1) for side in ["native", *variants]}
+    return epoch_s, nets
+
+
+def _lightning_cuda_row(
+    name: str,
+    module_kwargs: dict[str, Any],
+    epoch_s: dict[str, float],
+    ours_acc: float,
+    datamodule: BPDataModule,
+    run: dict[str, Any],
+) -> Row:
+    device = run["device"]
+    x_train, y_train = datamodule.data.x["train"], datamodule.data.y["train"]
+    return make_row(
+        "4",
+        f"epoch time, Lightning loop ({name}) vs native eager loop, synthetic b4096 "
+        f"{'-'.join(map(str, run['sizes']))} [{device} float32]",
+        epoch_s[name],
+        epoch_s["native"],
+        target=1.00,
+        cmp="<=",
+        unit="s",
+        ours_label=f"bp-train Lightning ({name})",
+        peer_label="native eager loop",
+        device=device,
+        dtype="float32",
+        variant=name,
+        module_kwargs=module_kwargs,
+        rows=x_train.shape[0],
+        batch=datamodule.cfg.batch_size,
+        steps_per_epoch=InMemoryLoader(x_train, y_train, 4096).n_batches,
+        epochs=run["epochs"],
+        reps=run["reps"],
+        ours_val_acc=ours_acc,
+        peer_val_acc=run["peer_val_acc"],
+        timing="host clock around each call, the device synchronized before and after",
+    )
 
 
 # --------------------------------------------------------------------------- item 5

@@ -1,0 +1,85 @@
+"""What a run prints and records: the table, the other processes' CPU load meanwhile, the run's metadata."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bp_service.bench.harness import BenchConfig, Row
+
+_UNITS = {"s": (1e3, "ms"), "B": (1 / 2**20, "MiB"), "FLOP/s": (1e-9, "GFLOP/s")}
+
+
+def _fmt(value: float, unit: str) -> str:
+    scale, label = _UNITS.get(unit, (1.0, unit))
+    return f"{value * scale:.3f} {label}".rstrip()
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("item", "what", "ours", "peer", "ratio", "target", "met")
+    lines = [
+        (
+            r["item"],
+            r["name"],
+            _fmt(r["ours"], r["unit"]),
+            _fmt(r["peer"], r["unit"]),
+            f"{r['ratio']:.3f}",
+            f"{r['cmp']} {r['target']:.2f}",
+            "yes" if r["met"] else "NO",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
+    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *lines]]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+class OtherLoad:
+    """CPU time other processes took while we measured, in cores on average (Linux ``/proc/stat``).
+
+    The machine's busy time minus our own process's CPU time, over the wall time. Anything well
+    above zero means other processes competed for the cores and timings are noisy.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        wall, busy, own = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own) / wall)
+
+
+def run_meta(cfg: BenchConfig, items: Sequence[str], other_cores: float | None) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "quick": cfg.quick,
+        "reps": cfg.reps,
+        "warmup": cfg.warmup,
+        "items": list(items),
+        "timing": "median over reps, sides interleaved round robin with the order rotated each round",
+        "other_processes_cpu_cores": other_cores,
+    }
