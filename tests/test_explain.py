@@ -201,6 +201,8 @@ def test_plot_writes_png(tmp_path, capsys):
         (["--lr", "-1"], "--lr"),
         (["--lr", "nan"], "--lr"),
         (["--target", "inf"], "--target"),
+        (["--target", "1e200"], "--target"),  # finite, but C = (a3 - y)^2 overflows
+        (["--sizes", "2", "1", "--target", "1e200"], "--target"),
         (["--weights", "1", "1", "1", "1", "1", "1", "1", "nan"], "--weights"),
         (["--steps", "0"], "--steps"),
         (["--biases", "1"], "--biases"),

@@ -22,6 +22,8 @@ from bp_service.explain.render import num, render_deep_text, render_json, render
 
 MAX_STEPS = 10_000
 MAX_WIDTH, MAX_LAYERS = 1024, 12  # --sizes: as many widths (layers + 1) and as wide as this
+OVERFLOW_EXAMPLE = "the numbers overflow float64; try smaller --weights, --x, --target or --lr"
+OVERFLOW_DEEP = "the numbers overflow float64; try smaller --x, --target or --lr"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,7 +134,7 @@ def _run_deep(args: argparse.Namespace) -> int:
     seed = 0 if args.seed is None else args.seed
     report = explain_deep(args.sizes, seed, args.x, args.target, args.bias, args.lr)
     if not _all_finite(report):
-        return _fail("the numbers overflow float64; try smaller --x, --target or --lr")
+        return _fail(OVERFLOW_DEEP)
     sys.stdout.write(render_json(report) if args.json else render_deep_text(report))
     return 0
 
@@ -141,11 +143,14 @@ def _run_example(args: argparse.Namespace) -> int:
     x = DEFAULT_X if args.x is None else args.x
     weights = DEFAULT_WEIGHTS if args.weights is None else args.weights
     biases = args.biases if args.biases is not None else (DEFAULT_BIASES if args.bias else None)
-    report = explain(x, args.target, weights, biases, args.lr)
-    # The JSON keys are fixed, so --steps only adds the text table.
-    steps = train(x, args.target, weights, biases, args.lr, args.steps) if args.steps and not args.json else None
+    try:
+        report = explain(x, args.target, weights, biases, args.lr)
+        # The JSON keys are fixed, so --steps only adds the text table.
+        steps = train(x, args.target, weights, biases, args.lr, args.steps) if args.steps and not args.json else None
+    except OverflowError:  # float ** 2 raises where float * float gives inf, e.g. C = (a3 - y)^2 for y = 1e200
+        return _fail(OVERFLOW_EXAMPLE)
     if not (_all_finite(report) and _all_finite(steps)):
-        return _fail("the numbers overflow float64; try smaller --weights, --x, --target or --lr")
+        return _fail(OVERFLOW_EXAMPLE)
     if args.plot:
         from bp_service.explain.plot import plot_network  # matplotlib only when a picture is asked for
 
