@@ -10,8 +10,8 @@ the cost falling. ``--sizes 3 4 4 1`` leaves the worked example for a deeper sig
 seeded random weights and shows the layer-wise form of the same chain rule, the delta recursion,
 and what it saves compared with expanding every weight's chain separately.
 
-The parts, imports pointing one way (``cli`` -> ``render``, ``plot`` -> ``deep`` -> ``model``),
-each importing from the rest of bp_service only the core (``functions``):
+The parts, imports pointing one way (``cli`` -> ``render`` -> ``deep`` -> ``model``; ``plot``
+reads only the report), each importing from the rest of bp_service only the core (``functions``):
 
 - :mod:`~bp_service.explain.model`: the 3-2-1 numbers: forward pass, named chain factors,
   the autograd check, :func:`~bp_service.explain.model.explain` and ``train``;
