@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from importlib import import_module
 
-EXIT_INTERRUPT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+from bp_service.commands import EXIT_INTERRUPT
 
 
 def _run(module: str, command: str) -> None:
@@ -20,11 +20,11 @@ def _run(module: str, command: str) -> None:
 
 
 def bp_train() -> None:
-    _run("bp_service.train", "bp-train")
+    _run("bp_service.training.cli", "bp-train")
 
 
 def bp_predict() -> None:
-    _run("bp_service.predict", "bp-predict")
+    _run("bp_service.serving.predict", "bp-predict")
 
 
 def bp_explain() -> None:

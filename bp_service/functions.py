@@ -683,6 +683,10 @@ def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (_L1LossNoJvp if torch.compiler.is_compiling() else L1LossFunction).apply(pred, target)
 
 
+# The costs by name (``model.loss``), each the per-layer twin of what ``mlp_cost`` computes for that name.
+LOSSES = {"mse": mse_loss, "l1": l1_loss}
+
+
 def mlp_cost(
     x: Tensor,
     target: Tensor,

@@ -110,6 +110,8 @@ class MLP(nn.Module):
     Attributes:
         layers: the :class:`Linear` layers, ``layers[i].weight`` of shape ``(sizes[i+1], sizes[i])``.
         activations: the activation name applied after each layer (``None`` for none).
+        config: the constructor arguments, so that ``MLP(**net.config)`` builds the same network
+            (what a saved model records, see :mod:`bp_service.bundle`).
     """
 
     def __init__(
@@ -129,6 +131,13 @@ class MLP(nn.Module):
         for name in (activation, output_activation):
             if name is not None and name not in ACTIVATIONS:
                 raise ValueError(f"MLP: unknown activation {name!r}, expected one of {sorted(ACTIVATIONS)}")
+        self.config = {
+            "sizes": sizes,
+            "activation": activation,
+            "output_activation": output_activation,
+            "fused": fused,
+            "bias": bias,
+        }
         self.sizes = sizes
         self.fused = fused
         self.layers = nn.ModuleList(Linear(h_in, h_out, bias=bias) for h_in, h_out in pairwise(sizes))

@@ -1,4 +1,5 @@
-"""Reading user tables (CSV) with errors that name the file, row and column, and writing files safely.
+"""Reading user tables (CSV) with errors that name the file, row and column: the one CSV reader of
+training data (``data=csv``) and of ``bp-predict``'s input.
 
 Light on purpose (pandas and numpy only): ``bp-predict`` and the MLflow model use it without
 paying for Lightning's import.
@@ -6,18 +7,14 @@ paying for Lightning's import.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import errno
 import lzma
-import os
-import stat
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bp_service.commands import first_line
 
 
 class DataError(ValueError):
@@ -28,25 +25,30 @@ class DataError(ValueError):
 UNREADABLE = (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def read_header(path: str | Path, error: type[Exception] = DataError) -> list[str]:
+    """A CSV's column names, with one-line errors for a missing, empty, damaged or ambiguous file."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a CSV file")
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
+    except pd.errors.EmptyDataError:
+        raise error(f"{path}: file is empty") from None
+    except UNREADABLE as exc:
+        raise error(f"{path}: not a readable CSV ({first_line(exc)})") from None
+    check_unique_columns(header, str(path), error)
+    return [str(c) for c in header]
 
 
 def read_feature_frame(path: str | Path) -> pd.DataFrame:
-    """Read a CSV with one-line errors for a missing, empty, header-only, damaged or ambiguous file."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a CSV file")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    """A whole CSV (training data), checked as :func:`read_header` does, and with data rows."""
+    read_header(path)
     try:
-        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
         frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty") from None
     except UNREADABLE as exc:
-        raise DataError(f"{path}: not a readable CSV ({_first_line(exc)})") from None
-    check_unique_columns(header, str(path), DataError)
+        raise DataError(f"{path}: not a readable CSV ({first_line(exc)})") from None
     if frame.empty:
         raise DataError(f"{path}: has a header but no data rows")
     return frame
@@ -87,93 +89,3 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_r
             raise DataError(f"{source}: row {first_row + i + 2}, column {col!r}: {what}")
         out[:, j] = values
     return out
-
-
-# --------------------------------------------------------------------------- writing files
-class DiskFullError(OSError):
-    """A write ran out of space; the message names the folder (and what was being written)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def _is_disk_full(exc: BaseException, folder: Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc] ... unexpected
-    # pos ..."), without the errno: ask the file system whether it is full.
-    if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
-        with contextlib.suppress(OSError):
-            st = os.statvfs(folder)
-            return st.f_bavail * st.f_frsize < 1 << 20 or st.f_favail == 0
-    return False
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """The path to write ``path``'s new content to: complete or not at all.
-
-    A regular file (or a new one) is written to a temporary file beside it and renamed over it only when
-    the block ends without error; a symlink to a regular file replaces the file it points to and stays a
-    link. Anything else (``/dev/null``, a FIFO, a terminal, ``/dev/stdout``) is written in place: renaming
-    over it would replace the device or pipe with a regular file. A failed write removes the temporary
-    file; a full disk is raised as :class:`DiskFullError` naming the folder.
-    """
-    path = Path(path)
-    try:
-        st = os.stat(path)  # follows symlinks: the type of what is finally written
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        try:
-            yield path
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(errno.ENOSPC, f"no space left on {path}") from None
-            raise
-        return
-    real = Path(os.path.realpath(path))  # a dangling link: its target is created
-    real.parent.mkdir(parents=True, exist_ok=True)
-    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        if st is not None:  # the replaced file keeps its permissions
-            with contextlib.suppress(OSError):
-                os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        os.replace(tmp, real)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if _is_disk_full(exc, real.parent):
-            raise DiskFullError(errno.ENOSPC, f"no space left on {real.parent} (writing {real.name})") from None
-        raise
-
-
-# --------------------------------------------------------------------------- run folders
-_RUN_DIRS: dict[str, str] = {}
-
-
-def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
-    """``<parent>/<start time>``, created here and only for this process: ``_1``, ``_2``... on a collision.
-
-    Runs started in the same second (or by many processes at once) each get a folder of their own: the
-    folder is claimed by ``mkdir``, which only one process can win. Hydra resolves its run folder more than
-    once, so the answer is remembered for the life of the process (one run, or one sweep's folder).
-    """
-    key = str(Path(parent).resolve())
-    if key not in _RUN_DIRS:
-        Path(key).mkdir(parents=True, exist_ok=True)
-        stamp = datetime.datetime.now().strftime(stamp_format)
-        for n in range(10_000):
-            candidate = Path(key) / (stamp if n == 0 else f"{stamp}_{n}")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            _RUN_DIRS[key] = str(candidate)
-            break
-        else:
-            raise FileExistsError(errno.EEXIST, "no free run folder name", str(Path(key) / stamp))
-    return _RUN_DIRS[key]

@@ -31,7 +31,7 @@ def test_digits_trains_in_every_cpu_precision(cli, tmp_path, precision):
 def test_deep_sigmoid_net_shows_its_vanishing_gradient(cli, tmp_path):
     """Six sigmoid hidden layers: the first layer's recorded |dC/dW| is orders below the last's, every epoch."""
     result = cli(
-        "bp-train", "experiment=digits", "trainer=cpu", "model.hidden=[16,16,16,16,16,16]", "trainer.max_epochs=3",
+        "bp-train", "experiment=digits", "trainer=cpu", "model.net.hidden=[16,16,16,16,16,16]", "trainer.max_epochs=3",
         "trainer.enable_progress_bar=false", "tracking.log_model=false",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

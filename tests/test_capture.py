@@ -5,7 +5,7 @@ import torch
 
 from bp_service import MLP
 from bp_service.capture import CapturedStep
-from bp_service.train import train
+from bp_service.training.recipe import train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,6 +1,5 @@
 """The console entry points: a Ctrl-C at any moment of start-up is one line and exit 130."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -8,13 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 
 @pytest.mark.parametrize(("command", "delay"), [("bp-train", 0.3), ("bp-train", 1.5), ("bp-predict", 0.3)])
 def test_ctrl_c_during_startup_is_one_line_and_130(tmp_path, command, delay):
     """SIGINT while torch and Lightning are still importing: no traceback, 'interrupted', exit 130."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env["BP_SERVICE_HOME"] = str(tmp_path)
+    env = clean_env(BP_SERVICE_HOME=str(tmp_path))
     args = ["trainer=cpu", "data=iris"] if command == "bp-train" else ["model=x", "input=y"]
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / command), *args], stderr=subprocess.PIPE, text=True, env=env

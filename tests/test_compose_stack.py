@@ -30,7 +30,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,22 +40,16 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from conftest import COMPOSE, clean_env, free_port, interpolate
 from sklearn.datasets import load_digits
 from test_docker import final_stage
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-COMPOSE = REPO / "docker" / "compose.yaml"
 VENV_BIN = Path(sys.executable).parent
 IMAGE_PATHS = {"/opt/venv/bin": str(VENV_BIN), "/opt/bp-service/conf": str(REPO / "conf")}
 DIGITS_ROWS = 1797
-
-
-def interpolate(value: str) -> str:
-    """Compose's ``${VAR:-default}`` as `docker compose up` with none of them set: the default."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
 
 
 def image_config(dockerfile: Path) -> dict:
@@ -74,64 +67,6 @@ def image_config(dockerfile: Path) -> dict:
                 key, _, value = item.partition("=")
                 config["env"][key] = value
     return config
-
-
-# --------------------------------------------------------------------------- PostgreSQL
-def _pg_bindir() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]))
-    if found:
-        return found[-1].parent
-    pg_ctl = shutil.which("pg_ctl")
-    return Path(pg_ctl).resolve().parent if pg_ctl else None
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[dict]:
-    """{"uri", "bindir"}: the CI's PostgreSQL, or a throwaway cluster with compose's user, password and db."""
-    bindir = _pg_bindir()
-    if os.environ.get("BP_TEST_POSTGRES_URI"):
-        yield {"uri": os.environ["BP_TEST_POSTGRES_URI"], "bindir": bindir}
-        return
-    if bindir is None:
-        pytest.fail(
-            "no PostgreSQL for the compose stack test: set BP_TEST_POSTGRES_URI=postgresql://user:pass@host:port/db "
-            "(.ci/run does) or install the server binaries (apt-get install postgresql)"
-        )
-    service_env = yaml.safe_load(COMPOSE.read_text())["services"]["postgres"]["environment"]
-    pg_env = {k: interpolate(str(v)) for k, v in service_env.items()}
-    user, password, db = pg_env["POSTGRES_USER"], pg_env["POSTGRES_PASSWORD"], pg_env["POSTGRES_DB"]
-    # not under pytest's tmp_path (mode 0700, root's): the postgres user must reach it
-    root = Path(tempfile.mkdtemp(prefix="bp-test-postgres-"))
-    (root / "password").write_text(password + "\n")
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        shutil.chown(root, "postgres", "postgres")
-        shutil.chown(root / "password", "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-
-    def run(*cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120, check=False)
-
-    try:
-        proc = run(str(bindir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={root / 'password'}",
-                   "-A", "scram-sha-256", "-E", "UTF8", "--no-sync")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        proc = run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
-                   "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr + (root / "server.log").read_text()
-        import psycopg2
-
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="postgres")
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{db}"')
-        conn.close()
-        yield {"uri": f"postgresql://{user}:{password}@127.0.0.1:{port}/{db}", "bindir": bindir}
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the stack, localised
@@ -192,7 +127,7 @@ class Stack:
         return new
 
     def environment(self, service: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_", "PG"))}
+        env = clean_env(drop=("PG",))
         ours = "build" in self.services[service]  # built from docker/Dockerfile: the image's ENV applies
         for key, value in self.image["env"].items() if ours else ():
             value = self.localize(service, value)
@@ -398,7 +333,7 @@ def test_model_is_registered_and_loadable_and_matches_the_predictions(stack):
         "x = pd.read_csv(sys.argv[1]).drop(columns='id'); m.predict(x).to_csv(sys.argv[2], index=False)"
     )
     out = stack.root / "pyfunc.csv"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri}
+    env = clean_env(MLFLOW_TRACKING_URI=uri)
     proc = subprocess.run(
         [sys.executable, "-c", script, stack.binds["/input/rows.csv"], str(out)],
         capture_output=True, text=True, env=env, timeout=300, check=False,

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from conftest import clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -299,8 +300,8 @@ def test_job_execution_value_reads_as_off_and_its_absence_as_on(monkeypatch):
 
 
 def test_train_and_predict_commands_are_valid(compose_cfg):
-    from bp_service.config import validate
-    from bp_service.predict import parse_args
+    from bp_service.serving.predict import parse_args
+    from bp_service.training.preflight import validate
 
     services = compose()["services"]
     train = services["train"]["command"]
@@ -613,8 +614,8 @@ def stack(tmp_path_factory):
     root.chmod(0o755)
     project = f"bptest{uuid.uuid4().hex[:8]}"
     ports = {"BP_PG_PORT": str(free_port()), "BP_MLFLOW_PORT": str(free_port())}
-    env = {**os.environ, **ports, "BP_IMAGE": IMAGE, "BP_POSTGRES_IMAGE": POSTGRES_IMAGE,
-           "BP_PREDICT_INPUT": str(digits_csv(root / "input.csv"))}  # fmt: skip
+    env = clean_env(**ports, BP_IMAGE=IMAGE, BP_POSTGRES_IMAGE=POSTGRES_IMAGE,
+                    BP_PREDICT_INPUT=str(digits_csv(root / "input.csv")))  # fmt: skip
     command = compose_command(project, root)
 
     def compose_run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -702,10 +703,7 @@ class TestComposeStack:
             "x = pd.read_csv(sys.argv[1]).drop(columns='id'); m.predict(x).to_csv(sys.argv[2], index=False)"
         )
         out = stack["input"].with_name("pyfunc.csv")
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-            "MLFLOW_TRACKING_URI": stack["url"],
-        }
+        env = clean_env(MLFLOW_TRACKING_URI=stack["url"])
         proc = subprocess.run([sys.executable, "-c", script, str(stack["input"]), str(out)],
                               capture_output=True, text=True, env=env, timeout=300, check=False)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -219,10 +219,21 @@ def test_cuda_matches_cpu(name, ours, native, arity):
     inputs = _inputs(x, arity, 16, g)
     cpu = _clone_leaves(inputs)
     gpu = [t.detach().cuda().requires_grad_() for t in inputs]
+    twin = [t.detach().cuda().requires_grad_() for t in inputs]  # torch's own function on the same device
     ours(*cpu).sum().backward()
-    ours(*gpu).sum().backward()
-    for a, b in zip(cpu, gpu):
+    y_gpu, y_twin = ours(*gpu), native(*twin)
+    assert y_gpu.is_cuda
+    torch.testing.assert_close(y_gpu, y_twin)
+    y_gpu.sum().backward()
+    y_twin.sum().backward()
+    for a, b, c in zip(cpu, gpu, twin, strict=True):
         torch.testing.assert_close(b.grad.cpu(), a.grad)
+        torch.testing.assert_close(b.grad, c.grad)
+
+
+@pytest.mark.gpu
+def test_linear_sigmoid_gradcheck_on_cuda():
+    x = torch.randn(64, 32, dtype=DOUBLE, generator=torch.Generator().manual_seed(4))
     assert gradcheck(
         LINEAR_FNS["linear_sigmoid"],
         [t.detach().cuda()[:4, :6].requires_grad_() for t in [x]]

@@ -7,7 +7,6 @@ MLflow or bp-service. The wheels are fetched for this python by the same script 
 
 import importlib.metadata as md
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,14 +73,14 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         ["bash", str(REPO / "tools" / "gpu-wheels.sh"), str(wheels), "host"],
         capture_output=True,
         text=True,
-        env={**os.environ, "PY": sys.executable},
+        env=clean_env(PY=sys.executable),
         timeout=900,
     )
     assert fetched.returncode == 0, fetched.stderr[-3000:]
 
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_", "PYTEST_"))}
-    env.update({"PYTHON": str(python), "WHEELS": str(wheels), "WORK": str(tmp_path / "work"), "GPU_CHECK_CPU": "1"})
+    env = clean_env(drop=("PYTEST_",), PYTHON=str(python), WHEELS=str(wheels), WORK=str(tmp_path / "work"))
+    env["GPU_CHECK_CPU"] = "1"
     env["GPU_CHECK_DEADLINE"] = "1400"  # a shared 2-core CI machine is far slower than a GPU host
     run = subprocess.run(
         ["bash", str(REPO / "tools" / "gpu-check.sh"), str(out)], capture_output=True, text=True, env=env, timeout=1500

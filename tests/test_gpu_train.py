@@ -10,8 +10,9 @@ import torch
 
 from bp_service.bench import jobs as bench_jobs
 from bp_service.bench.harness import BenchConfig
-from bp_service.data import BPDataModule, InMemoryLoader
-from bp_service.train import train
+from bp_service.training.data import BPDataModule
+from bp_service.training.loader import InMemoryLoader
+from bp_service.training.recipe import train
 
 pytestmark = pytest.mark.gpu
 

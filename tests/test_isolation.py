@@ -19,6 +19,7 @@ from urllib.request import url2pathname
 
 import pytest
 import torch
+from conftest import clean_env
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -28,9 +29,7 @@ TINY = ["data=xor", "trainer=cpu", "trainer.max_epochs=1", "trainer.enable_progr
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_"))}
-    env["BP_SERVICE_HOME"] = str(home)
-    return env
+    return clean_env(BP_SERVICE_HOME=str(home))
 
 
 def _start(home: Path, *args: str) -> subprocess.Popen:
@@ -66,7 +65,7 @@ def test_concurrent_first_runs_in_the_same_second_each_get_their_own_folder_file
     for folder in taken:
         folder.mkdir()
     widths = [3, 5, 7]
-    procs = {w: _start(home, *TINY, f"model.hidden=[{w}]") for w in widths}  # a fresh store: all first runs
+    procs = {w: _start(home, *TINY, f"model.net.hidden=[{w}]") for w in widths}  # a fresh store: all first runs
     results = {w: _finish(p) for w, p in procs.items()}
     for w, (code, _, err) in results.items():
         assert code == 0, f"width {w}: {err[-3000:]}"
@@ -83,11 +82,11 @@ def test_concurrent_first_runs_in_the_same_second_each_get_their_own_folder_file
     assert len(models) == len(widths)
     seen = set()
     for run in runs:
-        width = int(run.data.params["model.hidden"].strip("[]"))
+        width = int(run.data.params["model.net.hidden"].strip("[]"))
         folder = Path(run.data.tags["bp.output_dir"])
         seen.add(folder)
         assert folder in run_dirs
-        assert OmegaConf.load(folder / ".hydra" / "overrides.yaml")[-1] == f"model.hidden=[{width}]"
+        assert OmegaConf.load(folder / ".hydra" / "overrides.yaml")[-1] == f"model.net.hidden=[{width}]"
         local = torch.load(folder / "model_bundle.pt", weights_only=True)
         assert local["architecture"]["sizes"][1] == width
         logged_dir = Path(url2pathname(urlparse(models[run.info.run_id]).path))
@@ -100,8 +99,8 @@ def test_concurrent_first_runs_in_the_same_second_each_get_their_own_folder_file
     assert seen == run_dirs
 
     # ckpt_path=last still finds the newest run with the same overrides among the suffixed siblings.
-    by_width = {int(r.data.params["model.hidden"].strip("[]")): r.info.run_id for r in runs}
-    code, out, err = _finish(_start(home, *TINY, "model.hidden=[5]", "ckpt_path=last", "trainer.max_epochs=2"))
+    by_width = {int(r.data.params["model.net.hidden"].strip("[]")): r.info.run_id for r in runs}
+    code, out, err = _finish(_start(home, *TINY, "model.net.hidden=[5]", "ckpt_path=last", "trainer.max_epochs=2"))
     assert code == 0, err[-3000:]
     assert f"MLflow run   {by_width[5]}" in out
 

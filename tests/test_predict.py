@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import clean_env
 from sklearn.datasets import load_digits
 
-from bp_service.predict import BLOCK_ROWS, main, parse_args, predict_rows
-from bp_service.serving import InputError, features_matrix, load_bundle, net_from_bundle, predict_frame
+from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
+from bp_service.serving.model import InputError, features_matrix
+from bp_service.serving.predict import BLOCK_ROWS, main, parse_args, predict_rows
 
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bp-predict-test"
@@ -28,9 +30,7 @@ N_ROWS = 500  # rows of the digits data the tests score
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_"))}
-    env.update({"BP_SERVICE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"})
-    return env
+    return clean_env(BP_SERVICE_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_bad_csv_is_one_clear_line(model, rows, tmp_path, capsys, case):
     for needle in needles:
         assert needle in lines[0]
     assert not out.exists()
-    assert not list(out.parent.glob(".*.tmp")) if out.parent.exists() else True
+    assert [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []  # in out's folder, or anywhere
 
 
 def test_cli_error_has_no_traceback_unless_asked(model, rows, tmp_path, capsys, monkeypatch):
@@ -379,7 +379,7 @@ def test_a_tampered_model_folder_runs_its_code_in_pyfunc_but_never_in_bp_predict
     assert code == 0, err
     assert not marker.exists(), "bp-predict ran code from the model folder"
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     load = f"import mlflow; mlflow.pyfunc.load_model({str(folder)!r})"
     proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,7 +3,6 @@ errors that used to come late, cut or without a name. Through the real commands.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,18 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import clean_env
 
-from bp_service.predict import main as bp_predict
-from bp_service.serving import build_net
+from bp_service.bundle import build_net
+from bp_service.serving.predict import main as bp_predict
 
 BIN = Path(sys.executable).parent
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_", "BP_SERVICE_"))}
-    env["BP_SERVICE_HOME"] = str(home)
-    return env
+    return clean_env(BP_SERVICE_HOME=str(home))
 
 
 def _bp_train(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -60,7 +58,10 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
     if name == "gpu_without_cuda":
         return ["data=xor", "trainer=gpu"], "trainer.accelerator=gpu but this machine has no CUDA device"
     if name == "monitor_typo":
-        return ["data=xor", "checkpoint.monitor=val/acc_typo"], "checkpoint.monitor must be auto or one of"
+        return [
+            "data=xor",
+            "callbacks.model_checkpoint.monitor=val/acc_typo",
+        ], "callbacks.model_checkpoint.monitor must be auto or one of"
     if name == "precision":
         return ["data=xor", "trainer.precision=17-mixed"], "trainer.precision must be one of"
     if name == "seed":
@@ -138,7 +139,7 @@ def test_an_unexpected_error_is_one_line_without_hydras_second_line(tmp_path):
 def test_ctrl_c_during_training_says_interrupted_exits_130_and_ends_the_run_killed(tmp_path):
     home = tmp_path / "home"
     args = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "trainer.max_epochs=50",
-            "checkpoint.every_n_train_steps=50", "tracking.log_model=false"]  # fmt: skip
+            "callbacks.last_checkpoint.every_n_train_steps=50", "tracking.log_model=false"]  # fmt: skip
     proc = subprocess.Popen(
         [str(BIN / "bp-train"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home)
     )

@@ -11,15 +11,14 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from conftest import MlflowServer
+from conftest import MlflowServer, clean_env
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
-from test_compose_stack import postgres  # noqa: F401 - the fixture: CI's PostgreSQL or a throwaway cluster
 
-from bp_service.config import DataConfig
-from bp_service.data import DataError, prepare
+from bp_service.training.config import DataConfig
+from bp_service.training.data import DataError, prepare
 
 # ~900 optimizer steps per epoch: long enough to be killed mid-epoch, short enough for CI.
 LONG = ["data=blog", "data.n_samples=20000", "data.batch_size=16", "optimizer=sgd_momentum", "trainer=cpu",
@@ -27,8 +26,7 @@ LONG = ["data=blog", "data.n_samples=20000", "data.batch_size=16", "optimizer=sg
 
 
 def _popen(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    full_env.update({"BP_SERVICE_HOME": str(tmp_path), **(env or {})})
+    full_env = clean_env(BP_SERVICE_HOME=str(tmp_path), **(env or {}))
     exe = Path(sys.executable).parent / "bp-train"
     return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
 
@@ -62,10 +60,14 @@ def _step_of(path: Path) -> int:
 def _assert_same_training_state(a: Path, b: Path) -> None:
     ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert ca["global_step"] == cb["global_step"]
+    assert ca["state_dict"] and ca["state_dict"].keys() == cb["state_dict"].keys()
     for key, value in ca["state_dict"].items():
         assert torch.equal(value, cb["state_dict"][key]), key
+    assert ca["optimizer_states"], "no optimizer state to compare"
     for sa, sb in zip(ca["optimizer_states"], cb["optimizer_states"], strict=True):
+        assert sa["state"] and sa["state"].keys() == sb["state"].keys()  # momentum buffers, one per parameter
         for pid, state in sa["state"].items():
+            assert state.keys() == sb["state"][pid].keys(), pid
             for name, tensor in state.items():
                 assert torch.equal(tensor, sb["state"][pid][name]), (pid, name)
 
@@ -73,7 +75,7 @@ def _assert_same_training_state(a: Path, b: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, cli, where):
-    common = [*LONG, "trainer.max_epochs=3", "checkpoint.every_n_train_steps=50"]
+    common = [*LONG, "trainer.max_epochs=3", "callbacks.last_checkpoint.every_n_train_steps=50"]
     straight = cli("bp-train", *common, "task_name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -105,7 +107,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cli, where):
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_ends_KILLED_and_exits_143(tmp_path):
-    proc = _popen(tmp_path, *LONG, "trainer.max_epochs=50", "checkpoint.every_n_train_steps=200", "task_name=term")
+    proc = _popen(
+        tmp_path, *LONG, "trainer.max_epochs=50", "callbacks.last_checkpoint.every_n_train_steps=200", "task_name=term"
+    )
     _wait_for(lambda: _checkpoint(tmp_path, "term"), what="a first checkpoint", proc=proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -244,14 +248,13 @@ def test_bad_csv_through_the_cli_leaves_no_run_behind(tmp_path, cli):
     result = cli("bp-train", "data=csv", f"data.path={path}", "data.target=label", "trainer=cpu")
     assert result.returncode == 2
     assert result.stderr.strip() == f"bp-train: error: {path}: row 3, column 'b': not a finite number: 'hello'"
-    db = tmp_path / "mlflow.db"
-    if db.exists():  # the data is checked before any run is opened
-        client = MlflowClient(f"sqlite:///{db}")
-        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    # The data is checked before any run is opened: the store (an empty one if bp-train made none) holds no run.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
 @pytest.mark.slow
-def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, postgres):  # noqa: F811
+def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, postgres):
     """8 bp-train processes at once against `mlflow server` on PostgreSQL: every run, param and metric arrives."""
     import psycopg2
     from sqlalchemy.engine import make_url
@@ -314,8 +317,9 @@ def predict_frames(draw):
     frame=pd.DataFrame({"id": ["a", "b", "c"], "x3": [3, 0, 1], "x1": [1.5, -2, 0], "x2": [0, 0, 7]}), chunk_size=2
 )
 def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chunk_size):
-    from bp_service.predict import predict_csv, predict_rows
-    from bp_service.serving import InputError, net_from_bundle
+    from bp_service.bundle import net_from_bundle
+    from bp_service.serving.model import InputError
+    from bp_service.serving.predict import predict_csv, predict_rows
 
     bundle = _tiny_bundle()
     source, out = tmp_path / "in.csv", tmp_path / "out.csv"
@@ -346,12 +350,12 @@ def _only_run(tmp_path: Path):
 
 @pytest.mark.slow
 def test_resuming_another_network_or_other_data_is_refused_and_the_finished_run_is_untouched(tmp_path, cli):
-    tiny = ["data=xor", "trainer=cpu", "trainer.max_epochs=1", "tracking.log_model=false", "model.hidden=[4]"]
+    tiny = ["data=xor", "trainer=cpu", "trainer.max_epochs=1", "tracking.log_model=false", "model.net.hidden=[4]"]
     first = cli("bp-train", *tiny)
     assert first.returncode == 0, first.stderr[-2000:]
     _, before = _only_run(tmp_path)
     last = _checkpoint(tmp_path, "train")
-    for change, needle in [("model.hidden=[8]", "a checkpoint of another network"), ("data=moons", "other data")]:
+    for change, needle in [("model.net.hidden=[8]", "a checkpoint of another network"), ("data=moons", "other data")]:
         result = cli("bp-train", *tiny, change, f"ckpt_path={last}", "trainer.max_epochs=2")
         assert result.returncode == 2, result.stderr[-2000:]
         line = result.stderr.strip().splitlines()[-1]
@@ -364,7 +368,7 @@ def test_resuming_another_network_or_other_data_is_refused_and_the_finished_run_
 @pytest.mark.slow
 def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_path, cli):
     common = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "tracking.log_model=false",
-              "checkpoint.every_n_train_steps=50", "trainer.enable_progress_bar=false"]  # fmt: skip
+              "callbacks.last_checkpoint.every_n_train_steps=50", "trainer.enable_progress_bar=false"]  # fmt: skip
     first = cli("bp-train", *common, "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-2000:]
     _, before = _only_run(tmp_path)

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import requests
 import torch
-from conftest import free_port
+from conftest import clean_env, free_port
 from mlflow import MlflowClient
 
-from bp_service.serving import load_bundle, net_from_bundle, predict_frame
-from bp_service.train import train
+from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
+from bp_service.training.recipe import train
 
 SHORT = ["data=iris", "trainer.max_epochs=3"]
 
@@ -30,10 +30,9 @@ def _only_run(uri: str, experiment: str = "bp-service"):
 
 
 @pytest.fixture
-def tracked_run(compose_cfg, tmp_path, monkeypatch):
+def tracked_run(compose_cfg, tmp_path):
     """One short classification run recorded in tmp_path/mlflow.db (the embedded default)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose_cfg(*SHORT, "model.hidden=[8]")
+    cfg = compose_cfg(*SHORT, "model.net.hidden=[8]")
     result = train(cfg)
     return cfg, result, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -46,7 +45,7 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert params["model.hidden"] == "[8]"
+    assert params["model.net.hidden"] == "[8]"
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["data.name"] == "iris"
     assert params["trainer.max_epochs"] == "3"
@@ -103,7 +102,7 @@ def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_
         f"out = model.predict(pd.read_csv({str(tmp_path / 'rows.csv')!r}))\n"
         "out.to_csv(sys.stdout, index=False)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
     )
@@ -130,7 +129,6 @@ def test_environment_uri_wins_over_config(compose_cfg, tmp_path, monkeypatch):
 
 
 def test_env_values_are_not_logged_as_params(compose_cfg, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("BP_TEST_SECRET", "hunter2")
     cfg = compose_cfg(*SHORT, "tracking.run_name=${oc.env:BP_TEST_SECRET}", "tracking.log_model=false")
     train(cfg)
@@ -145,8 +143,7 @@ def test_env_values_are_not_logged_as_params(compose_cfg, tmp_path, monkeypatch)
     assert "hunter2" not in text and "run_name: '<from the environment: not recorded>'" in text
 
 
-def test_register_model_creates_a_version(compose_cfg, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_register_model_creates_a_version(compose_cfg, tmp_path):
     cfg = compose_cfg(*SHORT, "tracking.register_model=bp-iris")
     train(cfg)
     versions = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name='bp-iris'")
@@ -241,8 +238,7 @@ def test_resume_continues_the_same_mlflow_run(cli, tmp_path):
 def test_mlflow_models_serve_answers_invocations(tracked_run, tmp_path):
     _, result, uri = tracked_run
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_TRACKING_URI"] = uri
+    env = clean_env(MLFLOW_TRACKING_URI=uri)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # mlflow shells out to uvicorn
     command = ["mlflow", "models", "serve", "-m", f"runs:/{result['run_id']}/model", "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from bp_service.config import ConfigError, check_target, validate
-from bp_service.data import BPDataModule, DataError, InMemoryLoader
 from bp_service.layers import MLP
-from bp_service.train import CONF_DIR, build_network, train
+from bp_service.training.cli import CONF_DIR
+from bp_service.training.config import ConfigError, check_target, instantiate
+from bp_service.training.data import BPDataModule, DataError
+from bp_service.training.loader import InMemoryLoader
+from bp_service.training.preflight import validate
+from bp_service.training.recipe import build_network, train
 
 DATASETS = ["blog", "xor", "moons", "synthetic", "digits", "breast_cancer", "iris", "wine", "diabetes"]
 OPTIMIZERS = ["sgd", "sgd_momentum", "adam"]
@@ -33,14 +35,17 @@ def test_every_group_option_has_a_test():
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("scheduler", [None, "step", "cosine"])
 def test_optimizer_and_scheduler_options_instantiate(compose_cfg, optimizer, scheduler):
-    from bp_service.module import BPModule
+    from bp_service.training.module import BPModule
 
     cfg = compose_cfg(f"optimizer={optimizer}", *([f"scheduler={scheduler}"] if scheduler else []))
     validate(cfg)
+    scheduler = cfg.scheduler
     module = BPModule(
         MLP([3, 4, 1]),
-        optimizer=OmegaConf.to_container(cfg.optimizer),
-        scheduler=OmegaConf.to_container(cfg.scheduler) if cfg.scheduler else None,
+        optimizer=instantiate(cfg.optimizer, "optimizer"),
+        scheduler={"scheduler": instantiate(scheduler.scheduler, "scheduler"), "interval": scheduler.interval}
+        if scheduler
+        else None,
     )
     built = module.configure_optimizers()
     opt = built["optimizer"] if isinstance(built, dict) else built
@@ -66,19 +71,26 @@ def test_each_dataset_trains_a_few_steps(compose_cfg, dataset):
 
 
 def test_short_run_on_blog_lowers_the_loss(compose_cfg):
-    cfg = compose_cfg("experiment=blog_321", "trainer.max_epochs=1", "trainer.limit_train_batches=1", *NO_TRACKING)
-    datamodule = BPDataModule(cfg.data, cfg.seed)
+    """The test split's squared error (the recipe's loss) before training and after: same rows, same loss."""
+    cfg = compose_cfg("experiment=blog_321", "trainer.max_epochs=15", *NO_TRACKING)
+    datamodule = BPDataModule(cfg.data, cfg.seed)  # the run's own split: same data, same seed
     datamodule.setup()
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg, datamodule.data.n_features, datamodule.data.n_outputs, "classification")
+    net = build_network(cfg.model.net, datamodule.data)
     from bp_service.functions import mse_loss
 
-    x, y = datamodule.data.x["train"], datamodule.data.y["train"]
-    before = mse_loss(net(x), y).item()
-    cfg = compose_cfg("experiment=blog_321", "trainer.max_epochs=15", *NO_TRACKING)
+    x, y = datamodule.data.x["test"], datamodule.data.y["test"]
+    with torch.no_grad():
+        before = mse_loss(net(x), y).item()
     result = train(cfg)
     assert result["metrics"]["test/loss"] < before
     assert result["metrics"]["test/acc"] > 0.8
+    # test/loss is that same quantity: the tested checkpoint's network on the same rows gives it back
+    state = torch.load(result["best_checkpoint"], weights_only=True)["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items()})
+    with torch.no_grad():
+        after = mse_loss(net(x), y).item()
+    assert after == pytest.approx(result["metrics"]["test/loss"], rel=1e-4)
 
 
 def test_a_csv_written_here_trains(compose_cfg, tmp_path):
@@ -160,8 +172,8 @@ def test_steps_per_execution_gives_identical_weights_and_epoch_metrics(compose_c
     ("override", "message"),
     [
         ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
-        ("model.hidden=[0]", "model.hidden widths must be > 0"),
-        ("model.activation=swish", "model.activation must be one of"),
+        ("model.net.hidden=[0]", "model.net.hidden widths must be > 0"),
+        ("model.net.activation=swish", "model.net.activation must be one of"),
         ("data.val_size=0.9", "data.val_size + data.test_size must be < 1"),
         ("optimizer._target_=os.system", "optimizer._target_='os.system' is not allowed"),
     ],
@@ -198,7 +210,7 @@ def test_cli_runs_and_prints_a_summary(cli):
     ("override", "needle"),
     [
         ("optimizer.lr=abc", "optimizer.lr"),
-        ("model.hidden=[0]", "model.hidden widths must be > 0"),
+        ("model.net.hidden=[0]", "model.net.hidden widths must be > 0"),
         ("data=nosuch", "data"),
         ("nosuchkey=1", "nosuchkey"),
         ("ckpt_path=last", "ckpt_path=last: no last.ckpt"),
@@ -266,7 +278,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(cli, tmp_path):
 
 def test_compose_api_sees_the_experiment_presets():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        from bp_service.config import register_configs
+        from bp_service.training.config import register_configs
 
         register_configs()
         cfg = compose("train", overrides=["experiment=digits", "paths.root_dir=/tmp"])
@@ -275,8 +287,8 @@ def test_compose_api_sees_the_experiment_presets():
 
 def test_early_stopping_ends_a_run_that_stops_improving(compose_cfg):
     cfg = compose_cfg(
-        "data=iris", "trainer.max_epochs=30", "optimizer.lr=1e-9", "early_stopping.enabled=true",
-        "early_stopping.patience=2", *NO_TRACKING,
+        "data=iris", "trainer.max_epochs=30", "optimizer.lr=1e-9", "callbacks=early_stopping",
+        "callbacks.early_stopping.patience=2", *NO_TRACKING,
     )  # fmt: skip
     result = train(cfg)
     epochs_run = torch.load(result["last_checkpoint"], weights_only=True)["epoch"] + 1

@@ -111,7 +111,7 @@ EOF
     # thousands of modules: a minute of the test step on a slow machine). Some packages ship files that
     # are not meant to compile: ignore the status.
     "$VENV/bin/python" -m compileall -q -j 0 "$venv_site" > /dev/null || true
-    "$VENV/bin/python" -c 'import torch, lightning, hydra, mlflow, sklearn, pytest, bp_service.train, bp_service.bench.cli
+    "$VENV/bin/python" -c 'import torch, lightning, hydra, mlflow, sklearn, pytest, bp_service.training.cli, bp_service.bench.cli
 print("imports ok: torch", torch.__version__, "lightning", lightning.__version__, "mlflow", mlflow.__version__)'
     "$VENV/bin/python" -m pip check || true  # informative: --no-deps installs are not resolved
     touch "$VENV/.installed"  # make's stamp: test-gpu must not try to build .venv from the index

@@ -27,7 +27,7 @@ from bp_service.bench.harness import BenchConfig, Row, make_row, time_round_robi
 from bp_service.layers import MLP
 
 # The training service these items drive: its imports, all in one place.
-from bp_service.training.config import DataConfig, check_target
+from bp_service.training.config import DataConfig, check_target, instantiate
 from bp_service.training.data import BPDataModule
 from bp_service.training.loader import InMemoryLoader
 from bp_service.training.module import BPModule
@@ -93,7 +93,7 @@ def lightning_loop(
 
     torch.manual_seed(0)
     net = MLP(sizes, activation=activation, output_activation=output_activation)
-    module = BPModule(net, optimizer=optimizer, log_every_n_steps=10, **module_kwargs)
+    module = BPModule(net, optimizer=instantiate({**optimizer, "_partial_": True}, "optimizer"), **module_kwargs)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
@@ -103,7 +103,7 @@ def lightning_loop(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
+        log_every_n_steps=10,  # bp-train's default: the module's divergence check under capture follows it
     )
     trainer.fit(module, datamodule=datamodule)
     return module.net

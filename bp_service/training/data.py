@@ -8,7 +8,6 @@ so that predictions are made from raw features.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +21,9 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import Tensor
 
 from bp_service.tables import DataError, check_scaling, numeric_matrix, read_feature_frame
+from bp_service.training.loader import InMemoryLoader
 
-__all__ = ["BPDataModule", "DataError", "InMemoryLoader", "Prepared", "numeric_matrix", "prepare", "read_feature_frame"]
+__all__ = ["DATASETS", "TASKS", "BPDataModule", "DataError", "Prepared", "prepare"]
 
 
 # --------------------------------------------------------------------------- raw datasets
@@ -65,6 +65,9 @@ SKLEARN_LOADERS = {
 }
 GENERATED = {"blog": _blog, "xor": _xor, "moons": _moons}
 REGRESSION_DATASETS = {"diabetes"}
+# Every data= option, the one list (conf/data/ has a file for each).
+DATASETS = (*GENERATED, "synthetic", *SKLEARN_LOADERS, "csv")
+TASKS = ("auto", "classification", "regression")
 
 
 def _synthetic(cfg, seed: int, task: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -200,13 +203,43 @@ def prepare(cfg, seed: int) -> Prepared:
     source = cfg.path if cfg.name == "csv" else f"data={cfg.name}"
     classes = None
     if task == "classification":
-        encoder = LabelEncoder().fit(y)
-        classes = list(encoder.classes_)
-        if len(classes) < 2:
-            raise DataError(
-                f"{source}: target {cfg.target or 'y'!r} has a single class ({classes[0]!r}); need at least 2"
-            )
-        y = encoder.transform(y)
+        y, classes = _encode_labels(y, source, cfg.target)
+    splits = _split(x, y, classes, cfg, seed, source)
+    scaler = StandardScaler().fit(splits["train"][0])
+    check_scaling(names, scaler.mean_, scaler.scale_, source)
+    prepared = Prepared(
+        task=task,
+        feature_names=names,
+        classes=classes,
+        scaler_mean=scaler.mean_.tolist(),
+        scaler_scale=scaler.scale_.tolist(),
+        raw_test=splits["test"][0],
+    )
+    if task == "regression":
+        y_train = splits["train"][1]
+        prepared.target_mean, prepared.target_scale = float(y_train.mean()), float(y_train.std() or 1.0)
+        check_scaling([cfg.target or "target"], prepared.target_mean, prepared.target_scale, source)
+    for split, (xs, ys) in splits.items():
+        if task == "regression":
+            targets = ((ys - prepared.target_mean) / prepared.target_scale).reshape(-1, 1)
+        else:
+            targets = _encode_targets(ys, len(classes))
+        prepared.x[split] = torch.as_tensor(scaler.transform(xs), dtype=torch.float32)
+        prepared.y[split] = torch.as_tensor(targets, dtype=torch.float32)
+    return prepared
+
+
+def _encode_labels(y: np.ndarray, source: str, target: str | None) -> tuple[np.ndarray, list[Any]]:
+    """Labels as 0..K-1, and the original labels in that order."""
+    encoder = LabelEncoder().fit(y)
+    classes = list(encoder.classes_)
+    if len(classes) < 2:
+        raise DataError(f"{source}: target {target or 'y'!r} has a single class ({classes[0]!r}); need at least 2")
+    return encoder.transform(y), classes
+
+
+def _split(x, y, classes, cfg, seed: int, source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train / val / test, seeded, and stratified by class for classification."""
     n = len(x)
     n_test, n_val = math.ceil(n * cfg.test_size), math.ceil(n * cfg.val_size)
     min_rows = 3 if classes is None else 3 * len(classes)
@@ -222,97 +255,7 @@ def prepare(cfg, seed: int) -> Prepared:
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=n_val, random_state=seed, stratify=strat_rest
     )
-    scaler = StandardScaler().fit(x_train)
-    check_scaling(names, scaler.mean_, scaler.scale_, source)
-    prepared = Prepared(
-        task=task,
-        feature_names=names,
-        classes=classes,
-        scaler_mean=scaler.mean_.tolist(),
-        scaler_scale=scaler.scale_.tolist(),
-        raw_test=x_test,
-    )
-    if task == "regression":
-        prepared.target_mean, prepared.target_scale = float(y_train.mean()), float(y_train.std() or 1.0)
-        check_scaling([cfg.target or "target"], prepared.target_mean, prepared.target_scale, source)
-    for split, xs, ys in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test)):
-        if task == "regression":
-            targets = ((ys - prepared.target_mean) / prepared.target_scale).reshape(-1, 1)
-        else:
-            targets = _encode_targets(ys, len(classes))
-        prepared.x[split] = torch.as_tensor(scaler.transform(xs), dtype=torch.float32)
-        prepared.y[split] = torch.as_tensor(targets, dtype=torch.float32)
-    return prepared
-
-
-# --------------------------------------------------------------------------- batching
-class InMemoryLoader:
-    """Batches of in-memory tensors by slicing a shuffled index: no per-sample ``__getitem__`` + collate.
-
-    Each epoch's order is a pure function of ``(seed, epoch)``. Given ``position`` (a callable
-    returning the current epoch and how many of its chunks are already done, read from the
-    Lightning loop when iteration starts), a run resumed mid-epoch from a checkpoint continues
-    with exactly the batches an uninterrupted run would see: no random-number state to save.
-
-    With ``world_size > 1`` every global batch of ``batch_size * world_size`` rows is dealt
-    round-robin to the ranks, so DDP on W processes sees the same global batches as one process
-    with a W-times larger batch.
-
-    Yields tuples of ``steps_per_execution`` consecutive ``(x, y)`` batches (one per optimizer step).
-    """
-
-    def __init__(
-        self,
-        x: Tensor,
-        y: Tensor,
-        batch_size: int,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        steps_per_execution: int = 1,
-        position: Callable[[], tuple[int, int]] | None = None,
-    ) -> None:
-        self.x, self.y = x, y
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_execution = steps_per_execution
-        self.position = position
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    @property
-    def n_batches(self) -> int:
-        """Optimizer steps per epoch; a last global batch too small to give every rank a row is dropped."""
-        global_batch = self.batch_size * self.world_size
-        full, rest = divmod(len(self.x), global_batch)
-        return full + (rest >= self.world_size)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n_batches / self.steps_per_execution)
-
-    def _order(self, epoch: int) -> Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.x))
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.x), generator=generator)
-
-    def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], ...]]:
-        # A generator: the position is read at the first next(), after Lightning restored its loop.
-        epoch, done_chunks = self.position() if self.position else (self.epoch, 0)
-        order = self._order(epoch).to(self.x.device)  # on CUDA the batches are gathered there
-        global_batch = self.batch_size * self.world_size
-        chunk: list[tuple[Tensor, Tensor]] = []
-        for i in range(done_chunks * self.steps_per_execution, self.n_batches):
-            idx = order[i * global_batch : (i + 1) * global_batch][self.rank :: self.world_size]
-            chunk.append((self.x[idx], self.y[idx]))
-            if len(chunk) == self.steps_per_execution:
-                yield tuple(chunk)
-                chunk = []
-        if chunk:
-            yield tuple(chunk)
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
 class BPDataModule(pl.LightningDataModule):

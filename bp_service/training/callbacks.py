@@ -16,7 +16,7 @@ class GradientFlow(pl.Callback):
     like) and records, for each layer l, ``train/grad_norm/W{l}`` = |dC/dW_l| and
     ``train/grad_norm/delta{l}`` = |delta_l|, in one logger call: no per-step cost.
     ``history`` keeps them for the run's gradient-flow picture
-    (:func:`bp_service.reports.gradient_flow_figure`) and travels in checkpoints.
+    (:func:`bp_service.training.reports.gradient_flow_figure`) and travels in checkpoints.
     """
 
     def __init__(self, rows: int = 256) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,11 +12,11 @@ import torch
 from torch import Tensor
 
 from bp_service import functions as F
+from bp_service.bundle import checkpoint_entry
 from bp_service.capture import CapturedStep
-from bp_service.config import check_target
 from bp_service.layers import MLP
 
-LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 class NonFiniteError(RuntimeError):
@@ -38,49 +39,49 @@ class BPModule(pl.LightningModule):
 
     Args:
         net: the network (a :class:`~bp_service.layers.MLP`).
+        optimizer: builds the optimizer from the parameters (the config's ``optimizer`` node, a partial).
+        scheduler: optional Lightning ``lr_scheduler`` config: ``scheduler`` builds it from the optimizer
+            (a partial), ``interval`` (epoch|step) says when it steps.
         loss: ``mse`` or ``l1``.
         task: ``classification`` (also logs accuracy) or ``regression``.
-        optimizer: ``_target_`` (allowlisted ``torch.optim`` class) and its keyword arguments.
-        scheduler: optional ``_target_``, ``interval`` (epoch|step) and ``params``.
         meta: preprocessing and labels, saved in every checkpoint so it predicts from raw features.
-        log_every_n_steps: cadence of the per-step ``train/loss_step`` metric.
-        gradient_clip_val: clip the gradient norm to this value, if set.
         compile: run the training cost (forward, cost and hand-written backward) under ``torch.compile``.
         capture: replay each training step from a CUDA graph (:class:`~bp_service.capture.CapturedStep`):
             ``None`` when it can (one CUDA device, no compile, clipping, fp16 loss scaling or
             step-wise scheduler), ``True`` the same but says in one line why it cannot, ``False`` never.
+        gradient_clip_val: clip the gradient norm to this value, if set (Lightning leaves clipping to
+            the module under manual optimization).
 
     Each training step goes through ``net.cost``: forward pass, cost and backpropagation as one
-    :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``.
+    :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``. The per-step
+    ``train/loss_step`` metric follows the Trainer's ``log_every_n_steps``.
     """
 
     def __init__(
         self,
         net: MLP,
+        optimizer: OptimizerFactory,
+        scheduler: dict[str, Any] | None = None,
         loss: str = "mse",
         task: str = "classification",
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
-        log_every_n_steps: int = 10,
-        gradient_clip_val: float | None = None,
         compile: bool = False,
         capture: bool | None = None,
+        gradient_clip_val: float | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.net = net
         self.loss = loss
-        self.loss_fn = LOSSES[loss]
+        self.loss_fn = F.LOSSES[loss]
         self._cost = torch.compile(net.cost) if compile else net.cost
         self.compile, self.capture = compile, capture
         self._captured: CapturedStep | None = None
         self._said_ragged = False
         self.task = task
-        self.optimizer_cfg = dict(optimizer or {"_target_": "torch.optim.SGD", "lr": 0.1})
-        self.scheduler_cfg = dict(scheduler) if scheduler else None
+        self.optimizer_factory = optimizer
+        self.scheduler_config = dict(scheduler) if scheduler else None
         self.meta = dict(meta or {})
-        self.log_every_n_steps = log_every_n_steps
         self.gradient_clip_val = gradient_clip_val
         self._epoch_loss_sum = torch.zeros(())
         self._epoch_rows = 0
@@ -117,7 +118,7 @@ class BPModule(pl.LightningModule):
             (self.compile, "model.compile=true"),
             (bool(self.gradient_clip_val), "gradient clipping"),
             (precision.startswith("16"), f"precision {precision} scales the loss (GradScaler)"),
-            (bool(self.scheduler_cfg) and self.scheduler_cfg.get("interval") == "step", "a step-wise LR scheduler"),
+            (any(c.interval == "step" for c in self.trainer.lr_scheduler_configs), "a step-wise LR scheduler"),
         ]
         return next((why for cannot, why in reasons if cannot), None)
 
@@ -135,7 +136,7 @@ class BPModule(pl.LightningModule):
             self._step_scheduler("step")
             self._epoch_loss_sum = self._epoch_loss_sum.to(loss.device) + loss.detach() * len(x)
             self._epoch_rows += len(x)
-            if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
+            if self.global_step % self.trainer.log_every_n_steps == 0 and self.logger is not None:
                 self.logger.log_metrics({"train/loss_step": loss.item()}, step=self.global_step)
 
     def _eager_step(self, opt, x: Tensor, y: Tensor) -> Tensor:
@@ -159,7 +160,7 @@ class BPModule(pl.LightningModule):
         loss = self._captured(x, y)
         opt._on_after_step()
         # Checking reads the GPU (a sync): under capture at the logging cadence, not every step.
-        if self.global_step % self.log_every_n_steps == 0:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
             self._check_finite(loss, self._captured.grads or [p.grad for p in self.net.parameters()])
         return loss
 
@@ -192,9 +193,9 @@ class BPModule(pl.LightningModule):
                 raise NonFiniteError(f"step {step}: the gradient of {name} became non-finite")
 
     def _step_scheduler(self, interval: str) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None and self.scheduler_cfg["interval"] == interval:
-            scheduler.step()
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval == interval:
+                config.scheduler.step()
 
     # ----------------------------------------------------------------------- evaluation
     def _evaluate(self, chunk: tuple[tuple[Tensor, Tensor], ...], split: str) -> None:
@@ -212,34 +213,24 @@ class BPModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------- optimizers, checkpoints
     def configure_optimizers(self):
-        kwargs = {k: v for k, v in self.optimizer_cfg.items() if k != "_target_"}
-        optimizer_cls = check_target(self.optimizer_cfg["_target_"], "optimizer")
+        kwargs = {}
+        optimizer_cls = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         if (
             self.capture is not False
             and self.device.type == "cuda"
             and "capturable" in inspect.signature(optimizer_cls).parameters
+            and "capturable" not in getattr(self.optimizer_factory, "keywords", {})  # the config's choice wins
         ):
-            kwargs.setdefault("capturable", True)  # Adam and friends: their step may then go in a CUDA graph
-        optimizer = optimizer_cls(self.net.parameters(), **kwargs)
-        if not self.scheduler_cfg:
+            kwargs["capturable"] = True  # Adam and friends: their step may then go in a CUDA graph
+        optimizer = self.optimizer_factory(self.net.parameters(), **kwargs)
+        if not self.scheduler_config:
             return optimizer
-        scheduler_cls = check_target(self.scheduler_cfg["_target_"], "scheduler")
-        scheduler = scheduler_cls(optimizer, **self.scheduler_cfg.get("params", {}))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        """What :func:`bp_service.serving.build_net` needs to rebuild the network."""
-        return {
-            "sizes": list(self.net.sizes),
-            "activations": list(self.net.activations),
-            "fused": self.net.fused,
-            "bias": self.net.layers[0].bias is not None,
-        }
+        scheduler = {**self.scheduler_config, "scheduler": self.scheduler_config["scheduler"](optimizer)}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
-        checkpoint["bp_service"] = {"meta": self.meta, "architecture": self.architecture}
+        checkpoint["bp_service"] = checkpoint_entry(self.net, self.meta)
         checkpoint["bp_service_epoch_sums"] = [float(self._epoch_loss_sum), self._epoch_rows]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

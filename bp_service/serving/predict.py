@@ -8,7 +8,7 @@
 
 ``model`` is an MLflow model URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``, ...), a local MLflow model
 folder, a Lightning checkpoint (``.ckpt``) or a saved bundle (``model_bundle.pt``). Every kind ends in the same
-bundle, read by :func:`bp_service.serving.load_bundle` with ``torch.load(weights_only=True)``: for an MLflow
+bundle, read by :func:`bp_service.bundle.load_bundle` with ``torch.load(weights_only=True)``: for an MLflow
 model only two files are fetched, its ``MLmodel`` description and the bundle that names, so no code from the
 artifact store runs and nothing but tensors and plain data is unpickled.
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -47,16 +46,19 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from bp_service.config import full_error_requested
-from bp_service.serving import (
-    InputError,
-    check_columns,
-    features_matrix,
-    load_bundle,
-    net_from_bundle,
-    predict_frame,
+from bp_service.bundle import BundleError, load_bundle, net_from_bundle, predict_frame
+from bp_service.commands import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    first_line,
+    full_error_requested,
+    sigterm_handler,
 )
-from bp_service.tables import UNREADABLE, atomic_path, check_unique_columns
+from bp_service.files import atomic_path
+from bp_service.serving.model import InputError, check_columns, features_matrix
+from bp_service.tables import UNREADABLE, read_header
 
 USAGE = "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
 HELP = f"""{USAGE}
@@ -70,9 +72,6 @@ HELP = f"""{USAGE}
 
 MLflow URIs use MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD for a server with basic auth)."""
 BLOCK_ROWS = 1024  # rows per network call: fixed, so predictions do not depend on chunk_size
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-EXIT_SIGTERM = 128 + signal.SIGTERM
 
 
 @dataclass
@@ -111,7 +110,7 @@ def parse_args(argv: Sequence[str]) -> PredictConfig:
     except ConfigKeyError as exc:
         raise UsageError(f"unknown argument {exc.full_key or exc.key!r} (known: {', '.join(known)})") from None
     except OmegaConfBaseException as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         where = f"{exc.full_key}: " if getattr(exc, "full_key", None) else ""
         raise UsageError(f"{where}{first}") from None
     if parsed.chunk_size < 1:
@@ -144,7 +143,7 @@ def _bundle_path_in(mlmodel: Path, where: str) -> str:
 def _mlflow_error(uri: str, exc: Exception) -> Exception:
     from mlflow.exceptions import MlflowException
 
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)[:300]
     code = getattr(exc, "error_code", "")
     if isinstance(exc, MlflowException) and code in (
         "RESOURCE_DOES_NOT_EXIST",
@@ -213,21 +212,6 @@ def predict_rows(net, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _header(path: Path) -> list[str]:
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a CSV file")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path}: file is empty") from None
-    except UNREADABLE as exc:
-        raise InputError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[0]})") from None
-    check_unique_columns(header, str(path), InputError)
-    return [str(c) for c in header]
-
-
 def _id_column(header: list[str], meta: dict[str, Any], wanted: str | None, source: str) -> str | None:
     if wanted is not None:
         if wanted not in header:
@@ -249,7 +233,7 @@ def predict_csv(
     """
     source, out = Path(input_path), Path(output_path)
     meta = bundle["meta"]
-    header = _header(source)
+    header = read_header(source, InputError)
     id_col = _id_column(header, meta, id_column, str(source))
     outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
     if id_col in outputs:
@@ -280,8 +264,7 @@ def predict_csv(
             except UNREADABLE as exc:  # a damaged file (or compressed stream) found part way through
                 if isinstance(exc, OSError) and exc.errno is not None:  # a write failed (full disk): not the input
                     raise
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first})") from None
+                raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first_line(exc)})") from None
             finally:
                 reader.close()
         if rows == 0:
@@ -303,7 +286,7 @@ def run(argv: Sequence[str]) -> int:
         folder = cfg.output.rstrip("/")
         raise UsageError(f"output={cfg.output} names a folder; give a file name such as {folder}/predictions.csv")
     started = time.perf_counter()
-    _header(Path(cfg.input))  # a missing or empty input fails before any model is fetched
+    read_header(cfg.input, InputError)  # a missing or empty input fails before any model is fetched
     bundle = load_model(cfg.model)
     rows = predict_csv(bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column)
     print(f"bp-predict: {rows} rows -> {cfg.output} ({time.perf_counter() - started:.1f} s, model {cfg.model})")
@@ -314,31 +297,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns (and, run as a script, exits with) the status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        previous = signal.signal(signal.SIGTERM, _sigterm)
-    except ValueError:  # called from a thread other than the main one: leave signals alone
-        previous = None
-    try:
-        return run(argv)
-    except (UsageError, InputError) as exc:
+        with sigterm_handler(_sigterm):
+            return run(argv)
+    except (UsageError, InputError, BundleError) as exc:
         if full_error_requested():
             raise
         print(f"bp-predict: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("bp-predict: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPT
     except Exception as exc:
         if full_error_requested():
             raise
         if isinstance(exc, OSError) and exc.strerror:
             message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
         else:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
         print(f"bp-predict: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""What every bp-service command shares: one-line errors, exit statuses, and SIGTERM (stdlib only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad arguments, config or input: the user can fix it
+EXIT_INTERRUPT = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def full_error_requested() -> bool:
+    """Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``) rather than one-line errors.
+
+    ``bp-train`` sets ``HYDRA_FULL_ERROR=1`` for Hydra itself and keeps the user's choice in
+    ``BP_SERVICE_FULL_ERROR``, which child processes (DDP ranks) inherit.
+    """
+    return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+@contextlib.contextmanager
+def sigterm_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` answers SIGTERM inside the block; the previous handler comes back after it.
+
+    Outside the main thread signals are not ours to handle, and the block runs without one.
+    """
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,100 @@
+"""Writing files safely: complete or not at all, never replacing a device or pipe, and run folders of their own."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the message names the folder (and what was being written)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _is_disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc] ... unexpected
+    # pos ..."), without the errno: ask the file system whether it is full.
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
+        with contextlib.suppress(OSError):
+            st = os.statvfs(folder)
+            return st.f_bavail * st.f_frsize < 1 << 20 or st.f_favail == 0
+    return False
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The path to write ``path``'s new content to: complete or not at all.
+
+    A regular file (or a new one) is written to a temporary file beside it and renamed over it only when
+    the block ends without error; a symlink to a regular file replaces the file it points to and stays a
+    link. Anything else (``/dev/null``, a FIFO, a terminal, ``/dev/stdout``) is written in place: renaming
+    over it would replace the device or pipe with a regular file. A failed write removes the temporary
+    file; a full disk is raised as :class:`DiskFullError` naming the folder.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)  # follows symlinks: the type of what is finally written
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        try:
+            yield path
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(errno.ENOSPC, f"no space left on {path}") from None
+            raise
+        return
+    real = Path(os.path.realpath(path))  # a dangling link: its target is created
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        if st is not None:  # the replaced file keeps its permissions
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.replace(tmp, real)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if _is_disk_full(exc, real.parent):
+            raise DiskFullError(errno.ENOSPC, f"no space left on {real.parent} (writing {real.name})") from None
+        raise
+
+
+# --------------------------------------------------------------------------- run folders
+_RUN_DIRS: dict[str, str] = {}
+
+
+def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """``<parent>/<start time>``, created here and only for this process: ``_1``, ``_2``... on a collision.
+
+    Runs started in the same second (or by many processes at once) each get a folder of their own: the
+    folder is claimed by ``mkdir``, which only one process can win. Hydra resolves its run folder more than
+    once, so the answer is remembered for the life of the process (one run, or one sweep's folder).
+    """
+    key = str(Path(parent).resolve())
+    if key not in _RUN_DIRS:
+        Path(key).mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime(stamp_format)
+        for n in range(10_000):
+            candidate = Path(key) / (stamp if n == 0 else f"{stamp}_{n}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            _RUN_DIRS[key] = str(candidate)
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, "no free run folder name", str(Path(key) / stamp))
+    return _RUN_DIRS[key]

@@ -1,0 +1,1 @@
+"""Serving a trained model: ``bp-predict`` over CSV files and the MLflow pyfunc model (no Lightning, no Hydra)."""

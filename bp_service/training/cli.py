@@ -1,0 +1,143 @@
+"""``bp-train`` on the command line: Hydra parses it, :func:`~bp_service.training.recipe.train` runs the job,
+and every failure ends as one line (``bp-train: error: ...``) and an exit status; the summary on success."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bp_service.bundle import BundleError
+from bp_service.commands import EXIT_INTERRUPT, full_error_requested
+from bp_service.files import DiskFullError, unique_run_dir
+from bp_service.home import project_root
+from bp_service.tables import DataError
+from bp_service.training.checkpoints import CheckpointError
+from bp_service.training.config import ConfigError, register_configs
+from bp_service.training.module import NonFiniteError
+from bp_service.training.recipe import GradcheckError, train
+from bp_service.training.store import TrackingError, close_stale_main
+from bp_service.training.tracking import mark_sweep_failed
+
+CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
+    lines = [f"bp-train: {cfg.task_name} finished in {result['wall_time_s']:.1f} s"]
+    lines += [f"  {k:<12} {v:.4f}" for k, v in sorted(result["metrics"].items())]
+    lines.append(f"  checkpoint   {result['best_checkpoint'] or result['last_checkpoint']}")
+    if result["run_id"]:
+        lines.append(f"  MLflow run   {result['run_id']}  (experiment {cfg.tracking.experiment!r})")
+        uri = result["tracking_uri"]
+        dashboard = "make ui" if uri.startswith("sqlite:") else uri
+        lines.append(f"  dashboard    {dashboard}   (store: {uri})")
+    if result.get("tracking_lost"):
+        lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
+    for lost in result.get("lost_artifacts") or []:
+        lines.append(f"  WARNING      not written: {lost}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+KNOWN_ERRORS = (
+    ConfigError,
+    DataError,
+    TrackingError,
+    CheckpointError,
+    GradcheckError,
+    NonFiniteError,
+    BundleError,
+    DiskFullError,
+)
+USAGE_ERRORS = (ConfigError, DataError, BundleError)
+_HYDRA_NOISE = (
+    "full_key:",
+    "object_type=",
+    "reference_type=",
+    "Config search path",
+    "provider=",
+    "Set the environment",
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition errors (and their causes) folded into one line."""
+    parts: list[str] = []
+    while exc is not None:
+        for line in str(exc).splitlines():
+            line = line.strip()
+            if not line or line.startswith(_HYDRA_NOISE) or line in parts:
+                continue
+            if parts and parts[-1].endswith(":"):  # a heading such as "Available options in 'data':"
+                parts[-1] += " " + line
+            elif parts and parts[-1].startswith("Available options"):
+                parts[-1] += ", " + line
+            else:
+                parts.append(line)
+        exc = exc.__cause__
+    return "; ".join(parts)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        result = train(cfg)
+    except Exception as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # Hydra records the failed job and runs the others; the sweep then fails as a whole.
+            print(f"bp-train: error: job {hydra_cfg.job.num}: {exc}", file=sys.stderr)
+            mark_sweep_failed(cfg, hydra_cfg.sweep.dir)
+            raise
+        if full_error_requested():
+            raise
+        if not isinstance(exc, KNOWN_ERRORS):  # one line too, not Hydra's "Error executing job" and a trace
+            print(
+                f"bp-train: error: {type(exc).__name__}: {one_line(exc)} (HYDRA_FULL_ERROR=1 shows where)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+        print(f"bp-train: error: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
+    print(summary(cfg, result))
+    return result["best_score"]  # what sweepers optimize
+
+
+def main() -> None:
+    """Console entry point of ``bp-train`` (Hydra parses the command line).
+
+    Hydra prints composition errors over several lines; with ``HYDRA_FULL_ERROR=1`` set for it,
+    it raises them instead, and they are shown here as one line (the full trace only when the
+    user asked for it with ``HYDRA_FULL_ERROR=1``).
+    """
+    if sys.argv[1:2] == ["--stale-runs"]:  # list (and with --close, close) runs left RUNNING by a killed process
+        sys.exit(close_stale_main(sys.argv[2:]))
+    register_configs()
+    if not OmegaConf.has_resolver("bp_root"):
+        OmegaConf.register_new_resolver("bp_root", project_root)
+    if not OmegaConf.has_resolver("bp_run_dir"):
+        OmegaConf.register_new_resolver("bp_run_dir", unique_run_dir)
+    os.environ.setdefault("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_entry()
+    except KeyboardInterrupt:  # Ctrl-C while Hydra composes or the data loads: no run is open yet
+        print("bp-train: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPT)
+    except Exception as exc:
+        if full_error_requested():
+            raise
+        print(f"bp-train: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""A run's lifecycle: its MLflow run opened with signals held, and closed FINISHED, FAILED or KILLED, never
+left RUNNING; SIGTERM, Ctrl-C and SLURM requeues handled the way schedulers and shells expect.
+
+The recipe (:mod:`bp_service.training.recipe`) runs inside :func:`open_run` and trains through
+:meth:`Run.fit` and :meth:`Run.test`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+
+from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler
+from bp_service.training.tracking import Tracker, parent_run_id
+
+
+class Run:
+    """What the recipe holds while a run is open: its tracker (None when untracked) and trainer."""
+
+    def __init__(self) -> None:
+        self.tracker: Tracker | None = None
+        self.trainer: pl.Trainer | None = None
+        self.last_ckpt: Path | None = None
+        self._lightning_has_sigterm = False
+
+    def on_sigterm(self, signum: int, frame: Any) -> None:
+        """Outside fit and test (whose SIGTERM Lightning handles), stop the same way: KILLED, 143."""
+        if not self._lightning_has_sigterm:
+            raise SIGTERMException()
+
+    @contextlib.contextmanager
+    def _lightning_handles_sigterm(self) -> Iterator[None]:
+        self._lightning_has_sigterm = True
+        try:
+            yield
+        finally:
+            self._lightning_has_sigterm = False
+
+    def fit(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, ckpt_dir: Path):
+        """``trainer.fit``; stopped by SIGTERM (Lightning stops at a batch end and would exit 0), it keeps the work."""
+        self.trainer, self.last_ckpt = trainer, ckpt_dir / "last.ckpt"
+        with self._lightning_handles_sigterm():
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            except SIGTERMException:
+                trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+                raise
+
+    def test(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> dict:
+        with self._lightning_handles_sigterm():
+            metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+        return {k: float(v) for k, v in metrics[0].items()}
+
+    def stopped_line(self) -> str:
+        if self.trainer is None:
+            return "bp-train: stopped by SIGTERM before training started"
+        return (
+            f"bp-train: stopped by SIGTERM at step {self.trainer.global_step}; checkpoint {self.last_ckpt}; "
+            "resume with ckpt_path=last"
+        )
+
+
+@contextlib.contextmanager
+def open_run(
+    cfg: DictConfig, overrides: list[str], device: str, resume_id: str | None, sweep_dir: str | None
+) -> Iterator[Run]:
+    """The run, open for the block: FINISHED when it ends, KILLED on SIGTERM (exit 143) or Ctrl-C (exit 130),
+    FAILED on any other exception (re-raised). The SIGTERM handler is installed before the MLflow run is
+    created, and signals are held while it is: a SIGTERM at any moment closes the run."""
+    run, status = Run(), "FAILED"  # until proven otherwise
+    try:
+        with sigterm_handler(run.on_sigterm):
+            if tracks(cfg):
+                with signals_deferred(signal.SIGTERM, signal.SIGINT):
+                    run.tracker = Tracker(cfg, overrides, device, resume_id, parent_run_id(sweep_dir))
+            yield run
+        status = "FINISHED"
+    except SIGTERMException:
+        status = "KILLED"
+        print(run.stopped_line(), file=sys.stderr)
+        raise SystemExit(EXIT_SIGTERM) from None
+    except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C into sys.exit(1)
+        status = "KILLED"
+        if isinstance(exc, KeyboardInterrupt) or (run.trainer is not None and run.trainer.interrupted):
+            print("bp-train: interrupted", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPT) from None
+        raise
+    finally:
+        if run.tracker:
+            run.tracker.end(status)
+
+
+def tracks(cfg: DictConfig) -> bool:
+    """Whether this process records the run in MLflow (under DDP only the first one does)."""
+    return cfg.tracking.enabled and rank_zero_only.rank == 0
+
+
+def slurm_root(cfg: DictConfig) -> tuple[str, Path | None, list[Any]]:
+    """(Lightning's root folder, the HPC checkpoint a requeued job resumes from, Trainer plugins).
+
+    A requeued SLURM job keeps its id: Lightning finds its HPC checkpoint under that folder and resumes.
+    """
+    if not SLURMEnvironment.detect():
+        return cfg.paths.output_dir, None, []
+    root = Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}"
+    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
+    plugin = SLURMEnvironment(cfg.slurm.auto_requeue, getattr(signal, cfg.slurm.requeue_signal))
+    return str(root), (hpc[-1] if hpc else None), [plugin]
+
+
+@contextlib.contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold these signals for the block, then deliver each once to the handler in force after it.
+
+    Around the creation of a run: a SIGTERM (or Ctrl-C) between the moment the store records the run
+    and the moment its id is known here would leave it RUNNING for good. Held, it arrives when the id
+    is known, and the run is closed KILLED like any stopped run.
+    """
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda s, f: pending.append(s))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)

@@ -1,0 +1,245 @@
+"""Checks that must pass before an MLflow run is opened: what the schema and ``validate`` cannot see.
+
+Each raises :class:`~bp_service.training.config.ConfigError` (exit 2, nothing run) with one line naming the field:
+keys added with ``+`` that the schema does not know, non-finite numbers, the seed's range, a precision
+Lightning does not know, an accelerator this machine does not have, a monitored metric no run logs, and
+``data.features`` that name the target or repeat a column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from bp_service.functions import LOSSES
+from bp_service.layers import ACTIVATIONS
+from bp_service.training.config import (
+    AdamConfig,
+    ConfigError,
+    SchedulerConfig,
+    SGDConfig,
+    TrainConfig,
+    check_targets,
+)
+from bp_service.training.data import DATASETS, TASKS
+
+SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
+CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment")
+
+
+def _precisions() -> tuple[str, ...]:
+    from lightning.fabric.plugins.precision import precision
+
+    names = typing.get_args(precision._PRECISION_INPUT_STR) + typing.get_args(precision._PRECISION_INPUT_STR_ALIAS)
+    ints = typing.get_args(precision._PRECISION_INPUT_INT)
+    return tuple(dict.fromkeys(str(n) for n in (*names, *ints)))
+
+
+def _schema_has(schema: Any, parts: list[str], cfg: DictConfig) -> bool:
+    """Whether ``a.b.c`` is a field of the typed schema (optimizer and scheduler: of the chosen group's)."""
+    if not parts:
+        return True
+    if schema is SchedulerConfig and parts[0] == "scheduler":
+        return True  # the scheduler's own keyword arguments: checked by the scheduler class
+    if not dataclasses.is_dataclass(schema):
+        return False
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    name = parts[0]
+    if schema is TrainConfig and name == "optimizer":
+        target = str(cfg.optimizer.get("_target_", "")) if cfg.get("optimizer") else ""
+        return _schema_has(AdamConfig if target.endswith("Adam") else SGDConfig, parts[1:], cfg)
+    if schema is TrainConfig and name == "scheduler":
+        return _schema_has(SchedulerConfig, parts[1:], cfg)
+    if schema is TrainConfig and name == "callbacks":
+        return True  # each callback's own keyword arguments: checked by its class
+    if name not in fields:
+        return False
+    default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+    return _schema_has(type(default) if default is not None else None, parts[1:], cfg)
+
+
+def check_added_keys(overrides: Iterable[str], cfg: DictConfig) -> None:
+    """``+key=value`` adds keys past the schema's closed set: refuse those the schema does not know."""
+    for override in overrides:
+        if not override.startswith("+"):
+            continue
+        key = override.lstrip("+").partition("=")[0].strip()
+        if key.startswith("hydra.") or (key.split("/")[0].split("@")[0] in CONFIG_GROUPS and "." not in key):
+            continue  # a Hydra setting, or a config group choice such as +experiment=digits
+        if not _schema_has(TrainConfig, key.split("."), cfg):
+            raise ConfigError(f"unknown key {key!r} (from {override!r}): not in the config schema; check its spelling")
+
+
+def _finite(value: Any, name: str) -> None:
+    if isinstance(value, int | float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
+def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
+    """Everything about the config and this machine that can be known before the data is read."""
+    validate(cfg)
+    check_added_keys(overrides, cfg)
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {cfg.seed}")
+    for key, value in cfg.optimizer.items():
+        if key == "betas":
+            for beta in value:
+                _finite(beta, "optimizer.betas")
+                if not 0 <= beta < 1:
+                    raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(value)}")
+        else:
+            _finite(value, f"optimizer.{key}")
+    for key, value in cfg.trainer.items():
+        _finite(value, f"trainer.{key}")
+    precision = str(cfg.trainer.precision)
+    if precision not in _precisions():
+        raise ConfigError(f"trainer.precision must be one of {', '.join(_precisions())}, got {precision!r}")
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA device; use trainer=cpu or trainer=default"
+        )
+    d = cfg.data
+    if d.features:
+        features = [str(f) for f in d.features]
+        repeated = sorted({f for f in features if features.count(f) > 1})
+        if repeated:
+            raise ConfigError(f"data.features lists {', '.join(map(repr, repeated))} more than once")
+        for name, what in ((d.target, "data.target"), (d.id_column, "data.id_column")):
+            if name is not None and str(name) in features:
+                raise ConfigError(f"data.features includes {name!r}, which is {what}: a model must not see it")
+
+
+def check_monitor(cfg: DictConfig, task: str) -> None:
+    """The metric checkpoints (and early stopping) follow must be one a run of this task logs."""
+    logged = ["val/loss", "train/loss"] + (["val/acc"] if task == "classification" else [])
+    checkpoint = cfg.callbacks.get("model_checkpoint")
+    monitor = checkpoint.get("monitor", "auto") if checkpoint else "auto"
+    if monitor != "auto" and monitor not in logged:
+        raise ConfigError(
+            f"callbacks.model_checkpoint.monitor must be auto or one of {', '.join(logged)} for {task}, got {monitor!r}"
+        )
+
+
+def world_size(cfg: DictConfig) -> int:
+    """How many processes will train, as far as the config says (``devices="auto"``: one per GPU, else one)."""
+    devices = cfg.trainer.devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        n = torch.cuda.device_count() if devices == -1 else devices
+    elif isinstance(devices, str):  # "auto", or "0,1"
+        gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        n = (torch.cuda.device_count() if gpu else 1) if devices == "auto" else len(devices.strip(",").split(","))
+    else:  # a list of device indices
+        n = len(devices)
+    return max(1, n) * max(1, int(cfg.trainer.num_nodes))
+
+
+def check_rows(cfg: DictConfig, n_train: int, source: str) -> None:
+    """Every training process needs at least one row: otherwise a rank runs zero steps and the run 'finishes'."""
+    world = world_size(cfg)
+    if n_train < world:
+        raise ConfigError(
+            f"{source}: {n_train} training rows for {world} training processes (trainer.devices x trainer.num_nodes); "
+            "use fewer devices or more data"
+        )
+
+
+def check_data(cfg: DictConfig, data) -> None:
+    """What needs the data: a metric this task logs, and a training row for every process."""
+    check_monitor(cfg, data.task)
+    check_rows(cfg, len(data.x["train"]), cfg.data.path if cfg.data.name == "csv" else f"data={cfg.data.name}")
+
+
+# --------------------------------------------------------------------------- ranges and cross-field rules
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_synthetic(d: DictConfig) -> None:
+    """make_classification's own limits, checked here so that the error names the field."""
+    _require(d.n_features >= 1, f"data.n_features must be >= 1, got {d.n_features}")
+    _require(d.n_classes >= 2, f"data.n_classes must be >= 2, got {d.n_classes}")
+    informative = d.n_informative
+    if informative is not None:
+        _require(
+            1 <= informative <= d.n_features,
+            f"data.n_informative must be in [1, data.n_features={d.n_features}], got {informative}",
+        )
+    if d.task != "regression":
+        _require(d.noise <= 1, f"data.noise must be <= 1 for synthetic classification (labels flipped), got {d.noise}")
+        n = informative if informative is not None else d.n_features
+        _require(
+            2 * d.n_classes <= 2**n,
+            f"data.n_informative={n} is too small for data.n_classes={d.n_classes}: "
+            f"needs 2 * n_classes <= 2 ** n_informative",
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field checks; raises ConfigError naming the first bad field."""
+    d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
+    _require(d.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}")
+    _require(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
+    if d.name == "csv":
+        _require(bool(d.path), "data.path is required for data=csv")
+        _require(bool(d.target), "data.target is required for data=csv")
+    _require(d.n_samples >= 20, f"data.n_samples must be >= 20, got {d.n_samples}")
+    _require(d.noise >= 0, f"data.noise must be >= 0, got {d.noise}")
+    if d.name == "synthetic":
+        _validate_synthetic(d)
+    for name in ("val_size", "test_size"):
+        value = d[name]
+        _require(0 < value < 1, f"data.{name} must be in (0, 1), got {value}")
+    _require(
+        d.val_size + d.test_size < 1, f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}"
+    )
+    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _require(d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
+
+    n = m.net
+    _require(len(n.hidden) >= 1, "model.net.hidden must list at least one hidden width, got []")
+    for width in n.hidden:
+        _require(width > 0, f"model.net.hidden widths must be > 0, got {list(n.hidden)}")
+    _require(
+        n.activation in ACTIVATIONS,
+        f"model.net.activation must be one of {', '.join(ACTIVATIONS)}, got {n.activation!r}",
+    )
+    _require(
+        n.output_activation in (None, "auto", *ACTIVATIONS),
+        f"model.net.output_activation must be auto, null or one of {', '.join(ACTIVATIONS)}, "
+        f"got {n.output_activation!r}",
+    )
+    _require(m.loss in LOSSES, f"model.loss must be one of {', '.join(LOSSES)}, got {m.loss!r}")
+    check_targets(cfg)  # before anything is imported or built
+    _require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr:g}")
+    _require(o.get("weight_decay", 0) >= 0, f"optimizer.weight_decay must be >= 0, got {o.get('weight_decay')}")
+    if "momentum" in o:
+        _require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+    if cfg.scheduler is not None:
+        _require(cfg.scheduler.interval in ("epoch", "step"), "scheduler.interval must be epoch or step")
+
+    _require(t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
+    _require(t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
+    _require(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
+    c = cfg.callbacks
+    every = c.last_checkpoint.get("every_n_train_steps") if c.get("last_checkpoint") else None
+    _require(every is None or every >= 1, f"callbacks.last_checkpoint.every_n_train_steps must be >= 1, got {every}")
+    top_k = c.model_checkpoint.get("save_top_k", 1) if c.get("model_checkpoint") else 1
+    _require(top_k >= -1, f"callbacks.model_checkpoint.save_top_k must be >= -1, got {top_k}")
+    patience = c.early_stopping.get("patience", 1) if c.get("early_stopping") else 1
+    _require(patience >= 1, f"callbacks.early_stopping.patience must be >= 1, got {patience}")
+    _require(bool(cfg.tracking.experiment), "tracking.experiment must not be empty")
+    _require(
+        isinstance(getattr(signal, cfg.slurm.requeue_signal, None), signal.Signals),
+        f"slurm.requeue_signal must be a signal name such as SIGUSR1, got {cfg.slurm.requeue_signal!r}",
+    )

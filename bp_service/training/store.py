@@ -1,0 +1,233 @@
+"""The MLflow store itself: created safely, checked for reachability, and cleared of runs left RUNNING.
+
+Which store: :func:`bp_service.home.tracking_uri` (``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else
+the embedded ``<home>/mlflow.db``, with artifacts beside it in ``mlartifacts/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+
+from bp_service.commands import first_line
+from bp_service.home import project_root, tracking_uri
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+def is_local(uri: str) -> bool:
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(uri: str, root_dir: str | Path) -> str | None:
+    """Local stores get an absolute artifact folder; a server decides its own."""
+    return (Path(root_dir).resolve() / "mlartifacts").as_uri() if is_local(uri) else None
+
+
+@contextlib.contextmanager
+def quick_http(retries: int = 0, timeout: int = 5) -> Iterator[None]:
+    """Answer within seconds rather than MLflow's default minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    return Path(database).resolve() if database and database != ":memory:" else None
+
+
+def _store_problem(db: Path) -> tuple[str, int] | None:
+    """(what is wrong, runs it holds) for a store left half-created; None for a usable one."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+            runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+            version = (
+                con.execute("SELECT version_num FROM alembic_version").fetchone()
+                if "alembic_version" in tables
+                else None
+            )
+    except sqlite3.DatabaseError as exc:
+        return f"not a readable SQLite database ({exc})", -1
+    if leftovers:
+        return f"a migration was interrupted (table {leftovers[0]} left behind)", runs
+    if tables and version is None:
+        return "its creation was interrupted (no schema version recorded)", runs
+    return None
+
+
+def prepare_store(uri: str, root_dir: str | Path) -> None:
+    """Create the embedded SQLite store safely: complete or not at all, once, whoever starts first.
+
+    MLflow creates a missing SQLite store by running its migrations in place: a signal in the middle leaves
+    a half-migrated file every later run fails on, and two first runs at once migrate the same file twice
+    (``duplicate column name``). Here the store is created and migrated in a temporary file, under a lock
+    beside it, and renamed into place only when complete. A store an older version left half-created is
+    moved aside and recreated when it holds no runs; with runs in it, the error says how to recover.
+    """
+    db = sqlite_path(uri)
+    if db is None or (db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None):
+        return
+    from filelock import FileLock
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(db.with_name(db.name + ".lock")):
+        if db.is_file() and db.stat().st_size > 0:
+            problem = _store_problem(db)
+            if problem is None:  # created meanwhile by another first run
+                return
+            what, runs = problem
+            if runs != 0:
+                raise TrackingError(
+                    f"tracking store {db} is damaged: {what}; it holds runs, so it is left as it is: "
+                    f"back it up, then repair it with `mlflow db upgrade sqlite:///{db}` or move it aside"
+                )
+            aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(db, aside)
+            warnings.warn(
+                f"tracking store {db} was half-created ({what}) and held no runs: moved to {aside}", stacklevel=2
+            )
+        for stale in db.parent.glob(f".{db.name}.*.tmp*"):  # left by a creator that was killed: we hold the lock
+            stale.unlink(missing_ok=True)
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        tmp_uri = f"sqlite:///{tmp}"
+        try:
+            store = SqlAlchemyStore(tmp_uri, artifact_location(uri, root_dir))
+            store.engine.dispose()
+            SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+            os.replace(tmp, db)
+        except BaseException:
+            SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+            for leftover in db.parent.glob(f"{tmp.name}*"):  # with its -journal
+                leftover.unlink(missing_ok=True)
+            raise
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any training, when a tracking server does not answer."""
+    if is_local(uri):
+        return
+    with quick_http():
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            reason = first_line(exc)[:200]
+            raise TrackingError(
+                f"tracking server {uri} is unreachable ({reason}); set tracking.required=false to train anyway"
+            ) from None
+
+
+def ensure_experiment(uri: str, name: str, root_dir: str | Path) -> str:
+    """Experiment id for ``name``, created with an absolute artifact location if new."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, root_dir))
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux); None where unknown or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+# --------------------------------------------------------------------------- runs left RUNNING
+def _owner_gone(tags: Mapping[str, str]) -> str | None:
+    """Why the process holding a run is known to be gone; None when it may be alive (or is elsewhere)."""
+    if tags.get("bp.host") != socket.gethostname() or not tags.get("bp.pid", "").isdigit():
+        return None
+    pid = int(tags["bp.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"process {pid} is gone"
+    except PermissionError:  # alive, another user's
+        pass
+    started = process_start(pid)
+    if tags.get("bp.pid_start") and started and started != tags["bp.pid_start"]:
+        return f"process {pid} is gone (the pid now belongs to another process)"
+    return None
+
+
+def stale_runs(uri: str) -> list[tuple[Any, str | None]]:
+    """Every RUNNING run in the store with why its process is known gone (None: alive, or on another host)."""
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000) if experiments else []
+    return [(run, _owner_gone(run.data.tags)) for run in runs]
+
+
+def close_stale_main(argv: list[str]) -> int:
+    """``bp-train --stale-runs [--close]``: list runs left RUNNING by a killed process; close them KILLED.
+
+    Only runs whose process is known to be gone are closed: recorded on this host, and its pid no longer
+    runs (or now belongs to a process started later). Runs of other hosts are listed, never touched.
+    The store is ``MLFLOW_TRACKING_URI``, else the embedded one under ``BP_SERVICE_HOME``.
+    """
+    close = "--close" in argv
+    unknown = [a for a in argv if a != "--close"]
+    if unknown:
+        print(
+            f"bp-train: error: unknown option {unknown[0]!r}; usage: bp-train --stale-runs [--close]", file=sys.stderr
+        )
+        return 2
+    uri = tracking_uri(None, project_root())
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        print(f"no store at {db}: no runs")
+        return 0
+    with quick_http():
+        found = stale_runs(uri)
+    closed = 0
+    for run, gone in found:
+        name = run.info.run_name or ""
+        where = f"{run.data.tags.get('bp.host', '?')} pid {run.data.tags.get('bp.pid', '?')}"
+        if gone and close:
+            client = MlflowClient(uri)
+            client.set_tag(run.info.run_id, "bp.closed_as_stale", gone)
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+            state = f"closed KILLED ({gone})"
+        elif gone:
+            state = f"stale ({gone}): close with --close"
+        else:
+            state = "running, or on another host: left as it is"
+        print(f"{run.info.run_id}  {name[:40]:<40}  {where:<28}  {state}")
+    print(f"{len(found)} RUNNING run(s) in {uri}; {closed} closed")
+    return 0

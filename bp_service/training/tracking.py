@@ -1,0 +1,386 @@
+"""The MLflow run of a bp-train job: what it records, how a lost server is survived, and sweeps' parent runs.
+
+The store is :func:`bp_service.home.tracking_uri`'s; creating and checking it is :mod:`.store`'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning
+import mlflow
+import torch
+from hydra.experimental.callback import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+import bp_service
+from bp_service.commands import first_line
+from bp_service.home import default_uri, tracking_uri
+from bp_service.training.store import (
+    TrackingError,
+    artifact_location,
+    check_reachable,
+    ensure_experiment,
+    prepare_store,
+    process_start,
+    quick_http,
+)
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+
+
+def resolve_uri(cfg: DictConfig) -> str:
+    """This job's store: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else ``<paths.root_dir>/mlflow.db``."""
+    return tracking_uri(cfg.tracking.uri, cfg.paths.root_dir)
+
+
+# --------------------------------------------------------------------------- what a run records
+ENV_REDACTED = "<from the environment: not recorded>"
+
+
+def recordable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config with every value taken from ``${oc.env:...}`` replaced by a marker.
+
+    Environment values may be secrets (tokens, passwords in URIs): they never reach MLflow, neither as
+    params nor inside the logged ``config.yaml``.
+    """
+
+    def walk(raw_node: Any, node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: walk(raw_node.get(k) if isinstance(raw_node, Mapping) else None, v) for k, v in node.items()}
+        if isinstance(raw_node, str) and "${oc.env:" in raw_node:
+            return ENV_REDACTED
+        return node
+
+    return walk(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(cfg, resolve=True))
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened to ``a.b.c`` keys, without environment values (see recordable_config)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif node != ENV_REDACTED:
+            out[prefix[:-1]] = json.dumps(node) if isinstance(node, list | dict) else str(node)
+
+    walk(recordable_config(cfg), "")
+    # Where a run writes is not a hyperparameter: as params these would differ between every pair of
+    # runs and crowd the dashboard's comparisons. They are tags instead (see run_tags).
+    # The same goes for the callbacks' folders, and for Hydra's _partial_ markers, which say nothing.
+    return {k: v for k, v in out.items() if not k.startswith("paths.") and not k.endswith(("._partial_", ".dirpath"))}
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process holds a run RUNNING: host, pid and the pid's start time (a reused pid is another process)."""
+    tags = {"bp.host": socket.gethostname(), "bp.pid": str(os.getpid())}
+    started = process_start(os.getpid())
+    if started:
+        tags["bp.pid_start"] = started
+    return tags
+
+
+def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, str]:
+    tags = {
+        **owner_tags(),
+        "hydra.overrides": " ".join(overrides),
+        "bp.output_dir": output_dir,
+        "device": device,
+        "host.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.lightning": lightning.__version__,
+        "version.bp_service": bp_service.__version__,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+class ResilientMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger that survives losing the server mid-run.
+
+    The first failed call is reported once as a warning and tracking stops for the rest of the
+    run; training and checkpointing, which never depend on MLflow, go on. The run's final status
+    is set by ``bp-train`` itself, so ``finalize`` only flushes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lost: str | None = None
+        self._replayed_until: dict[str, int] = {}
+
+    def skip_replayed_steps(self) -> None:
+        """On resume, drop metrics at steps the run already has: a replayed step is logged once."""
+        client, run_id = self.experiment, self.run_id
+        for key in client.get_run(run_id).data.metrics:
+            self._replayed_until[key] = max(m.step for m in client.get_metric_history(run_id, key))
+
+    def _guard(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
+        if self.lost:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                where = Path(exc.filename).parent if exc.filename else "the artifact store"
+                reason = f"no space left on {where}"
+            else:
+                reason = first_line(exc)[:200]
+            self.lost = f"{what} failed: {reason}"
+            warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self._replayed_until:
+            metrics = {k: v for k, v in metrics.items() if (step or 0) > self._replayed_until.get(k, -1)}
+        if metrics:
+            self._guard("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params: Any) -> None:
+        self._guard("log_hyperparams", super().log_hyperparams, params)
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+    def call(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
+        """Any other tracking call (artifacts, models), with the same survival rule."""
+        self._guard(what, fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- sweeps
+class MLflowSweepCallback(Callback):
+    """One parent run per Hydra multirun; every job's run is its child (``mlflow.parentRunId``).
+
+    The experiment and parent are created here, once, before any job starts, so parallel jobs
+    never race to create them.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.enabled:
+            return
+        uri = resolve_uri(config)
+        try:
+            check_reachable(uri)
+            prepare_store(uri, config.paths.root_dir)
+            experiment_id = ensure_experiment(uri, config.tracking.experiment, config.paths.root_dir)
+            sweep_dir = Path(config.hydra.sweep.dir)
+            run = MlflowClient(uri).create_run(
+                experiment_id,
+                run_name=f"sweep-{sweep_dir.name}",
+                tags={"bp.sweep_dir": str(sweep_dir), "bp.role": "sweep"},
+            )
+        except Exception as exc:  # the jobs will report the same problem with their own config
+            log.warning("could not create the sweep's parent run: %s", first_line(exc))
+            return
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
+        if path.is_file():
+            with contextlib.suppress(Exception):
+                client, run_id = MlflowClient(resolve_uri(config)), path.read_text().strip()
+                if client.get_run(run_id).info.status == "RUNNING":  # a failed job already marked it FAILED
+                    client.set_terminated(run_id, "FINISHED")
+
+
+def parent_run_id(sweep_dir: str | Path | None) -> str | None:
+    if sweep_dir is None:
+        return None
+    path = Path(sweep_dir) / PARENT_RUN_FILE
+    return path.read_text().strip() if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- one run
+class Tracker:
+    """The MLflow run of one ``bp-train`` job: created (or continued) at start, closed with a status.
+
+    Args:
+        cfg: the job's resolved config.
+        overrides: Hydra's override strings, recorded as a tag.
+        device: what trains, recorded as a tag.
+        resume_run_id: continue this run (read from the checkpoint being resumed) instead of starting one.
+        parent_run_id: the sweep's parent run, for jobs of a multirun.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        overrides: list[str],
+        device: str,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.uri = resolve_uri(cfg)
+        # A server lost mid-run must cost seconds, not MLflow's default minutes of retries per call.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        resume_run_id = self._open_store(cfg, resume_run_id)
+        self.experiment = cfg.tracking.experiment
+        ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
+        tags = run_tags(overrides, device, cfg.paths.output_dir)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self.logger = ResilientMLFlowLogger(
+            experiment_name=self.experiment,
+            # MLflow's generated names come from `random`, which the run has just seeded: every run would
+            # be called the same. The task and its overrides say what the run is.
+            run_name=cfg.tracking.run_name or " ".join([cfg.task_name, *overrides])[:200],
+            tracking_uri=self.uri,
+            tags=tags,
+            artifact_location=artifact_location(self.uri, cfg.paths.root_dir),
+            run_id=resume_run_id,
+        )
+        self.run_id: str = self.logger.run_id
+        self.resumed = resume_run_id is not None
+        self.finished_before: int | None = None  # end time of a FINISHED run this job continues
+        if self.resumed:
+            self._reopen()
+        else:  # params are immutable in MLflow: a resumed run keeps those it started with
+            self.logger.log_hyperparams(flat_params(cfg))
+
+    def _open_store(self, cfg: DictConfig, resume_run_id: str | None) -> str | None:
+        """Reach (or create) the store; the run to continue, if it is there. An unreachable server that is not
+        ``tracking.required`` is replaced by the embedded store, with a warning."""
+        try:
+            check_reachable(self.uri)
+        except TrackingError as exc:
+            if cfg.tracking.required:
+                raise
+            self.uri = default_uri(cfg.paths.root_dir)
+            warnings.warn(f"{exc}; recording locally in {self.uri}", stacklevel=3)
+            resume_run_id = None  # that run lives on the unreachable server
+        prepare_store(self.uri, cfg.paths.root_dir)
+        if resume_run_id is not None:
+            try:
+                MlflowClient(self.uri).get_run(resume_run_id)
+            except mlflow.exceptions.MlflowException:
+                warnings.warn(
+                    f"run {resume_run_id} of the checkpoint is not in {self.uri}; starting a new run", stacklevel=3
+                )
+                resume_run_id = None
+        return resume_run_id
+
+    def _reopen(self) -> None:
+        """Continue the run: RUNNING again, held by this process, metrics of replayed steps skipped."""
+        with contextlib.suppress(Exception):
+            info = self.client.get_run(self.run_id).info
+            if info.status == "FINISHED":
+                self.finished_before = info.end_time
+        self.logger.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
+        self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
+        for key, value in owner_tags().items():  # this process holds the run now
+            self.logger.call("set_tag", self.client.set_tag, self.run_id, key, value)
+        self.logger.call("read metric history", self.logger.skip_replayed_steps)
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.logger.experiment
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.logger.call(name, self.client.log_dict, self.run_id, data, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.logger.call(name, self.client.log_text, self.run_id, text, name)
+
+    def log_figure(self, figure, name: str) -> None:
+        self.logger.call(name, self.client.log_figure, self.run_id, figure, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.logger.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        history: dict[str, list[tuple[int, float]]] = {}
+        if self.logger.lost:
+            return history
+        for key in keys:
+            with contextlib.suppress(Exception):
+                history[key] = [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+        return history
+
+    def log_model(self, bundle_path: Path, input_example, register_as: str | None) -> None:
+        """Log the pyfunc model (weights, scaling, labels) so MLflow's own tools load and serve it."""
+        from mlflow.models import infer_signature
+
+        from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
+        from bp_service.tables import numeric_matrix
+
+        bundle = load_bundle(bundle_path)
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+        output = predict_frame(
+            net_from_bundle(bundle),
+            bundle["meta"],
+            numeric_matrix(input_example, bundle["meta"]["feature_names"], "example"),
+        )
+        package_dir = Path(bp_service.__file__).resolve().parent
+
+        def log() -> None:
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(package_dir / "serving" / "pyfunc_model.py"),  # models from code: nothing pickled
+                    artifacts={"bundle": str(bundle_path)},
+                    code_paths=[str(package_dir)],  # the model loads without bp-service installed
+                    signature=infer_signature(input_example, output),
+                    input_example=input_example,
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                        "pandas",
+                        "numpy",
+                    ],
+                    registered_model_name=register_as,
+                )
+
+        self.logger.call("log_model", log)
+
+    def end(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
+        try:
+            with quick_http(retries=1):
+                if self.finished_before is not None and status != "FINISHED":
+                    # A finished run's record is never rewritten by a later failure: the continuation's
+                    # outcome is a tag, the run stays FINISHED as it was.
+                    self.client.set_tag(self.run_id, "bp.resume_status", status)
+                    self.client.set_terminated(self.run_id, "FINISHED", end_time=self.finished_before)
+                    return
+                self.client.set_terminated(self.run_id, status)
+        except Exception as exc:
+            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {str(exc)[:200]}", stacklevel=2)
+
+
+def mark_sweep_failed(cfg: DictConfig, sweep_dir: str | Path) -> None:
+    """A failed job fails its sweep: the parent run does not stay RUNNING or end FINISHED."""
+    run_id = parent_run_id(sweep_dir)
+    if run_id:
+        with contextlib.suppress(Exception), quick_http(retries=1):
+            MlflowClient(resolve_uri(cfg)).set_terminated(run_id, "FAILED")
