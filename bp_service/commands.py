@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 EXIT_FAILURE = 1
@@ -27,6 +27,13 @@ def full_error_requested() -> bool:
     ``BP_SERVICE_FULL_ERROR``, which child processes (DDP ranks) inherit.
     """
     return os.environ.get("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR")) == "1"
+
+
+def columns(rows: Sequence[Sequence[object]], indent: str = "", gap: str = "  ") -> list[str]:
+    """Rows as left-aligned text columns, each as wide as its widest cell (a row may be shorter)."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(map(len, cells)))]
+    return [(indent + gap.join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in cells]
 
 
 @contextlib.contextmanager

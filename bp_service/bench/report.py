@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from bp_service.bench.harness import BenchConfig, Row
+from bp_service.commands import columns
 
 _UNITS = {"s": (1e3, "ms"), "B": (1 / 2**20, "MiB"), "FLOP/s": (1e-9, "GFLOP/s")}
 
@@ -35,9 +36,7 @@ def format_table(rows: Sequence[Row]) -> str:
         for r in rows
     ]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)]
-    out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *lines]]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return "\n".join(columns([header, ["-" * w for w in widths], *lines]))
 
 
 class OtherLoad:

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+from bp_service.commands import columns
 from bp_service.explain.deep import backprop_multiplications, naive_multiplications
 from bp_service.explain.model import BIAS_NAMES, WEIGHT_NAMES
 
@@ -43,9 +44,7 @@ def _meaning(factor: str) -> str:
 
 
 def _columns(rows: list[list[str]], indent: str = "  ", gap: str = "   ") -> list[str]:
-    """Left-aligned columns, each as wide as its widest cell."""
-    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
-    return [(indent + gap.join(c.ljust(w) for c, w in zip(r, widths))).rstrip() for r in rows]
+    return columns(rows, indent, gap)
 
 
 # --------------------------------------------------------------------------- the 3-2-1 example
