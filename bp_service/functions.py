@@ -345,7 +345,6 @@ def _tangent_difference(dpred: Tensor | None, dtarget: Tensor | None, like: Tens
 # One Function for the forward pass, the cost and backpropagation through every layer: the
 # algorithm the worked example teaches, and one autograd node per training step instead of
 # one per layer (each ``Function.apply`` costs tens of microseconds of Python).
-COSTS = ("mse", "l1")
 _ACTIVATION_NAMES = ("sigmoid", "tanh", "relu", None)
 
 
@@ -419,7 +418,7 @@ def _cost(diff: Tensor, cost: str) -> Tensor:
         return diff.square().mean()
     if cost == "l1":
         return diff.abs().mean()
-    raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(COSTS)}")
+    raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(LOSSES)}")
 
 
 def backprop(
@@ -683,7 +682,7 @@ def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (_L1LossNoJvp if torch.compiler.is_compiling() else L1LossFunction).apply(pred, target)
 
 
-# The costs by name (``model.loss``), each the per-layer twin of what ``mlp_cost`` computes for that name.
+# The costs by name (``model.loss``): the one list, each the per-layer twin of what ``mlp_cost`` computes.
 LOSSES = {"mse": mse_loss, "l1": l1_loss}
 
 
@@ -729,8 +728,8 @@ def _check_network(
     x: Tensor, target: Tensor, params: Sequence[Tensor | None], activations: Sequence[str | None], cost: str
 ) -> None:
     """One line naming the layer whose pieces do not fit (the per-layer Functions check the same)."""
-    if cost not in COSTS:
-        raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(COSTS)}")
+    if cost not in LOSSES:
+        raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(LOSSES)}")
     if not activations or len(params) != 2 * len(activations):
         raise ValueError(f"mlp_cost: {len(params)} params for {len(activations)} layers; expected (W, b) per layer")
     same_dtype = _autocast_dtype(x) is None  # under autocast every input is cast to one dtype
