@@ -29,3 +29,14 @@ def default_uri(root_dir: str | Path) -> str:
 def tracking_uri(configured: str | None = None, root_dir: str | Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI``, else ``configured`` (``tracking.uri``), else the embedded store of ``root_dir``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or default_uri(root_dir or project_root())
+
+
+def store_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` URI, resolved as SQLAlchemy does; None for other stores and ``:memory:``.
+
+    ``sqlite:////abs/mlflow.db`` is absolute, ``sqlite:///mlflow.db`` relative to the working directory.
+    """
+    if not uri.startswith("sqlite:"):
+        return None
+    database = uri.partition("://")[2].partition("/")[2].partition("?")[0]
+    return Path(database).resolve() if database and database != ":memory:" else None

@@ -1,6 +1,10 @@
 """bp-predict: one small digits model trained once for the module by the real ``bp-train`` command, then
 scored from its MLflow run URI, its registered name, its checkpoint and its bundle.
 
+The model is trained with ``MLFLOW_TRACKING_URI`` unset, so into ``<BP_SERVICE_HOME>/mlflow.db`` by the default
+rule, and every command runs in a working directory of its own elsewhere: ``runs:/`` must find the run by the
+same rule, not in ``./mlflow.db``.
+
 MLflow URIs are only exercised through the command line in a subprocess: in this process another test may
 have called ``mlflow.set_tracking_uri``, which would win over ``MLFLOW_TRACKING_URI``.
 """
@@ -20,8 +24,8 @@ import pytest
 from conftest import clean_env
 from sklearn.datasets import load_digits
 
-from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
-from bp_service.serving.model import InputError, features_matrix
+from bp_service.bundle import load_bundle, net_from_bundle, predict_frame, save_bundle
+from bp_service.serving.model import BPServiceModel, InputError, features_matrix
 from bp_service.serving.predict import BLOCK_ROWS, main, parse_args, predict_rows
 
 BIN = Path(sys.executable).parent
@@ -30,13 +34,18 @@ N_ROWS = 500  # rows of the digits data the tests score
 
 
 def _env(home: Path) -> dict[str, str]:
-    return clean_env(BP_SERVICE_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
+    """The default store rule: no MLFLOW_TRACKING_URI, the home folder says where the store is."""
+    return clean_env(BP_SERVICE_HOME=str(home))
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> dict:
-    """A two-epoch digits model (64 features, 10 classes), logged, registered and checkpointed."""
+    """A two-epoch digits model (64 features, 10 classes), logged, registered and checkpointed.
+
+    Trained and (by :func:`bp_predict`) scored from working directories that are not its home.
+    """
     home = tmp_path_factory.mktemp("home")
+    train_cwd, predict_cwd = tmp_path_factory.mktemp("train_cwd"), tmp_path_factory.mktemp("predict_cwd")
     args = [
         "experiment=digits",
         "trainer=cpu",
@@ -46,14 +55,27 @@ def model(tmp_path_factory) -> dict:
         f"tracking.register_model={MODEL_NAME}",
     ]
     proc = subprocess.run(
-        [str(BIN / "bp-train"), *args], capture_output=True, text=True, env=_env(home), timeout=600, check=False
+        [str(BIN / "bp-train"), *args],
+        capture_output=True,
+        text=True,
+        env=_env(home),
+        cwd=train_cwd,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = re.search(r"MLflow run\s+([0-9a-f]{32})", proc.stdout).group(1)
     checkpoint = Path(re.search(r"checkpoint\s+(\S+\.ckpt)", proc.stdout).group(1))
     bundle_path = checkpoint.parent.parent / "model_bundle.pt"
     assert checkpoint.is_file() and bundle_path.is_file()
-    return {"home": home, "run_id": run_id, "checkpoint": checkpoint, "bundle_path": bundle_path}
+    assert (home / "mlflow.db").is_file() and not list(train_cwd.iterdir())  # the store is the home's, by default
+    return {
+        "home": home,
+        "cwd": predict_cwd,
+        "run_id": run_id,
+        "checkpoint": checkpoint,
+        "bundle_path": bundle_path,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +90,18 @@ def rows(tmp_path_factory) -> Path:
     return path
 
 
-def bp_predict(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**_env(home), **(env or {})}
+def bp_predict(
+    model: dict, *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The real command, in a working directory that is neither the model's home nor this checkout."""
     return subprocess.run(
-        [str(BIN / "bp-predict"), *args], capture_output=True, text=True, env=full_env, timeout=600, check=False
+        [str(BIN / "bp-predict"), *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else _env(model["home"]),
+        cwd=cwd or model["cwd"],
+        timeout=600,
+        check=False,
     )
 
 
@@ -85,13 +115,24 @@ def _expected_columns() -> list[str]:
 
 
 # --------------------------------------------------------------------------- the same predictions, every way in
-def test_every_kind_of_model_reference_gives_the_same_file_as_the_pyfunc_model(model, rows, tmp_path, capsys):
+def test_every_kind_of_model_reference_gives_the_same_file_as_the_pyfunc_model(
+    model, rows, tmp_path, capsys, monkeypatch
+):
+    """Also the one store rule: bp-predict finds runs:/ in the home's store (and models:/ in MLFLOW_TRACKING_URI's,
+    which wins over the home) from another folder, and so does MLflow's own loader given ``--tracking-uri``."""
+    empty_home = tmp_path / "empty_home"
+    empty_home.mkdir()
+    by_uri = clean_env(BP_SERVICE_HOME=str(empty_home), MLFLOW_TRACKING_URI=f"sqlite:///{model['home'] / 'mlflow.db'}")
     outputs = {}
-    for kind, ref in [("run", f"runs:/{model['run_id']}/model"), ("registered", f"models:/{MODEL_NAME}/latest")]:
+    for kind, ref, env in [
+        ("run", f"runs:/{model['run_id']}/model", None),
+        ("registered", f"models:/{MODEL_NAME}/latest", by_uri),
+    ]:
         outputs[kind] = tmp_path / kind / "predictions.csv"  # the output's folder is created
-        proc = bp_predict(model["home"], f"model={ref}", f"input={rows}", f"output={outputs[kind]}")
+        proc = bp_predict(model, f"model={ref}", f"input={rows}", f"output={outputs[kind]}", env=env)
         assert proc.returncode == 0, proc.stderr
         assert f"{N_ROWS} rows" in proc.stdout
+    assert list(model["cwd"].iterdir()) == [] and list(empty_home.iterdir()) == []  # no ./mlflow.db, no ./mlruns
     for kind, ref in [("checkpoint", model["checkpoint"]), ("bundle", model["bundle_path"])]:
         outputs[kind] = tmp_path / f"{kind}.csv"
         code, err = predict_in_process(capsys, f"model={ref}", f"input={rows}", f"output={outputs[kind]}")
@@ -103,13 +144,31 @@ def test_every_kind_of_model_reference_gives_the_same_file_as_the_pyfunc_model(m
     assert list(got.columns) == _expected_columns()
     assert got["id"].tolist() == [f"r{i:05d}" for i in range(N_ROWS)]  # carried through verbatim, zeros kept
 
-    # MLflow's own loader on the same rows, from the logged model's folder in the local artifact store
-    # (a path, not the URI: no tracking URI of this process involved)
-    import mlflow
-
+    # MLflow's own loader on the same rows, as the README says: MLFLOW_TRACKING_URI=$(bp-predict --tracking-uri),
+    # then runs:/ from any folder. A labelled frame: the logged signature drops the extra column.
     (mlmodel,) = model["home"].glob("mlartifacts/models/*/artifacts/MLmodel")
     assert f"run_id: {model['run_id']}" in mlmodel.read_text()
-    expected = mlflow.pyfunc.load_model(str(mlmodel.parent)).predict(pd.read_csv(rows).drop(columns="id"))
+    monkeypatch.setenv("BP_SERVICE_HOME", str(model["home"]))
+    assert main(["--tracking-uri"]) == 0
+    uri = capsys.readouterr().out.strip()
+    labelled, expected_csv = tmp_path / "labelled.csv", tmp_path / "pyfunc.csv"
+    pd.read_csv(rows).drop(columns="id").assign(label=load_digits().target[:N_ROWS]).to_csv(labelled, index=False)
+    script = (
+        "import sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model('runs:/{model['run_id']}/model')\n"
+        "model.predict(pd.read_csv(sys.argv[1])).to_csv(sys.argv[2], index=False)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(labelled), str(expected_csv)],
+        capture_output=True,
+        text=True,
+        env=clean_env(MLFLOW_TRACKING_URI=uri),
+        cwd=model["cwd"],
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(model["cwd"].iterdir()) == []
+    expected = pd.read_csv(expected_csv)
     assert got["prediction"].tolist() == expected["prediction"].tolist()
     # pyfunc runs all rows as one batch, bp-predict in fixed blocks: float32 kernels round differently
     np.testing.assert_allclose(got.iloc[:, 2:].to_numpy(), expected.iloc[:, 1:].to_numpy(), rtol=0, atol=1e-6)
@@ -224,7 +283,7 @@ def test_bad_csv_is_one_clear_line(model, rows, tmp_path, capsys, case):
 def test_cli_error_has_no_traceback_unless_asked(model, rows, tmp_path, capsys, monkeypatch):
     src, needles = _bad_csv(rows, tmp_path, "text_cell")
     args = [f"model={model['checkpoint']}", f"input={src}", f"output={tmp_path / 'o.csv'}"]
-    proc = bp_predict(model["home"], *args)
+    proc = bp_predict(model, *args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("bp-predict: error: ") and "Traceback" not in proc.stderr
@@ -255,7 +314,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(model, rows, tmp_path,
     ],
 )
 def test_unknown_mlflow_model_is_one_line(model, rows, tmp_path, model_ref, needle):
-    proc = bp_predict(model["home"], f"model={model_ref}", f"input={rows}", f"output={tmp_path / 'o.csv'}")
+    proc = bp_predict(model, f"model={model_ref}", f"input={rows}", f"output={tmp_path / 'o.csv'}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"bp-predict: error: model {model_ref}: ") and needle in proc.stderr
@@ -290,20 +349,151 @@ def test_bad_arguments_are_one_line(capsys, args, needle):
 
 
 def test_arguments_parse_into_the_typed_config():
-    cfg = parse_args(["model=models:/m/latest", "input=a b.csv", "output=o.csv", "chunk_size=10", "id_column=key"])
-    assert (cfg.model, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column) == (
+    argv = [
+        "model=models:/m/latest",
+        "input=a b.csv",
+        "output=o.csv",
+        "chunk_size=10",
+        "id_column=key",
+        "keep_target=1",
+    ]
+    cfg = parse_args(argv)
+    assert (cfg.model, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target) == (
         "models:/m/latest",
         "a b.csv",
         "o.csv",
         10,
         "key",
+        True,
     )
-    assert parse_args(["model=m", "input=i", "output=o"]).chunk_size == 50_000
+    defaults = parse_args(["model=m", "input=i", "output=o"])
+    assert defaults.chunk_size == 50_000 and defaults.keep_target is False
 
 
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
-    assert "chunk_size" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chunk_size" in out and "keep_target" in out and "--tracking-uri" in out
+
+
+# --------------------------------------------------------------------------- one store, by one rule, from anywhere
+@pytest.mark.parametrize(
+    ("how", "ref"),
+    [("home", "runs:/0123456789abcdef0123456789abcdef/model"), ("home", "models:/m/1"), ("uri", "runs:/0a/model")],
+)
+def test_a_store_that_does_not_exist_is_one_line_and_nothing_is_created(rows, tmp_path, monkeypatch, capsys, how, ref):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("BP_SERVICE_HOME", str(home))
+    db = home / "mlflow.db"
+    if how == "uri":
+        db = tmp_path / "stores" / "other.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    code, err = predict_in_process(capsys, f"model={ref}", f"input={rows}", f"output={tmp_path / 'o.csv'}")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"bp-predict: error: model {ref}: no MLflow store at {db} ("), err
+    assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "o.csv").exists()
+
+
+def test_tracking_uri_prints_the_store_by_the_rule(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BP_SERVICE_HOME", str(tmp_path / "home"))
+    assert main(["--tracking-uri"]) == 0
+    assert capsys.readouterr().out == f"sqlite:///{(tmp_path / 'home').resolve() / 'mlflow.db'}\n"
+    assert not (tmp_path / "home").exists()  # printing the URI creates nothing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert main(["--tracking-uri"]) == 0
+    assert capsys.readouterr().out == "http://tracking.example:5000\n"
+    assert main(["--tracking-uri", "model=m"]) == 2
+    assert "--tracking-uri takes no other argument" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- labelled files: the model's target column
+TARGET = "digit"
+
+
+def _bundle_with_target(model: dict, path: Path, target: str | None) -> Path:
+    """The trained model's bundle, its meta naming ``target`` as the target column (None: a bundle from before)."""
+    bundle = load_bundle(model["bundle_path"])
+    meta = {k: v for k, v in bundle["meta"].items() if k != "target"}
+    save_bundle(net_from_bundle(bundle), meta if target is None else {**meta, "target": target}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def labelled(model, rows, tmp_path_factory) -> dict:
+    """A bundle that knows its target column, the rows with that column added, and the unlabelled rows' output."""
+    folder = tmp_path_factory.mktemp("labelled")
+    frame = pd.read_csv(rows, dtype={"id": str})
+    frame.insert(20, TARGET, load_digits().target[:N_ROWS])  # somewhere among the features
+    frame.to_csv(folder / "labelled.csv", index=False)
+    bundle = _bundle_with_target(model, folder / "bundle.pt", TARGET)
+    assert main([f"model={bundle}", f"input={rows}", f"output={folder / 'unlabelled_out.csv'}"]) == 0
+    return {"bundle": bundle, "csv": folder / "labelled.csv", "frame": frame, "out": folder / "unlabelled_out.csv"}
+
+
+def test_a_labelled_file_is_scored_as_the_unlabelled_one(labelled, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    code, err = predict_in_process(capsys, f"model={labelled['bundle']}", f"input={labelled['csv']}", f"output={out}")
+    assert code == 0, err
+    assert out.read_bytes() == labelled["out"].read_bytes()  # the target column ignored: not in the output
+
+
+def test_keep_target_copies_the_target_next_to_the_prediction(labelled, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    args = [f"model={labelled['bundle']}", f"input={labelled['csv']}", f"output={out}", "keep_target=true"]
+    code, err = predict_in_process(capsys, *args, "chunk_size=64")
+    assert code == 0, err
+    got = pd.read_csv(out, dtype={"id": str})
+    assert list(got.columns) == ["id", "prediction", TARGET, *[f"proba_{k}" for k in range(10)]]
+    assert got[TARGET].tolist() == labelled["frame"][TARGET].tolist()
+    pd.testing.assert_frame_equal(got.drop(columns=TARGET), pd.read_csv(labelled["out"], dtype={"id": str}))
+
+
+def test_an_unknown_column_is_still_refused_beside_the_target(labelled, tmp_path, capsys):
+    src, out = tmp_path / "extra.csv", tmp_path / "out.csv"
+    labelled["frame"].assign(colour="red").to_csv(src, index=False)
+    code, err = predict_in_process(capsys, f"model={labelled['bundle']}", f"input={src}", f"output={out}")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "unexpected column(s) colour (" in err and f"its target {TARGET} is also accepted" in err
+    assert not out.exists()
+
+
+def test_a_bundle_without_a_recorded_target_refuses_the_label_as_before(model, labelled, tmp_path, capsys):
+    old = _bundle_with_target(model, tmp_path / "old.pt", None)
+    out = tmp_path / "out.csv"
+    code, err = predict_in_process(capsys, f"model={old}", f"input={labelled['csv']}", f"output={out}")
+    assert code == 2 and f"unexpected column(s) {TARGET} (" in err
+    code, err = predict_in_process(capsys, f"model={old}", f"input={labelled['csv']}", f"output={out}", "keep_target=1")
+    assert code == 2 and "keep_target=true: this model does not record its target column" in err
+
+
+def test_keep_target_on_an_unlabelled_file_is_one_line(labelled, rows, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    code, err = predict_in_process(
+        capsys, f"model={labelled['bundle']}", f"input={rows}", f"output={out}", "keep_target=true"
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert f"keep_target=true, but there is no column '{TARGET}' (the model's target)" in err and not out.exists()
+
+
+def test_the_pyfunc_model_accepts_the_target_column_too(labelled):
+    """``BPServiceModel.predict`` itself (what ``mlflow models serve`` runs), on labelled rows."""
+    import mlflow.pyfunc
+
+    pyfunc = BPServiceModel()
+    pyfunc.load_context(
+        mlflow.pyfunc.PythonModelContext(artifacts={"bundle": str(labelled["bundle"])}, model_config={})
+    )
+    frame = labelled["frame"].drop(columns="id")
+    got = pyfunc.predict(None, frame)
+    expected = pyfunc.predict(None, frame.drop(columns=TARGET))
+    pd.testing.assert_frame_equal(got, expected)
+    assert got["prediction"].tolist() == pd.read_csv(labelled["out"])["prediction"].tolist()
+    with pytest.raises(InputError, match=r"unexpected column\(s\) colour"):
+        pyfunc.predict(None, frame.assign(colour="red"))
 
 
 # --------------------------------------------------------------------------- a million rows in bounded memory

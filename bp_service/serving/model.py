@@ -18,14 +18,25 @@ class InputError(ValueError):
     """Input rows do not fit the model; the message names the column or the row."""
 
 
+def target_column(meta: dict[str, Any]) -> str | None:
+    """The name of the column the model was trained to predict; None for bundles older than ``meta["target"]``."""
+    target = meta.get("target")
+    return str(target) if target is not None else None
+
+
 def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_column: str | None = None) -> None:
-    """Name every missing and every unexpected column."""
+    """Name every missing and every unexpected column.
+
+    The model's own target column is not unexpected: a labelled file (a held-out set) is scored as it is.
+    """
     expected = list(meta["feature_names"])
     present = [str(c) for c in frame.columns]
     missing = [c for c in expected if c not in present]
-    extra = [c for c in present if c not in expected and c != id_column]
+    extra = [c for c in present if c not in expected and c not in (id_column, target_column(meta))]
     if missing or extra:
         shown = ", ".join(expected[:8]) + (f", ... ({len(expected)} in all)" if len(expected) > 8 else "")
+        if target_column(meta) is not None:
+            shown += f"; its target {target_column(meta)} is also accepted"
         parts = [
             f"missing column(s) {', '.join(missing)}" if missing else "",
             f"unexpected column(s) {', '.join(extra)}" if extra else "",
@@ -42,7 +53,10 @@ def features_matrix(frame: pd.DataFrame, meta: dict[str, Any], source: str, firs
 
 
 class BPServiceModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc flavour: ``predict(DataFrame of raw features) -> DataFrame of predictions``."""
+    """MLflow pyfunc flavour: ``predict(DataFrame of raw features) -> DataFrame of predictions``.
+
+    A frame that also carries the model's target column (labelled rows) is accepted and the target ignored.
+    """
 
     def load_context(self, context) -> None:
         self.bundle = load_bundle(context.artifacts["bundle"])

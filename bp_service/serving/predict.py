@@ -13,13 +13,19 @@ model only two files are fetched, its ``MLmodel`` description and the bundle tha
 artifact store runs and nothing but tensors and plain data is unpickled.
 
 The input's header must hold exactly the model's training features (any order), plus optionally an id column
-(``id_column=NAME``, or a column literally named ``id``) that is copied to the output. The output has the id
-column, ``prediction`` and, for classifiers, ``proba_<class>`` per class. Rows are read ``chunk_size`` at a
-time and written as they are predicted, to a temporary file in the output's folder that is renamed at the end:
-an error or a kill never leaves a half-written output behind. The network runs on fixed blocks of
+(``id_column=NAME``, or a column literally named ``id``) that is copied to the output, and the model's own target
+column (a labelled file: ignored, or copied beside the prediction with ``keep_target=true``). The output has the id
+column, ``prediction``, the target if kept and, for classifiers, ``proba_<class>`` per class. Rows are read
+``chunk_size`` at a time and written as they are predicted, to a temporary file in the output's folder that is
+renamed at the end: an error or a kill never leaves a half-written output behind. The network runs on fixed blocks of
 :data:`BLOCK_ROWS` rows (the last one padded): BLAS picks other kernels, and so other float32 rounding, for
 other batch sizes, and fixed blocks make every row's prediction independent of ``chunk_size`` and of its
 neighbours, so the output is byte for byte the same however the file is chunked.
+
+``runs:/`` and ``models:/`` are looked up in the store bp-train records into, by the same rule
+(:func:`bp_service.home.tracking_uri`: ``MLFLOW_TRACKING_URI``, else ``<home>/mlflow.db``), whatever the working
+directory; an embedded store that does not exist is an error, never created by the lookup.
+``bp-predict --tracking-uri`` prints that URI, for MLflow's own tools.
 
 Errors are one line on stderr, ``bp-predict: error: ...``; exit status 2 for bad arguments or input, 1 for
 anything else (an unreachable tracking server, an unwritable output). ``HYDRA_FULL_ERROR=1`` (or
@@ -57,20 +63,30 @@ from bp_service.commands import (
     sigterm_handler,
 )
 from bp_service.files import atomic_path
-from bp_service.serving.model import InputError, check_columns, features_matrix
+from bp_service.home import store_file, tracking_uri
+from bp_service.serving.model import InputError, check_columns, features_matrix, target_column
 from bp_service.tables import UNREADABLE, read_header
 
-USAGE = "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
+USAGE = (
+    "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
+    " [keep_target=true]"
+)
 HELP = f"""{USAGE}
+       bp-predict --tracking-uri    print the MLflow store runs:/ and models:/ are looked up in
 
-  model       MLflow model URI (runs:/<run id>/model, models:/<name>/<version or latest>, ...),
-              a local MLflow model folder, a Lightning checkpoint (.ckpt) or a bundle (model_bundle.pt)
-  input       CSV with a header: the model's feature columns, in any order, plus optionally an id column
-  output      CSV to write: [id column,] prediction[, proba_<class> ...]; replaced only when complete
-  chunk_size  rows read and predicted at a time (default 50000): memory stays bounded for any file size
-  id_column   column copied to the output (default: a column named "id", if there is one)
+  model        MLflow model URI (runs:/<run id>/model, models:/<name>/<version or latest>, ...),
+               a local MLflow model folder, a Lightning checkpoint (.ckpt) or a bundle (model_bundle.pt)
+  input        CSV with a header: the model's feature columns, in any order, plus optionally an id column
+               and the model's target column (a labelled file, e.g. a held-out set); other columns are refused
+  output       CSV to write: [id column,] prediction[, target][, proba_<class> ...]; replaced only when complete
+  chunk_size   rows read and predicted at a time (default 50000): memory stays bounded for any file size
+  id_column    column copied to the output (default: a column named "id", if there is one)
+  keep_target  true: copy the target column, as written, next to prediction, for evaluation
+               (default false: the target column is ignored)
 
-MLflow URIs use MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD for a server with basic auth)."""
+MLflow URIs are looked up in the store bp-train records into: MLFLOW_TRACKING_URI, else the embedded
+<home>/mlflow.db (home: BP_SERVICE_HOME, else the source checkout, else ~/.bp-service), whatever the
+working directory. MLFLOW_TRACKING_USERNAME/PASSWORD serve a tracking server with basic auth."""
 BLOCK_ROWS = 1024  # rows per network call: fixed, so predictions do not depend on chunk_size
 
 
@@ -83,6 +99,7 @@ class PredictConfig:
     output: str = MISSING  # CSV to write (replaced atomically)
     chunk_size: int = 50_000  # rows read, predicted and written at a time
     id_column: str | None = None  # carried to the output; default: a column named "id", if any
+    keep_target: bool = False  # copy the model's target column (labelled input) next to the prediction
 
 
 class UsageError(ValueError):
@@ -155,15 +172,31 @@ def _mlflow_error(uri: str, exc: Exception) -> Exception:
     return ModelSourceError(f"model {uri}: could not fetch it from MLflow ({first})")
 
 
-def fetch_bundle(uri: str, workdir: Path) -> Path:
+def check_store(model: str, store: str, registry: str) -> None:
+    """A ``runs:/`` or ``models:/`` lookup in an SQLite store that does not exist fails here, creating nothing.
+
+    MLflow would create (and migrate) an empty database at that path, then report the run as not found.
+    """
+    needed = {"runs": [store], "models": [store, registry]}.get(urlparse(model).scheme, [])
+    for uri in needed:
+        db = store_file(uri)
+        if db is not None and not db.is_file():
+            raise InputError(
+                f"model {model}: no MLflow store at {db} (nothing was tracked there; bp-train records into "
+                "MLFLOW_TRACKING_URI, else <BP_SERVICE_HOME>/mlflow.db: set the one that holds the run)"
+            )
+
+
+def fetch_bundle(uri: str, workdir: Path, store: str, registry: str) -> Path:
     """Download an MLflow model's ``MLmodel`` and its bundle file, nothing else."""
     from mlflow.artifacts import download_artifacts
 
     base = uri.rstrip("/")
+    stores = {"tracking_uri": store, "registry_uri": registry}
     try:
-        mlmodel = Path(download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=str(workdir / "mlmodel")))
+        mlmodel = Path(download_artifacts(f"{base}/MLmodel", dst_path=str(workdir / "mlmodel"), **stores))
         rel = _bundle_path_in(mlmodel, uri)
-        return Path(download_artifacts(artifact_uri=f"{base}/{rel}", dst_path=str(workdir / "bundle")))
+        return Path(download_artifacts(f"{base}/{rel}", dst_path=str(workdir / "bundle"), **stores))
     except InputError:
         raise
     except Exception as exc:
@@ -185,12 +218,21 @@ def _env_defaults(**defaults: str) -> Iterator[None]:
 def load_model(model: str) -> dict[str, Any]:
     """The bundle (weights, architecture, preprocessing) of any model reference ``bp-predict`` accepts."""
     if is_mlflow_uri(model) and not Path(model).exists():  # a file named "model:v2.ckpt" stays a file
+        store = tracking_uri()  # bp-train's rule, so runs:/ finds its runs from any working directory
+        registry = os.environ.get("MLFLOW_REGISTRY_URI") or store
+        check_store(model, store, registry)
         with (
-            # no progress bars in batch logs; an unreachable server fails in seconds, not minutes of retries
-            _env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", MLFLOW_HTTP_REQUEST_MAX_RETRIES="3"),
+            # no progress bars in batch logs; an unreachable server fails in seconds, not minutes of retries;
+            # the store also for the MLflow code paths that read the environment rather than their arguments
+            _env_defaults(
+                MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+                MLFLOW_HTTP_REQUEST_MAX_RETRIES="3",
+                MLFLOW_TRACKING_URI=store,
+                MLFLOW_REGISTRY_URI=registry,
+            ),
             tempfile.TemporaryDirectory(prefix="bp-predict-") as tmp,
         ):
-            return load_bundle(fetch_bundle(model, Path(tmp)))
+            return load_bundle(fetch_bundle(model, Path(tmp), store, registry))
     path = Path(url2pathname(urlparse(model).path)) if model.startswith("file:") else Path(model)
     if path.is_dir():  # a downloaded MLflow model folder
         if not (path / "MLmodel").is_file():
@@ -220,12 +262,40 @@ def _id_column(header: list[str], meta: dict[str, Any], wanted: str | None, sour
     return "id" if "id" in header and "id" not in meta["feature_names"] else None
 
 
+def _kept_target(header: list[str], meta: dict[str, Any], keep: bool, source: str) -> str | None:
+    if not keep:
+        return None
+    target = target_column(meta)
+    if target is None:
+        raise InputError("keep_target=true: this model does not record its target column (an older bp-train made it)")
+    if target not in header:
+        raise InputError(f"{source}: keep_target=true, but there is no column {target!r} (the model's target)")
+    return target
+
+
+def _copied_columns(
+    header: list[str], meta: dict[str, Any], source: str, id_column: str | None, keep_target: bool
+) -> tuple[str | None, str | None]:
+    """The id column and the kept target column (each None when absent), checked against the output's names."""
+    id_col = _id_column(header, meta, id_column, source)
+    target = _kept_target(header, meta, keep_target, source)
+    outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
+    for kind, name in (("id", id_col), ("target", target)):
+        if name in outputs:
+            raise InputError(f"{source}: {kind} column {name!r} clashes with an output column; rename it")
+    if target is not None and target == id_col:
+        raise InputError(f"{source}: column {target!r} is both the id column and the target; keep_target=false")
+    check_columns(pd.DataFrame(columns=header), meta, source, id_col)
+    return id_col, target
+
+
 def predict_csv(
     bundle: dict[str, Any],
     input_path: str | Path,
     output_path: str | Path,
     chunk_size: int = 50_000,
     id_column: str | None = None,
+    keep_target: bool = False,
 ) -> int:
     """Predict every row of ``input_path`` into ``output_path``; returns the number of rows.
 
@@ -234,11 +304,8 @@ def predict_csv(
     source, out = Path(input_path), Path(output_path)
     meta = bundle["meta"]
     header = read_header(source, InputError)
-    id_col = _id_column(header, meta, id_column, str(source))
-    outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
-    if id_col in outputs:
-        raise InputError(f"{source}: id column {id_col!r} clashes with an output column; rename it")
-    check_columns(pd.DataFrame(columns=header), meta, str(source), id_col)
+    id_col, kept = _copied_columns(header, meta, str(source), id_column, keep_target)
+    copied = [c for c in (id_col, kept) if c]
     net = net_from_bundle(bundle)
 
     if out.is_dir():
@@ -250,13 +317,16 @@ def predict_csv(
     with atomic_path(out) as target:
         # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
         with open(target, "w", newline="", encoding="utf-8") as fh:
-            reader = pd.read_csv(source, chunksize=chunk_size, dtype={id_col: str} if id_col else None)
+            # copied columns travel as text, exactly as written (ids with leading zeros, labels)
+            reader = pd.read_csv(source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None)
             try:
                 for chunk in reader:
                     if chunk.empty:
                         continue
                     raw = features_matrix(chunk, meta, str(source), first_row=rows)
                     pred = predict_rows(net, meta, raw)
+                    if kept:
+                        pred.insert(1, kept, chunk[kept].to_numpy())
                     if id_col:
                         pred.insert(0, id_col, chunk[id_col].to_numpy())
                     pred.to_csv(fh, header=rows == 0, index=False)
@@ -281,6 +351,11 @@ def run(argv: Sequence[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(HELP)
         return 0
+    if "--tracking-uri" in argv:  # for MLflow's own tools: export MLFLOW_TRACKING_URI=$(bp-predict --tracking-uri)
+        if len(argv) > 1:
+            raise UsageError("--tracking-uri takes no other argument")
+        print(tracking_uri())
+        return 0
     cfg = parse_args(argv)
     if cfg.output.endswith(("/", os.sep)) or Path(cfg.output).is_dir():
         folder = cfg.output.rstrip("/")
@@ -288,7 +363,7 @@ def run(argv: Sequence[str]) -> int:
     started = time.perf_counter()
     read_header(cfg.input, InputError)  # a missing or empty input fails before any model is fetched
     bundle = load_model(cfg.model)
-    rows = predict_csv(bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column)
+    rows = predict_csv(bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target)
     print(f"bp-predict: {rows} rows -> {cfg.output} ({time.perf_counter() - started:.1f} s, model {cfg.model})")
     return 0
 
