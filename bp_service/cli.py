@@ -24,6 +24,11 @@ def bp_train() -> None:
 
 
 def bp_predict() -> None:
+    if sys.argv[1:] == ["--tracking-uri"]:  # read by shells in $(...): answered without the heavy imports
+        from bp_service.home import tracking_uri
+
+        print(tracking_uri())
+        sys.exit(0)
     _run("bp_service.serving.predict", "bp-predict")
 
 

@@ -7,6 +7,7 @@ paying for Lightning's import.
 
 from __future__ import annotations
 
+import csv
 import lzma
 import zlib
 from pathlib import Path
@@ -25,6 +26,31 @@ class DataError(ValueError):
 UNREADABLE = (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
+# Separators tried when a file's first line holds no comma: tab (TSV), semicolon (spreadsheets in locales
+# whose decimal mark is a comma), pipe.
+OTHER_SEPARATORS = "\t;|"
+SNIFF_LINES = 20
+
+
+def sniff_separator(path: str | Path) -> str:
+    """The file's column separator: ``,`` unless the header has no comma and :class:`csv.Sniffer` finds one of
+    :data:`OTHER_SEPARATORS` consistently on the first lines (a tab-separated file is then not one column).
+
+    Every reader of user tables (``data=csv`` and ``bp-predict``) reads with this separator.
+    """
+    try:
+        head = pd.read_csv(path, sep="\x1f", header=None, dtype=str, nrows=SNIFF_LINES, quoting=csv.QUOTE_NONE)
+    except (pd.errors.EmptyDataError, *UNREADABLE):
+        return ","  # read_header names the problem
+    lines = [str(v) for v in head.iloc[:, 0].tolist() if isinstance(v, str)]
+    if not lines or "," in lines[0]:
+        return ","
+    try:
+        return csv.Sniffer().sniff("\n".join(lines), delimiters=OTHER_SEPARATORS).delimiter
+    except csv.Error:  # no consistent separator: a one-column file
+        return ","
+
+
 def read_header(path: str | Path, error: type[Exception] = DataError) -> list[str]:
     """A CSV's column names, with one-line errors for a missing, empty, damaged or ambiguous file."""
     path = Path(path)
@@ -33,7 +59,7 @@ def read_header(path: str | Path, error: type[Exception] = DataError) -> list[st
     if not path.is_file():
         raise error(f"{path}: file not found")
     try:
-        header = pd.read_csv(path, nrows=1, header=None, dtype=str).iloc[0].tolist()
+        header = pd.read_csv(path, nrows=1, header=None, dtype=str, sep=sniff_separator(path)).iloc[0].tolist()
     except pd.errors.EmptyDataError:
         raise error(f"{path}: file is empty") from None
     except UNREADABLE as exc:
@@ -46,7 +72,7 @@ def read_feature_frame(path: str | Path) -> pd.DataFrame:
     """A whole CSV (training data), checked as :func:`read_header` does, and with data rows."""
     read_header(path)
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, sep=sniff_separator(path))
     except UNREADABLE as exc:
         raise DataError(f"{path}: not a readable CSV ({first_line(exc)})") from None
     if frame.empty:
@@ -72,16 +98,25 @@ def check_scaling(names: list[str], means, scales, source: str) -> None:
             )
 
 
-def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_row: int = 0) -> np.ndarray:
+def numeric_matrix(
+    frame: pd.DataFrame, columns: list[str], source: str, first_row: int = 0, fill: list[float] | None = None
+) -> np.ndarray:
     """Columns as float64, naming the first non-numeric, missing or infinite cell by row and column.
 
     Rows are numbered as a spreadsheet shows them: the header is row 1, the first data row is row 2.
+    ``fill`` (one value per column, a model's ``meta["impute_mean"]``) replaces missing cells instead;
+    a NaN in ``fill`` keeps them missing (training fills them after the split).
     """
     out = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, col in enumerate(columns):
         raw = frame[col]
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values)
+        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, copy=True)
+        if fill is not None:
+            missing = raw.isna().to_numpy()
+            values[missing] = fill[j]
+            bad = ~np.isfinite(values) & ~missing
+        else:
+            bad = ~np.isfinite(values)
         if bad.any():
             i = int(np.argmax(bad))
             cell = raw.iloc[i]
@@ -89,3 +124,25 @@ def numeric_matrix(frame: pd.DataFrame, columns: list[str], source: str, first_r
             raise DataError(f"{source}: row {first_row + i + 2}, column {col!r}: {what}")
         out[:, j] = values
     return out
+
+
+def missing_cells(frame: pd.DataFrame, columns: list[str]) -> list[str]:
+    """``column 'Horsepower': 6 rows missing (first: row 40)`` for each of ``columns`` with empty cells."""
+    found = []
+    for col in columns:
+        empty = frame[col].isna().to_numpy()
+        if empty.any():
+            found.append(f"column {col!r}: {int(empty.sum())} rows missing (first: row {int(np.argmax(empty)) + 2})")
+    return found
+
+
+def text_columns(frame: pd.DataFrame, columns: list[str]) -> dict[str, str]:
+    """Columns holding a cell that is neither empty nor a number: name -> ``row 2: 'ford torino'`` (the first)."""
+    found = {}
+    for col in columns:
+        raw = frame[col]
+        bad = (pd.to_numeric(raw, errors="coerce").isna() & raw.notna()).to_numpy()
+        if bad.any():
+            i = int(np.argmax(bad))
+            found[col] = f"row {i + 2}: {raw.iloc[i]!r}"
+    return found

@@ -408,6 +408,11 @@ def test_tracking_uri_prints_the_store_by_the_rule(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out == "http://tracking.example:5000\n"
     assert main(["--tracking-uri", "model=m"]) == 2
     assert "--tracking-uri takes no other argument" in capsys.readouterr().err
+    # the console command answers the same, before importing torch (it is meant for $(...) in shells)
+    env = clean_env(BP_SERVICE_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([str(BIN / "bp-predict"), "--tracking-uri"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout == f"sqlite:///{(tmp_path / 'home').resolve() / 'mlflow.db'}\n"
+    assert not (tmp_path / "home").exists()
 
 
 # --------------------------------------------------------------------------- labelled files: the model's target column

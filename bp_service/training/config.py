@@ -30,6 +30,7 @@ class DataConfig:
     target: str | None = None  # csv only: the target column
     features: list[str] | None = None  # csv only: feature columns (default: all but target and id)
     id_column: str | None = None  # csv only: carried through to predictions, never a feature
+    missing: str = "error"  # csv only: error | drop (leave rows with an empty cell out) | mean (fill from train)
     n_samples: int = 1000  # generated datasets (blog, xor, moons, synthetic)
     noise: float = 0.1  # generated datasets (synthetic classification: fraction of labels flipped)
     n_features: int = 20  # synthetic only

@@ -8,6 +8,7 @@ so that predictions are made from raw features.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +17,22 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn import datasets as skd
+from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import Tensor
 
-from bp_service.tables import DataError, check_scaling, numeric_matrix, read_feature_frame
+from bp_service.tables import (
+    DataError,
+    check_scaling,
+    missing_cells,
+    numeric_matrix,
+    read_feature_frame,
+    text_columns,
+)
 from bp_service.training.loader import InMemoryLoader
 
-__all__ = ["DATASETS", "TASKS", "BPDataModule", "DataError", "Prepared", "prepare"]
+__all__ = ["DATASETS", "MISSING", "TASKS", "BPDataModule", "DataError", "Prepared", "prepare"]
 
 
 # --------------------------------------------------------------------------- raw datasets
@@ -68,6 +77,7 @@ REGRESSION_DATASETS = {"diabetes"}
 # Every data= option, the one list (conf/data/ has a file for each).
 DATASETS = (*GENERATED, "synthetic", *SKLEARN_LOADERS, "csv")
 TASKS = ("auto", "classification", "regression")
+MISSING = ("error", "drop", "mean")  # data.missing: what a CSV's empty cells do
 
 
 def _synthetic(cfg, seed: int, task: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -102,34 +112,63 @@ def synthetic_informative(cfg) -> int:
 
 
 def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
-    frame = read_feature_frame(cfg.path)
+    """Features (NaN where a cell is missing and ``data.missing=mean``), targets, feature names and task."""
+    frame, source = read_feature_frame(cfg.path), str(cfg.path)
     if cfg.target not in frame.columns:
         raise DataError(
-            f"{cfg.path}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})"
+            f"{source}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})"
         )
-    excluded = {cfg.target, cfg.id_column}
-    features = list(cfg.features) if cfg.features else [c for c in frame.columns if c not in excluded]
-    missing = [c for c in features if c not in frame.columns]
-    if missing:
-        raise DataError(f"{cfg.path}: feature column(s) not found: {', '.join(missing)}")
-    if not features:
-        raise DataError(f"{cfg.path}: no feature columns besides the target {cfg.target!r}")
-    x = numeric_matrix(frame, features, str(cfg.path))
+    features = _csv_features(cfg, frame, source)
+    x = numeric_matrix(frame, features, source, fill=[np.nan] * len(features))  # names inf cells by row
     target = frame[cfg.target]
-    if target.isna().any():
+    empty = np.isnan(x).any(axis=1) | target.isna().to_numpy()
+    if empty.any() and cfg.missing == "error":
         raise DataError(
-            f"{cfg.path}: row {int(np.argmax(target.isna().to_numpy())) + 2}, column {cfg.target!r}: missing"
+            f"{source}: missing values: {'; '.join(missing_cells(frame, [*features, cfg.target]))}; "
+            "data.missing=drop leaves those rows out, data.missing=mean fills a missing feature with its mean "
+            "on the training split (rows without a target are left out)"
         )
+    keep = ~empty if cfg.missing == "drop" else target.notna().to_numpy()
+    x, target = x[keep], target[keep]
+    if len(target) == 0:
+        raise DataError(f"{source}: no rows left once rows with missing values are left out (data.missing=drop)")
     task = cfg.task
     if task == "auto":
         numeric = pd.to_numeric(target, errors="coerce")
         is_small_int = numeric.notna().all() and np.allclose(numeric, np.round(numeric)) and numeric.nunique() <= 20
         task = "classification" if (numeric.isna().any() or is_small_int) else "regression"
     if task == "regression":
-        y = numeric_matrix(frame, [cfg.target], str(cfg.path))[:, 0]
+        y = numeric_matrix(frame, [cfg.target], source, fill=[np.nan])[keep, 0]  # missing ones are not kept
     else:
         y = target.astype(str).to_numpy() if target.dtype == object else target.to_numpy()
     return x, y, features, task
+
+
+def _csv_features(cfg, frame: pd.DataFrame, source: str) -> list[str]:
+    """``data.features``, or every column but the target and the id; text columns named with a way on."""
+    excluded = {cfg.target, cfg.id_column}
+    features = list(cfg.features) if cfg.features else [c for c in frame.columns if c not in excluded]
+    absent = [c for c in features if c not in frame.columns]
+    if absent:
+        raise DataError(f"{source}: feature column(s) not found: {', '.join(absent)}")
+    if not features:
+        raise DataError(f"{source}: no feature columns besides the target {cfg.target!r}")
+    text = text_columns(frame, features)
+    if text:
+        numeric = [c for c in features if c not in text]
+        named = ", ".join(f"{c!r} ({where})" for c, where in text.items())
+        way_on = (
+            f"train on the numeric ones with 'data.features=[{','.join(map(_override_item, numeric))}]'"
+            if numeric
+            else "no numeric feature column is left; encode the text as numbers first"
+        )
+        raise DataError(f"{source}: not numeric: column(s) {named}; {way_on}")
+    return features
+
+
+def _override_item(name: str) -> str:
+    """A column name as an item of a Hydra list override: bare when it can be, else double-quoted."""
+    return name if re.fullmatch(r"[A-Za-z_][\w.\-]*", name) else '"' + name.replace('"', '\\"') + '"'
 
 
 # --------------------------------------------------------------------------- prepared splits
@@ -146,6 +185,8 @@ class Prepared:
     scaler_scale: list[float] = field(default_factory=list)
     target_mean: float = 0.0  # regression targets are standardised too
     target_scale: float = 1.0
+    target: str = "target"  # the target column's name (data=csv: data.target; scikit-learn's frames say "target")
+    impute_mean: list[float] | None = None  # data.missing=mean: each feature's training-split mean fills its gaps
     raw_test: np.ndarray | None = None  # unscaled test features, for examples and signatures
 
     @property
@@ -172,6 +213,8 @@ class Prepared:
             "scaler_scale": list(self.scaler_scale),
             "target_mean": self.target_mean,
             "target_scale": self.target_scale,
+            "target": self.target,
+            "impute_mean": None if self.impute_mean is None else list(self.impute_mean),
         }
 
 
@@ -205,6 +248,7 @@ def prepare(cfg, seed: int) -> Prepared:
     if task == "classification":
         y, classes = _encode_labels(y, source, cfg.target)
     splits = _split(x, y, classes, cfg, seed, source)
+    impute_mean = _impute(splits) if cfg.name == "csv" and cfg.missing == "mean" else None
     scaler = StandardScaler().fit(splits["train"][0])
     check_scaling(names, scaler.mean_, scaler.scale_, source)
     prepared = Prepared(
@@ -214,6 +258,8 @@ def prepare(cfg, seed: int) -> Prepared:
         scaler_mean=scaler.mean_.tolist(),
         scaler_scale=scaler.scale_.tolist(),
         raw_test=splits["test"][0],
+        target=str(cfg.target) if cfg.name == "csv" else "target",
+        impute_mean=impute_mean,
     )
     if task == "regression":
         y_train = splits["train"][1]
@@ -227,6 +273,18 @@ def prepare(cfg, seed: int) -> Prepared:
         prepared.x[split] = torch.as_tensor(scaler.transform(xs), dtype=torch.float32)
         prepared.y[split] = torch.as_tensor(targets, dtype=torch.float32)
     return prepared
+
+
+def _impute(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """Fill missing features (NaN) in every split with the column's mean on the training split only, in place.
+
+    Returns the means (one per feature; 0.0 for a column empty in training) for ``meta``: bp-predict fills the
+    same gaps with the same numbers.
+    """
+    imputer = SimpleImputer(strategy="mean", keep_empty_features=True).fit(splits["train"][0])
+    for split, (xs, ys) in splits.items():
+        splits[split] = (imputer.transform(xs), ys)
+    return [float(v) for v in imputer.statistics_]
 
 
 def _encode_labels(y: np.ndarray, source: str, target: str | None) -> tuple[np.ndarray, list[Any]]:

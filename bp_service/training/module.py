@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from bp_service import functions as F
 from bp_service.bundle import checkpoint_entry
@@ -43,7 +44,8 @@ class BPModule(pl.LightningModule):
         scheduler: optional Lightning ``lr_scheduler`` config: ``scheduler`` builds it from the optimizer
             (a partial), ``interval`` (epoch|step) says when it steps.
         loss: ``mse`` or ``l1``.
-        task: ``classification`` (also logs accuracy) or ``regression``.
+        task: ``classification`` (also logs accuracy) or ``regression`` (also logs ``rmse`` and ``mae`` in the
+            target's own units: predictions and targets de-standardised with ``meta``'s target mean and scale).
         meta: preprocessing and labels, saved in every checkpoint so it predicts from raw features.
         compile: run the training cost (forward, cost and hand-written backward) under ``torch.compile``.
         capture: replay each training step from a CUDA graph (:class:`~bp_service.capture.CapturedStep`):
@@ -85,6 +87,10 @@ class BPModule(pl.LightningModule):
         self.gradient_clip_val = gradient_clip_val
         self._epoch_loss_sum = torch.zeros(())
         self._epoch_rows = 0
+        if task == "regression":
+            # torchmetrics objects: summed over batches, synced across DDP ranks, reset each epoch by Lightning.
+            units = MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()})
+            self.units = torch.nn.ModuleDict({"val": units.clone(prefix="val/"), "test": units.clone(prefix="test/")})
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -187,10 +193,19 @@ class BPModule(pl.LightningModule):
             return
         step = self.global_step + 1  # the norm may merely overflow: name what is really non-finite
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"step {step}: train/loss became non-finite ({loss.item()})")
+            raise NonFiniteError(f"step {step}: train/loss became non-finite ({loss.item()}); {self._way_on()}")
         for name, p in self.net.named_parameters():
             if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteError(f"step {step}: the gradient of {name} became non-finite")
+                raise NonFiniteError(f"step {step}: the gradient of {name} became non-finite; {self._way_on()}")
+
+    def _way_on(self) -> str:
+        """What to try after a divergence: a tenth of the learning rate, and Adam when it is not already."""
+        group = self._raw_optimizer().param_groups[0]
+        lr = float(group.get("initial_lr", group["lr"]))  # the configured rate, not a scheduler's current one
+        tries = [f"optimizer.lr={lr / 10:g} (a tenth of {lr:g})"]
+        if not isinstance(self._raw_optimizer(), torch.optim.Adam):
+            tries.append("optimizer=adam (a step size per weight)")
+        return "the training diverged: try " + " or ".join(tries)
 
     def _step_scheduler(self, interval: str) -> None:
         for config in self.trainer.lr_scheduler_configs:
@@ -204,6 +219,11 @@ class BPModule(pl.LightningModule):
         self.log(f"{split}/loss", self.loss_fn(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
         if self.task == "classification":
             self.log(f"{split}/acc", accuracy(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
+        else:
+            mean, scale = self.meta.get("target_mean", 0.0), self.meta.get("target_scale", 1.0)
+            metrics = self.units[split]
+            metrics.update(pred[:, 0].float() * scale + mean, y[:, 0].float() * scale + mean)
+            self.log_dict(metrics, batch_size=len(x))
 
     def validation_step(self, chunk, batch_idx: int) -> None:
         self._evaluate(chunk, "val")

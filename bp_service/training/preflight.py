@@ -28,7 +28,7 @@ from bp_service.training.config import (
     TrainConfig,
     check_targets,
 )
-from bp_service.training.data import DATASETS, TASKS
+from bp_service.training.data import DATASETS, MISSING, TASKS
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
 CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment")
@@ -119,7 +119,7 @@ def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
 
 def check_monitor(cfg: DictConfig, task: str) -> None:
     """The metric checkpoints (and early stopping) follow must be one a run of this task logs."""
-    logged = ["val/loss", "train/loss"] + (["val/acc"] if task == "classification" else [])
+    logged = ["val/loss", "train/loss"] + (["val/acc"] if task == "classification" else ["val/rmse", "val/mae"])
     checkpoint = cfg.callbacks.get("model_checkpoint")
     monitor = checkpoint.get("monitor", "auto") if checkpoint else "auto"
     if monitor != "auto" and monitor not in logged:
@@ -193,6 +193,7 @@ def validate(cfg: DictConfig) -> None:
     if d.name == "csv":
         _require(bool(d.path), "data.path is required for data=csv")
         _require(bool(d.target), "data.target is required for data=csv")
+        _require(d.missing in MISSING, f"data.missing must be one of {', '.join(MISSING)}, got {d.missing!r}")
     _require(d.n_samples >= 20, f"data.n_samples must be >= 20, got {d.n_samples}")
     _require(d.noise >= 0, f"data.noise must be >= 0, got {d.noise}")
     if d.name == "synthetic":
