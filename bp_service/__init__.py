@@ -5,13 +5,7 @@ command-line entry points (:mod:`bp_service.cli`) can answer a Ctrl-C during the
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-
-try:
-    __version__ = version("bp-service")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0"
 
 _FUNCTIONS = (
     "L1LossFunction",
@@ -37,7 +31,19 @@ _HOME = {**dict.fromkeys(_FUNCTIONS, "bp_service.functions"), **dict.fromkeys(_L
 __all__ = sorted([*_FUNCTIONS, *_LAYERS, "__version__"])
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bp-service")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read on first use too: importing the package loads nothing (Ctrl-C at start-up)
+        globals()[name] = _version()
+        return globals()[name]
     if name not in _HOME:
         raise AttributeError(f"module 'bp_service' has no attribute {name!r}")
     value = getattr(import_module(_HOME[name]), name)
@@ -46,4 +52,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOME])
+    return sorted({*globals(), *_HOME, "__version__"})
