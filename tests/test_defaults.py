@@ -69,7 +69,8 @@ def test_defaults_converge_and_beat_the_trivial_model(compose_cfg, dataset):
 
 def test_a_diverging_run_says_what_to_try(compose_cfg):
     cfg = compose_cfg("data=diabetes", "optimizer=sgd", "optimizer.lr=1e6", "tracking.enabled=false")
-    with pytest.raises(RuntimeError, match=r"non-finite.*try optimizer\.lr=100000 \(a tenth of 1e\+06\) or optimizer=adam"):
+    hint = r"non-finite.*try optimizer\.lr=100000 \(a tenth of 1e\+06\) or optimizer=adam"
+    with pytest.raises(RuntimeError, match=hint):
         train(cfg)
 
 

@@ -194,7 +194,8 @@ def test_csv_errors_name_file_row_and_column(compose_cfg, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("a,b,label\n1,2,x\n3,oops,y\n" + "5,6,x\n" * 30)
     cfg = compose_cfg("data=csv", f"data.path={path}", "data.target=label", *NO_TRACKING)
-    with pytest.raises(DataError, match=r"bad.csv: not numeric: column\(s\) 'b' \(row 3: 'oops'\); .*data.features=\[a\]"):
+    message = r"bad.csv: not numeric: column\(s\) 'b' \(row 3: 'oops'\); .*data.features=\[a\]"
+    with pytest.raises(DataError, match=message):
         train(cfg)
 
 
