@@ -132,7 +132,9 @@ def missing_cells(frame: pd.DataFrame, columns: list[str]) -> list[str]:
     for col in columns:
         empty = frame[col].isna().to_numpy()
         if empty.any():
-            found.append(f"column {col!r}: {int(empty.sum())} rows missing (first: row {int(np.argmax(empty)) + 2})")
+            count = int(empty.sum())
+            rows = f"{count} row{'s' if count > 1 else ''} missing"
+            found.append(f"column {col!r}: {rows} (first: row {int(np.argmax(empty)) + 2})")
     return found
 
 
