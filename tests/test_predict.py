@@ -419,12 +419,17 @@ def test_tracking_uri_prints_the_store_by_the_rule(tmp_path, monkeypatch, capsys
 TARGET = "digit"
 
 
+def _rebundled(model: dict, path: Path, **meta: object) -> Path:
+    """The trained model's bundle with ``meta`` entries replaced (a None value removes the entry)."""
+    bundle = load_bundle(model["bundle_path"])
+    changed = {k: v for k, v in {**bundle["meta"], **meta}.items() if v is not None}
+    save_bundle(net_from_bundle(bundle), changed, path)
+    return path
+
+
 def _bundle_with_target(model: dict, path: Path, target: str | None) -> Path:
     """The trained model's bundle, its meta naming ``target`` as the target column (None: a bundle from before)."""
-    bundle = load_bundle(model["bundle_path"])
-    meta = {k: v for k, v in bundle["meta"].items() if k != "target"}
-    save_bundle(net_from_bundle(bundle), meta if target is None else {**meta, "target": target}, path)
-    return path
+    return _rebundled(model, path, target=target)
 
 
 @pytest.fixture(scope="module")
@@ -499,6 +504,40 @@ def test_the_pyfunc_model_accepts_the_target_column_too(labelled):
     assert got["prediction"].tolist() == pd.read_csv(labelled["out"])["prediction"].tolist()
     with pytest.raises(InputError, match=r"unexpected column\(s\) colour"):
         pyfunc.predict(None, frame.assign(colour="red"))
+
+
+# --------------------------------------------------------------------------- read as training reads
+def test_a_tab_separated_file_predicts_like_the_csv(model, rows, tmp_path, capsys):
+    tsv, from_csv, from_tsv = tmp_path / "rows.tsv", tmp_path / "csv_out.csv", tmp_path / "tsv_out.csv"
+    pd.read_csv(rows, dtype={"id": str}).to_csv(tsv, sep="\t", index=False)
+    ckpt = f"model={model['checkpoint']}"
+    assert predict_in_process(capsys, ckpt, f"input={rows}", f"output={from_csv}")[0] == 0
+    code, err = predict_in_process(capsys, ckpt, f"input={tsv}", f"output={from_tsv}", "chunk_size=100")
+    assert code == 0, err
+    assert from_tsv.read_bytes() == from_csv.read_bytes()
+
+
+def test_a_model_trained_with_mean_imputation_fills_missing_cells_the_same_way(model, rows, tmp_path, capsys):
+    names = load_bundle(model["bundle_path"])["meta"]["feature_names"]
+    means = [float(v) for v in np.linspace(0.5, 16.0, len(names))]  # distinct per column: the right one is used
+    bundle = _rebundled(model, tmp_path / "imputing.pt", impute_mean=means)
+    frame = pd.read_csv(rows, dtype={"id": str})
+    gaps, filled = frame.copy(), frame.copy()
+    for row, col in [(3, "pixel_2_5"), (3, "pixel_0_1"), (450, "pixel_7_7")]:
+        gaps.loc[row, col] = None
+        filled.loc[row, col] = means[names.index(col)]
+    gaps.to_csv(tmp_path / "gaps.csv", index=False)
+    filled.to_csv(tmp_path / "filled.csv", index=False)
+    for name in ("gaps", "filled"):
+        args = [f"model={bundle}", f"input={tmp_path / name}.csv", f"output={tmp_path / name}_out.csv"]
+        code, err = predict_in_process(capsys, *args, "chunk_size=100")
+        assert code == 0, err
+    assert (tmp_path / "gaps_out.csv").read_bytes() == (tmp_path / "filled_out.csv").read_bytes()
+    # the same gaps, without imputation in the model: named, as before
+    code, err = predict_in_process(
+        capsys, f"model={model['bundle_path']}", f"input={tmp_path / 'gaps.csv'}", f"output={tmp_path / 'x.csv'}"
+    )
+    assert code == 2 and "row 5, column 'pixel_0_1': missing" in err
 
 
 # --------------------------------------------------------------------------- a million rows in bounded memory

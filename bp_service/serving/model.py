@@ -45,9 +45,12 @@ def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_col
 
 
 def features_matrix(frame: pd.DataFrame, meta: dict[str, Any], source: str, first_row: int = 0) -> np.ndarray:
-    """Raw feature columns, in the model's order, as float64; bad cells named by row and column."""
+    """Raw feature columns, in the model's order, as float64; bad cells named by row and column.
+
+    A model trained with ``data.missing=mean`` fills missing cells with its training means, as training did.
+    """
     try:
-        return numeric_matrix(frame, list(meta["feature_names"]), source, first_row)
+        return numeric_matrix(frame, list(meta["feature_names"]), source, first_row, fill=meta.get("impute_mean"))
     except DataError as exc:
         raise InputError(str(exc)) from None
 

@@ -65,7 +65,7 @@ from bp_service.commands import (
 from bp_service.files import atomic_path
 from bp_service.home import store_file, tracking_uri
 from bp_service.serving.model import InputError, check_columns, features_matrix, target_column
-from bp_service.tables import UNREADABLE, read_header
+from bp_service.tables import UNREADABLE, read_header, sniff_separator
 
 USAGE = (
     "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
@@ -318,7 +318,9 @@ def predict_csv(
         # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
         with open(target, "w", newline="", encoding="utf-8") as fh:
             # copied columns travel as text, exactly as written (ids with leading zeros, labels)
-            reader = pd.read_csv(source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None)
+            reader = pd.read_csv(
+                source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None, sep=sniff_separator(source)
+            )
             try:
                 for chunk in reader:
                     if chunk.empty:
