@@ -489,6 +489,19 @@ def test_keep_target_on_an_unlabelled_file_is_one_line(labelled, rows, tmp_path,
     assert f"keep_target=true, but there is no column '{TARGET}' (the model's target)" in err and not out.exists()
 
 
+def test_the_trained_models_own_target_column_is_accepted_and_kept(model, rows, tmp_path, capsys):
+    """No hand-made bundle: the name bp-train recorded (scikit-learn's datasets call theirs "target")."""
+    target = load_bundle(model["checkpoint"])["meta"]["target"]
+    src, out = tmp_path / "labelled.csv", tmp_path / "out.csv"
+    pd.read_csv(rows, dtype={"id": str}).assign(**{target: load_digits().target[:N_ROWS]}).to_csv(src, index=False)
+    args = [f"model={model['checkpoint']}", f"input={src}", f"output={out}", "keep_target=true"]
+    code, err = predict_in_process(capsys, *args)
+    assert code == 0, err
+    got = pd.read_csv(out)
+    assert list(got.columns[:3]) == ["id", "prediction", target]
+    assert got[target].tolist() == load_digits().target[:N_ROWS].tolist()
+
+
 def test_the_pyfunc_model_accepts_the_target_column_too(labelled):
     """``BPServiceModel.predict`` itself (what ``mlflow models serve`` runs), on labelled rows."""
     import mlflow.pyfunc
