@@ -223,8 +223,8 @@ GOOD_ROWS = "".join(f"{i},{i % 7},{'x' if i % 2 else 'y'}\n" for i in range(40))
         ("", "file is empty"),
         ("a,b,label\n", "has a header but no data rows"),
         ("a,b,other\n" + GOOD_ROWS, "target column 'label' not found (columns: a, b, other)"),
-        ("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS, "row 3, column 'b': not a finite number: 'hello'"),
-        ("a,b,label\n1,2,x\n3,,y\n" + GOOD_ROWS, "row 3, column 'b': missing"),
+        ("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS, "not numeric: column(s) 'b' (row 3: 'hello')"),
+        ("a,b,label\n1,2,x\n3,,y\n" + GOOD_ROWS, "missing values: column 'b': 1 row missing (first: row 3)"),
         ("a,b,label\n1,inf,x\n" + GOOD_ROWS, "row 2, column 'b': not a finite number"),
         ("a,b,label\n" + "1,2,x\n" * 30, "has a single class ('x')"),
         ("a,b,label\n1,2,x\n3,4,y\n5,6,x\n", "too few"),
@@ -247,7 +247,10 @@ def test_bad_csv_through_the_cli_leaves_no_run_behind(tmp_path, cli):
     path.write_text("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS)
     result = cli("bp-train", "data=csv", f"data.path={path}", "data.target=label", "trainer=cpu")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"bp-train: error: {path}: row 3, column 'b': not a finite number: 'hello'"
+    assert result.stderr.strip() == (
+        f"bp-train: error: {path}: not numeric: column(s) 'b' (row 3: 'hello'); "
+        "train on the numeric ones with 'data.features=[a]'"
+    )
     # The data is checked before any run is opened: the store (an empty one if bp-train made none) holds no run.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
