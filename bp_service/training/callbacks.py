@@ -1,11 +1,22 @@
-"""Lightning callbacks of a bp-train run that watch backpropagation itself."""
+"""Lightning callbacks of a bp-train run: one that watches backpropagation itself, and the terminal's
+progress bar and model summary (Lightning's own, minus what says nothing about this model)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.model_summary import log as summary_log
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+NOT_A_TERMINAL = ("quiet", "epochs", "bar")
+
+
+def _terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 class GradientFlow(pl.Callback):
@@ -57,3 +68,93 @@ class GradientFlow(pl.Callback):
                 epochs = [e for e, _ in self.history[names[0]]]
                 panels[title] = np.array([[v for _, v in self.history[n]] for n in names])
         return epochs, panels
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar without ``v_num`` (the logger's version: here an MLflow run id
+    fragment, which the summary prints in full), and without redraws where nobody watches.
+
+    ``not_a_terminal`` says what happens when stdout is not a terminal (CI logs, ``docker logs``,
+    ``make train > file``), where every redraw would be one more line: ``quiet`` (no bar; the summary
+    at the end says how it went), ``epochs`` (one line per epoch with its metrics), ``bar`` (tqdm as is).
+    """
+
+    def __init__(
+        self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False, not_a_terminal: str = "quiet"
+    ) -> None:
+        if not_a_terminal not in NOT_A_TERMINAL:
+            raise ValueError(f"callbacks.progress_bar.not_a_terminal={not_a_terminal!r}: one of {NOT_A_TERMINAL}")
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        self.not_a_terminal = not_a_terminal
+        self._epoch_lines = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not _terminal() and self.not_a_terminal != "bar":
+            self.disable()
+            self._epoch_lines = self.not_a_terminal == "epochs" and trainer.is_global_zero
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._epoch_lines:
+            metrics = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in self.get_metrics(trainer, pl_module).items()
+            )
+            print(f"Epoch {trainer.current_epoch}: {metrics}", flush=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Close the open bars (the training bar ends its line): the error printed next starts on its own line.
+        for bar in (
+            self._val_progress_bar,
+            self._test_progress_bar,
+            self._predict_progress_bar,
+            self._train_progress_bar,
+        ):
+            if bar is not None and not bar.disable:
+                bar.close()
+        sys.stdout.flush()
+
+
+class Summary(ModelSummary):
+    """Lightning's model summary without the FLOPs column and "Total Flops" line when they are 0 (Lightning
+    counts FLOPs only for a module with an ``example_input_array``: 0 here says nothing about the model).
+
+    ``not_a_terminal``: ``line`` (default) prints one line (the layers and trainable parameters) when stdout
+    is not a terminal, ``table`` the table anyway.
+    """
+
+    def __init__(self, max_depth: int = 1, not_a_terminal: str = "line", **summarize_kwargs: Any) -> None:
+        if not_a_terminal not in ("line", "table"):
+            raise ValueError(f"callbacks.model_summary.not_a_terminal={not_a_terminal!r}: one of ('line', 'table')")
+        super().__init__(max_depth=max_depth, **summarize_kwargs)
+        self.not_a_terminal = not_a_terminal
+
+    def summarize(  # type: ignore[override]  # Lightning's is a staticmethod called on the instance
+        self,
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        if not _terminal() and self.not_a_terminal == "line":
+            columns = dict(summary_data)
+            layers = ", ".join(f"{n} {t}" for n, t in zip(columns.get("Name", []), columns.get("Type", [])))
+            summary_log.info(f"Model: {layers}; {trainable_parameters:,} trainable parameters ({model_size:.3f} MB)")
+            return
+        if not total_flops:
+            summary_data = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = _format_summary_table(
+            total_parameters, trainable_parameters, model_size, total_training_modes, total_flops, *summary_data
+        )
+        if not total_flops:
+            table = "\n".join(line for line in table.splitlines() if not line.endswith("Total Flops"))
+        summary_log.info("\n" + table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +16,26 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bp_service.bundle import BundleError
+# Only light imports up here: `bp-train --help` and Hydra's errors answer without torch, Lightning
+# and MLflow (seconds). The run itself imports them in _hydra_entry.
 from bp_service.commands import EXIT_INTERRUPT, full_error_requested
-from bp_service.files import DiskFullError, unique_run_dir
+from bp_service.files import unique_run_dir
 from bp_service.home import project_root
-from bp_service.tables import DataError
-from bp_service.training.checkpoints import CheckpointError
 from bp_service.training.config import ConfigError, register_configs
-from bp_service.training.module import NonFiniteError
-from bp_service.training.recipe import GradcheckError, train
-from bp_service.training.store import TrackingError, close_stale_main
-from bp_service.training.tracking import mark_sweep_failed
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+
+# Where `make ui` serves the dashboard (its PORT defaults to 5000).
+DASHBOARD = f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"
+
+
+def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
+    """The run's page in MLflow's training-runs view: MLflow 3.x opens experiments in its GenAI view
+    unless the URL (or the sidebar's switch, remembered by the browser) says ``workflowType=machine_learning``."""
+    if experiment_id is None:  # MLflow's direct route finds the experiment itself
+        return f"{base}/#/runs/{run_id}?workflowType=machine_learning"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
@@ -37,8 +45,9 @@ def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
     if result["run_id"]:
         lines.append(f"  MLflow run   {result['run_id']}  (experiment {cfg.tracking.experiment!r})")
         uri = result["tracking_uri"]
-        dashboard = "make ui" if uri.startswith("sqlite:") else uri
-        lines.append(f"  dashboard    {dashboard}   (store: {uri})")
+        served = uri.startswith(("http:", "https:"))
+        link = run_link(uri.rstrip("/") if served else DASHBOARD, result.get("experiment_id"), result["run_id"])
+        lines.append(f"  dashboard    {link}" + ("" if served else f"   (after `make ui`; store: {uri})"))
     if result.get("tracking_lost"):
         lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
     for lost in result.get("lost_artifacts") or []:
@@ -47,17 +56,20 @@ def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- command line
-KNOWN_ERRORS = (
-    ConfigError,
-    DataError,
-    TrackingError,
-    CheckpointError,
-    GradcheckError,
-    NonFiniteError,
-    BundleError,
-    DiskFullError,
-)
-USAGE_ERRORS = (ConfigError, DataError, BundleError)
+def known_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """(errors shown as their own one line, the usage errors among them: exit 2), imported when a run failed."""
+    from bp_service.bundle import BundleError
+    from bp_service.files import DiskFullError
+    from bp_service.tables import DataError
+    from bp_service.training.checkpoints import CheckpointError
+    from bp_service.training.module import NonFiniteError
+    from bp_service.training.recipe import GradcheckError
+    from bp_service.training.store import TrackingError
+
+    usage = (ConfigError, DataError, BundleError)
+    return (*usage, TrackingError, CheckpointError, GradcheckError, NonFiniteError, DiskFullError), usage
+
+
 _HYDRA_NOISE = (
     "full_key:",
     "object_type=",
@@ -88,6 +100,10 @@ def one_line(exc: BaseException) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
+    from bp_service.training.recipe import train
+    from bp_service.training.tracking import mark_sweep_failed
+
+    quiet_library_warnings()
     hydra_cfg = HydraConfig.get()
     try:
         result = train(cfg)
@@ -99,16 +115,37 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
             raise
         if full_error_requested():
             raise
-        if not isinstance(exc, KNOWN_ERRORS):  # one line too, not Hydra's "Error executing job" and a trace
+        known, usage = known_errors()
+        if not isinstance(exc, known):  # one line too, not Hydra's "Error executing job" and a trace
             print(
                 f"bp-train: error: {type(exc).__name__}: {one_line(exc)} (HYDRA_FULL_ERROR=1 shows where)",
                 file=sys.stderr,
             )
             sys.exit(1)
         print(f"bp-train: error: {exc}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
+        sys.exit(2 if isinstance(exc, usage) else 1)
     print(summary(cfg, result))
     return result["best_score"]  # what sweepers optimize
+
+
+def quiet_library_warnings() -> None:
+    """Silence the libraries' known noise for this command only, each by its category and message.
+
+    - torch's FutureWarning on ``LeafSpec``, raised by Lightning's own pytree helper, not by our code;
+    - Lightning's PossibleUserWarning that an epoch has fewer batches than ``log_every_n_steps``: the
+      module logs its training loss per epoch on purpose (it follows ``trainer.log_every_n_steps``).
+    A user's own code calling these APIs still warns anywhere else (a filter here, not at import).
+    """
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The number of training batches \(\d+\) is smaller than the logging interval",
+        category=PossibleUserWarning,
+    )
 
 
 def main() -> None:
@@ -119,7 +156,12 @@ def main() -> None:
     user asked for it with ``HYDRA_FULL_ERROR=1``).
     """
     if sys.argv[1:2] == ["--stale-runs"]:  # list (and with --close, close) runs left RUNNING by a killed process
+        from bp_service.training.store import close_stale_main
+
         sys.exit(close_stale_main(sys.argv[2:]))
+    # MLflow's "Downloading artifacts" bars (model logging reads files back) are not the run's progress;
+    # a user who sets the variable keeps their choice.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     register_configs()
     if not OmegaConf.has_resolver("bp_root"):
         OmegaConf.register_new_resolver("bp_root", project_root)

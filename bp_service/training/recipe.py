@@ -125,7 +125,10 @@ def build_callbacks(cfg: DictConfig, monitor: str, mode: str, ckpt_dir: Path, tr
         if node is None or (name in REPORTING_CALLBACKS and not tracked):
             continue
         callbacks[name] = instantiate(node, f"callbacks.{name}", **runtime.get(name, {}))
-    return callbacks
+    # The Trainer's switches still turn the configured bar and summary off (Lightning refuses a bar with the flag off).
+    off = (pl.callbacks.ProgressBar,) * (not cfg.trainer.enable_progress_bar)
+    off += (pl.callbacks.ModelSummary,) * (not cfg.trainer.enable_model_summary)
+    return {name: c for name, c in callbacks.items() if not isinstance(c, off)}
 
 
 def build_trainer(
@@ -168,5 +171,6 @@ def test_best(run: Run, trainer: pl.Trainer, module, datamodule, ckpt_dir: Path,
         "monitor": monitor,
         "best_score": float(best_score) if best_score is not None else None,
         "run_id": run.tracker.run_id if run.tracker else None,
+        "experiment_id": run.tracker.logger.experiment_id if run.tracker else None,  # the summary's dashboard link
         "tracking_uri": run.tracker.uri if run.tracker else None,
     }
