@@ -103,6 +103,20 @@ def test_no_empty_log_file_in_the_run_folder(piped_run):
     assert not [p.name for p in run_dir.glob("*.log") if p.stat().st_size == 0]
 
 
+@pytest.mark.slow
+def test_off_a_terminal_one_line_per_epoch_on_request(tmp_path):
+    """not_a_terminal=epochs: each epoch's own metrics (train/loss logged at the epoch's end included)."""
+    args = ["data=iris", "trainer=cpu", "trainer.max_epochs=2", "tracking.enabled=false"]
+    args += ["callbacks.progress_bar.not_a_terminal=epochs"]
+    env = clean_env(BP_SERVICE_HOME=str(tmp_path))
+    proc = subprocess.run([str(BIN / "bp-train"), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("Epoch")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 0", "Epoch 1"], proc.stdout
+    assert all("train/loss=" in line and "val/acc=" in line for line in epochs), epochs
+    assert "\r" not in proc.stdout
+
+
 # --------------------------------------------------------------------------- a run on a terminal
 @pytest.mark.slow
 def test_in_a_terminal_the_bar_has_no_v_num_and_an_error_starts_its_own_line(tmp_path):

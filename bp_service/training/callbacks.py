@@ -87,6 +87,7 @@ class ProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         self.not_a_terminal = not_a_terminal
         self._epoch_lines = False
+        self._pending_epoch: int | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -101,12 +102,24 @@ class ProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._epoch_lines:
-            metrics = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in self.get_metrics(trainer, pl_module).items()
-            )
-            print(f"Epoch {trainer.current_epoch}: {metrics}", flush=True)
+        if self._epoch_lines:  # printed once the module's own epoch-end hook has logged train/loss
+            self._pending_epoch = trainer.current_epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._epoch_line(trainer)
+        super().on_train_epoch_start(trainer, *args)
+
+    def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._epoch_line(trainer)
+        super().on_train_end(trainer, *args)
+
+    def _epoch_line(self, trainer: pl.Trainer) -> None:
+        if self._pending_epoch is None:
+            return
+        items = self.get_metrics(trainer, trainer.lightning_module).items()
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+        print(f"Epoch {self._pending_epoch}: {metrics}", flush=True)
+        self._pending_epoch = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Close the open bars (the training bar ends its line): the error printed next starts on its own line.
