@@ -47,7 +47,14 @@ def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
         uri = result["tracking_uri"]
         served = uri.startswith(("http:", "https:"))
         link = run_link(uri.rstrip("/") if served else DASHBOARD, result.get("experiment_id"), result["run_id"])
-        lines.append(f"  dashboard    {link}" + ("" if served else f"   (after `make ui`; store: {uri})"))
+        if not served:  # `make ui` serves the home's embedded store; any other store needs its own `mlflow ui`
+            home_store = uri == f"sqlite:///{Path(cfg.paths.root_dir).resolve() / 'mlflow.db'}"
+            link += (
+                f"   (after `make ui`; store: {uri})"
+                if home_store
+                else f"   (after `mlflow ui --backend-store-uri {uri}`)"
+            )
+        lines.append(f"  dashboard    {link}")
     if result.get("tracking_lost"):
         lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
     for lost in result.get("lost_artifacts") or []:
