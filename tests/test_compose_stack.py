@@ -289,7 +289,7 @@ def test_training_run_finished_on_the_server(stack):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"http://127.0.0.1:{stack.mlflow_port}")
-    experiment = client.get_experiment_by_name("bp-service")
+    experiment = client.get_experiment_by_name("digits")
     assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
@@ -318,7 +318,7 @@ def test_model_is_registered_and_loadable_and_matches_the_predictions(stack):
         a.split("=", 1)[1] for a in stack.services["train"]["command"] if a.startswith("tracking.register_model=")
     )
     (version,) = client.search_model_versions(f"name='{name}'")
-    (run,) = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
     assert version.run_id == run.info.run_id
 
     predictions = stack.volume_dir("predictions") / "predictions.csv"

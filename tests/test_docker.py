@@ -440,7 +440,7 @@ def runs_in_volume(volume: str) -> list[dict]:
     """The runs of the embedded store in the volume, read by MLflow inside the image."""
     script = (
         "import json, mlflow; c = mlflow.MlflowClient('sqlite:////data/mlflow.db'); "
-        "e = c.get_experiment_by_name('bp-service'); "
+        "e = c.get_experiment_by_name('digits'); "
         "print(json.dumps([{'id': r.info.run_id, 'status': r.info.status, 'metrics': r.data.metrics} "
         "for r in c.search_runs([e.experiment_id])]))"
     )
@@ -671,7 +671,7 @@ class TestComposeStack:
         from mlflow import MlflowClient
 
         client = MlflowClient(stack["url"])
-        experiment = client.get_experiment_by_name("bp-service")
+        experiment = client.get_experiment_by_name("digits")
         assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
         (run,) = client.search_runs([experiment.experiment_id])
         assert run.info.status == "FINISHED"

@@ -49,7 +49,7 @@ def _store(home: Path) -> MlflowClient:
 
 def _runs(home: Path) -> list:
     client = _store(home)
-    experiment = client.get_experiment_by_name("bp-service")
+    experiment = client.get_experiment_by_name("xor")  # tracking.experiment=auto: the data's name
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 

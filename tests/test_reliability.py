@@ -94,7 +94,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, cli, where):
     _assert_same_training_state(_checkpoint(tmp_path, "straight"), _checkpoint(tmp_path, "killed"))
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("blog").experiment_id])
     killed_run = next(r for r in runs if "task_name=killed" in r.data.tags["hydra.overrides"])
     assert killed_run.info.status == "FINISHED"
     for key in ("val/acc", "train/loss"):
@@ -118,7 +118,7 @@ def test_sigterm_writes_a_checkpoint_ends_KILLED_and_exits_143(tmp_path):
     last = _checkpoint(tmp_path, "term")
     assert _step_of(last) > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("blog").experiment_id])
     assert run.info.status == "KILLED"
 
 
@@ -346,7 +346,7 @@ def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chu
 # --------------------------------------------------------------------------- resumes never rewrite a finished run
 def _only_run(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return client, runs[0]
 

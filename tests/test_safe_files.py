@@ -165,7 +165,7 @@ def _run_record(tmp_path: Path):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("xor").experiment_id])
     return run
 
 

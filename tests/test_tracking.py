@@ -22,7 +22,7 @@ from bp_service.training.recipe import train
 SHORT = ["data=iris", "trainer.max_epochs=3"]
 
 
-def _only_run(uri: str, experiment: str = "bp-service"):
+def _only_run(uri: str, experiment: str = "iris"):  # experiment=auto: the data's name
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
@@ -51,8 +51,9 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert params["trainer.max_epochs"] == "3"
 
     metrics = run.data.metrics
-    for key in ("train/loss", "train/loss_step", "val/loss", "val/acc", "test/loss", "test/acc", "lr-SGD"):
+    for key in ("train/loss", "train/loss_step", "val/loss", "val/acc", "test/loss", "test/acc"):
         assert key in metrics, key
+    assert [k for k in metrics if k.startswith("lr-")], metrics  # the learning rate, named by its optimizer
     assert metrics["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
     epochs = client.get_metric_history(run.info.run_id, "val/acc")
     assert len(epochs) == 3
@@ -118,6 +119,29 @@ def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_
     )
 
 
+def test_csv_runs_have_names_of_their_own_in_the_experiment_of_their_file(compose_cfg, tmp_path):
+    from sklearn.datasets import load_iris
+
+    deep = tmp_path / ("a-long-folder-name-" * 12) / "flowers"
+    deep.mkdir(parents=True)
+    load_iris(as_frame=True).frame.to_csv(deep / "flowers.csv", index=False)
+    overrides = ["data=csv", f"data.path={deep / 'flowers.csv'}", "data.target=target", "trainer.max_epochs=1"]
+    for stamp in ("2026-01-01_10-00-00", "2026-01-01_10-00-00_1"):  # two runs started in the same second
+        train(compose_cfg(*overrides, "tracking.log_model=false", run_dir=f"outputs/train/runs/{stamp}"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("flowers").experiment_id])  # the file's stem
+    names = sorted(r.info.run_name for r in runs)
+    assert len(set(names)) == 2, names
+    for name, stamp in zip(names, ("2026-01-01_10-00-00", "2026-01-01_10-00-00_1"), strict=True):
+        # the task, the overrides with the path cut to its file name, the run folder's stamp
+        assert name.startswith("train ") and name.endswith(f" @ {stamp}"), name
+        assert " data=csv data.path=flowers.csv data.target=target " in name and "a-long-folder" not in name, name
+    assert {r.data.params["tracking.experiment"] for r in runs} == {"flowers"}  # the params say where it went
+    # tracking.experiment still wins
+    train(compose_cfg(*overrides, "tracking.log_model=false", "tracking.experiment=mine", run_dir="c"))
+    assert len(client.search_runs([client.get_experiment_by_name("mine").experiment_id])) == 1
+
+
 def test_environment_uri_wins_over_config(compose_cfg, tmp_path, monkeypatch):
     env_uri = f"sqlite:///{tmp_path / 'from_env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
@@ -151,11 +175,18 @@ def test_register_model_creates_a_version(compose_cfg, tmp_path):
 
 
 def test_a_failing_run_ends_FAILED_with_one_line(cli, tmp_path):
-    result = cli("bp-train", "data=diabetes", "trainer=cpu", "optimizer.lr=1e6", "trainer.enable_progress_bar=false")
+    result = cli(
+        "bp-train",
+        "data=diabetes",
+        "trainer=cpu",
+        "optimizer=sgd",
+        "optimizer.lr=1e6",
+        "trainer.enable_progress_bar=false",
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "non-finite" in result.stderr.strip().splitlines()[-1]
-    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "diabetes")
     assert run.info.status == "FAILED"
 
 
@@ -211,13 +242,47 @@ def test_sweep_groups_jobs_under_one_parent_run(cli, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("iris").experiment_id])
     parents = [r for r in runs if r.data.tags.get("bp.role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.1", "0.5"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+    # The summary: the parent run, each job's monitored metric with its MLflow run, the best job, and the
+    # best value recorded on the parent.
+    parent = parents[0]
+    out = result.stdout[result.stdout.index("bp-train: sweep of 2 job(s) finished") :]
+    assert f"MLflow parent run {parent.info.run_id}  (experiment 'iris')" in out
+    by_lr = {c.data.params["optimizer.lr"]: c for c in children}
+    scores = {}
+    for lr, child in by_lr.items():
+        (line,) = [row for row in out.splitlines() if child.info.run_id in row]
+        assert "val/acc" in line and line.rstrip().endswith(f"optimizer.lr={lr}"), line
+        scores[lr] = float(line.split()[2])
+        assert scores[lr] == pytest.approx(
+            max(m.value for m in client.get_metric_history(child.info.run_id, "val/acc")), abs=1e-4
+        )
+    best_lr = max(scores, key=scores.get)
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(scores[best_lr], abs=1e-4)
+    assert parent.data.tags["bp.best_run"] == by_lr[best_lr].info.run_id
+    assert f"best: job {parent.data.tags['bp.best_job'].split(':')[0]}, val/acc" in out
+
+
+def test_an_untracked_sweep_ends_with_its_summary(cli, tmp_path):
+    common = ["data=xor", "trainer=cpu", "trainer.max_epochs=2", "tracking.enabled=false", "model.net.hidden=[4]"]
+    result = cli("bp-train", "-m", *common, "seed=1,2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout[result.stdout.index("bp-train: sweep of 2 job(s) finished") :].splitlines()
+    assert not [line for line in out if "MLflow" in line and "parent" in line]
+    rows = {line.split()[-1]: line.split() for line in out if line.strip().startswith(("0 ", "1 "))}
+    assert set(rows) == {"seed=1", "seed=2"}
+    assert all(row[1] == "val/acc" and row[3] == "-" for row in rows.values())  # no MLflow run without tracking
+    scores = {seed: float(row[2]) for seed, row in rows.items()}
+    best = max(scores, key=scores.get)
+    assert out[-1].strip().startswith(f"best: job {rows[best][0]}, val/acc {scores[best]:.4f}"), out
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.slow
@@ -277,6 +342,7 @@ def test_a_failing_sweep_job_fails_the_sweep_but_not_the_other_jobs(cli, tmp_pat
     assert "bp-train: error: job 0: data.path is required for data=csv" in result.stderr
     assert "Traceback" not in result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # A sweep over the data compares datasets: its runs share the experiment bp-service.
     runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
     statuses = {r.data.tags.get("bp.role", r.data.params.get("data.name")): r.info.status for r in runs}
     assert statuses == {"sweep": "FAILED", "iris": "FINISHED"}

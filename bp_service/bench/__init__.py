@@ -24,13 +24,15 @@ Items (``--items`` selects them; :data:`bp_service.bench.cli.ITEMS` lists them):
    ``--device cuda|all`` also at the synthetic preset's size (1M x 128, 128-1024-1024-10, batch 4096),
    Lightning eager and captured vs a native eager loop, float32.
 5. ``bp-train experiment=digits`` vs scikit-learn's ``MLPClassifier``, each from a cold process.
+6. Tracking overhead: ``bp-train experiment=digits`` with MLflow tracking vs ``tracking.enabled=false``,
+   both fresh processes (``overhead.py``); met when tracking adds at most 1 s.
 
 With CUDA, every item also runs on the GPU in float32 and bfloat16.
 
 The modules, imports pointing one way (``cli`` -> ``items``, ``jobs`` -> ``steps``, ``memory``,
 ``flops``, ``stats``, ``report`` -> ``harness``): ``harness`` (BenchConfig, ``make_row``, round-robin
 timing), ``stats``, ``steps`` (the networks and training steps), ``memory``, ``flops``, ``items``
-(1-3), ``jobs`` (4 and 5: Lightning and whole processes, imported only when run), ``report`` (the
+(1-3), ``jobs`` (4 and 5: Lightning and whole processes, imported only when run), ``overhead`` (6), ``report`` (the
 table, the other processes' load, run metadata), ``cli``. This file imports nothing, so
 ``bp-bench``'s entry point can answer a Ctrl-C during the heavy imports.
 """

@@ -15,6 +15,7 @@ import torch
 
 from bp_service.bench.harness import BenchConfig, Row
 from bp_service.bench.items import item_peak_memory, item_roofline, item_step_time
+from bp_service.bench.overhead import item_tracking_overhead
 from bp_service.bench.report import OtherLoad, format_table, run_meta
 
 
@@ -38,6 +39,7 @@ ITEMS: dict[str, tuple[str, Callable[[BenchConfig], list[Row]]]] = {
     "3": ("roofline: custom step FLOP/s vs torch.mm", item_roofline),
     "4": ("epoch time, bp-train's Lightning loop vs a plain loop", item_lightning_overhead),
     "5": ("cold process to a tested digits model, bp-train vs scikit-learn", item_peer_job),
+    "6": ("tracking overhead per digits run, MLflow on vs off (target: at most 1 s)", item_tracking_overhead),
 }
 
 

@@ -21,6 +21,7 @@ def record_artifacts(
     cfg: DictConfig, tracker: Tracker, module: BPModule, data: Prepared, result: dict[str, Any], flow: GradientFlow
 ) -> None:
     """Config, learning curves, gradient flow, confusion matrix, checkpoint pointer, and the servable model."""
+    tracker.logger.flush()  # MLflow's log_model reads the run's metrics back
     tracker.log_text(OmegaConf.to_yaml(recordable_config(cfg)), "config.yaml")
     log_curves(tracker, data.task)
     epochs, panels = flow.panels() if flow is not None else ([], {})

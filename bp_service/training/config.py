@@ -114,7 +114,7 @@ class TrainerConfig:
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # MLFLOW_TRACKING_URI wins; default: sqlite:///<paths.root_dir>/mlflow.db
-    experiment: str = "bp-service"
+    experiment: str = "auto"  # auto: the data's name (CSV: the file's stem); a sweep's jobs share its parent's
     run_name: str | None = None
     required: bool = True  # fail fast when the server is unreachable at start
     log_model: bool = True

@@ -139,7 +139,7 @@ def build_trainer(
     return pl.Trainer(
         **trainer_args,
         logger=run.tracker.logger if run.tracker else False,
-        callbacks=list(callbacks.values()),
+        callbacks=[*callbacks.values(), *(run.tracker.callbacks if run.tracker else [])],
         plugins=[AtomicCheckpointIO(), *plugins],
         default_root_dir=root_dir,
     )

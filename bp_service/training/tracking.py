@@ -11,19 +11,24 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning
+import lightning.pytorch as pl
 import mlflow
 import torch
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
 import bp_service
@@ -125,18 +130,61 @@ def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, st
     return tags
 
 
+def experiment_name(cfg: DictConfig) -> str:
+    """``tracking.experiment``; ``auto``: the data's name, for CSV data the file's stem.
+
+    One experiment per dataset: the dashboard's charts share their axes within an experiment, so one
+    diverged run of another dataset would flatten every curve of this one.
+    """
+    name = cfg.tracking.experiment
+    if name != "auto":
+        return name
+    if cfg.data.get("path"):
+        return Path(cfg.data.path).stem
+    return cfg.data.name
+
+
+def run_name(cfg: DictConfig, overrides: list[str]) -> str:
+    """``tracking.run_name``, else what the run is and when: the task, its overrides with path values shortened
+    to their last part (``data.path=cars.csv``), and the run folder's time stamp (``<sweep stamp>/<job>`` in a
+    sweep), so that two runs of the same command still differ."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    shown = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and "/" in value.rstrip("/"):
+            value = value.rstrip("/").rsplit("/", 1)[1]
+        shown.append(f"{key}{sep}{value}")
+    folder = Path(cfg.paths.output_dir)
+    stamp = f"{folder.parent.name}/{folder.name}" if folder.name.isdigit() else folder.name
+    return f"{' '.join([cfg.task_name, *shown])[:200]} @ {stamp}"
+
+
 class ResilientMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger that survives losing the server mid-run.
+    """Lightning's MLFlowLogger that survives losing the server mid-run, and writes metrics in batches.
 
     The first failed call is reported once as a warning and tracking stops for the rest of the
     run; training and checkpointing, which never depend on MLflow, go on. The run's final status
     is set by ``bp-train`` itself, so ``finalize`` only flushes.
+
+    Metrics are held in memory and written as one ``log_batch`` (one transaction) every
+    ``FLUSH_EVERY_S`` seconds and at the end, instead of one round trip per ``log_metrics`` call: a
+    digits run makes about 480 such calls, each a SQLite commit of tens of milliseconds. What is held when
+    a checkpoint is written travels in it (:class:`PendingMetrics`), so a run killed before the next write
+    loses no metric its resume will not replay. ``history`` keeps what this process logged (the curves).
     """
+
+    FLUSH_EVERY_S = 5.0  # the live dashboard lags by at most this much
+    MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lost: str | None = None
         self._replayed_until: dict[str, int] = {}
+        self.pending: list[Metric] = []
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._flushed_at = time.monotonic()
 
     def skip_replayed_steps(self) -> None:
         """On resume, drop metrics at steps the run already has: a replayed step is logged once."""
@@ -159,25 +207,149 @@ class ResilientMLFlowLogger(MLFlowLogger):
             warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self._replayed_until:
-            metrics = {k: v for k, v in metrics.items() if (step or 0) > self._replayed_until.get(k, -1)}
-        if metrics:
-            self._guard("log_metrics", super().log_metrics, metrics, step)
+        step = step or 0
+        stamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, str) or step <= self._replayed_until.get(key, -1):
+                continue
+            key = re.sub("[^a-zA-Z0-9_/. -]+", "", key)  # MLflow's allowed characters, as Lightning's logger does
+            self.pending.append(Metric(key=key, value=float(value), timestamp=stamp, step=step))
+            self.history.setdefault(key, []).append((step, float(value)))
+        if len(self.pending) >= self.MAX_BATCH or time.monotonic() - self._flushed_at >= self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the held metrics now, in batches of at most ``MAX_BATCH`` (one transaction each)."""
+        batch, self.pending = self.pending, []
+        self._flushed_at = time.monotonic()
+        for start in range(0, len(batch), self.MAX_BATCH):
+            self._guard(
+                "log_metrics", self.experiment.log_batch, self.run_id, metrics=batch[start : start + self.MAX_BATCH]
+            )
 
     def log_hyperparams(self, params: Any) -> None:
         self._guard("log_hyperparams", super().log_hyperparams, params)
 
     def finalize(self, status: str = "success") -> None:
-        pass
+        self.flush()
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> None:
         """Any other tracking call (artifacts, models), with the same survival rule."""
         self._guard(what, fn, *args, **kwargs)
 
 
+class PendingMetrics(pl.Callback):
+    """The logger's metrics not yet written, saved with every checkpoint and logged again on resume.
+
+    Without it a run killed between a checkpoint and the next flush would resume past metrics that
+    were never written, and the replay does not log them again.
+    """
+
+    def __init__(self, logger: ResilientMLFlowLogger) -> None:
+        self.logger = logger
+        self._armed = True  # only the restore before training: test() restoring the best checkpoint is not a resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.logger.run_id,
+            "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self.logger.pending],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._armed or state_dict.get("run_id") != self.logger.run_id:
+            return
+        self._armed = False
+        for key, value, _, step in state_dict.get("metrics", []):
+            self.logger.log_metrics({key: value}, step=step)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._armed = False
+
+
 # --------------------------------------------------------------------------- sweeps
+SWEEP_JOBS_FILE = "bp_jobs.jsonl"  # one line per finished job, in the sweep's folder: any launcher can append
+
+
+def sweep_experiment(config: DictConfig) -> str:
+    """The experiment of a sweep: ``tracking.experiment``, else the data's; a sweep over the data itself
+    compares datasets, so its runs stay together in ``bp-service``."""
+    if config.tracking.experiment != "auto":
+        return config.tracking.experiment
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    if any(o.is_sweep_override() and o.key_or_group.split(".")[0] in ("data", "experiment") for o in parsed):
+        return "bp-service"
+    return experiment_name(config)
+
+
+def job_outcome(config: DictConfig, job_return: Any) -> dict[str, Any]:
+    """What a finished job reached: its monitored metric and best value, read from its best checkpoint
+    (tracked or not), and its MLflow run."""
+    from hydra.core.utils import JobStatus
+
+    from bp_service.training.checkpoints import read_checkpoint
+
+    outcome: dict[str, Any] = {
+        "job": config.hydra.job.num,
+        "overrides": list(job_return.overrides or []),
+        "status": job_return.status.name,
+        "monitor": None,
+        "mode": None,
+        "score": None,
+        "run_id": None,
+    }
+    best = sorted(Path(config.hydra.runtime.output_dir).glob("checkpoints/best-*.ckpt"), key=os.path.getmtime)
+    if job_return.status != JobStatus.COMPLETED or not best:
+        return outcome
+    with contextlib.suppress(Exception):  # a summary line without the metric rather than a failed sweep
+        outcome["run_id"] = read_checkpoint(best[-1])["meta"].get("mlflow_run_id")
+        states = torch.load(best[-1], map_location="cpu", weights_only=True).get("callbacks", {})
+        key, state = next((k, v) for k, v in states.items() if k.startswith("ModelCheckpoint"))
+        outcome["monitor"] = state["monitor"]
+        outcome["mode"] = "max" if "'mode': 'max'" in key else "min"
+        score = state.get("best_model_score")
+        outcome["score"] = float(score) if score is not None else None
+    return outcome
+
+
+def best_jobs(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The best job per monitored metric (a sweep over datasets may follow val/acc and val/loss)."""
+    best: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        if job["score"] is None:
+            continue
+        current = best.get(job["monitor"])
+        better = current is None or (
+            job["score"] > current["score"] if job["mode"] == "max" else job["score"] < current["score"]
+        )
+        if better:
+            best[job["monitor"]] = job
+    return best
+
+
+def sweep_summary(sweep_dir: Path, jobs: list[dict[str, Any]], parent: str | None, experiment: str | None) -> str:
+    shared = set.intersection(*(set(job["overrides"]) for job in jobs))
+    for job in jobs:  # what tells the jobs apart: the overrides they do not all share
+        job["overrides"] = " ".join(o for o in job["overrides"] if o not in shared) or "(the same)"
+    lines = [f"bp-train: sweep of {len(jobs)} job(s) finished ({sweep_dir})"]
+    if parent:
+        lines.append(f"  MLflow parent run {parent}  (experiment {experiment!r})")
+    width = max([len(j["monitor"] or "") for j in jobs] + [6])
+    lines.append(f"  {'job':<4} {'metric':<{width}} {'value':>8}  {'MLflow run':<32}  overrides")
+    for job in jobs:
+        value = f"{job['score']:.4f}" if job["score"] is not None else job["status"].lower()
+        run = job["run_id"] or "-"
+        lines.append(f"  {job['job']:<4} {job['monitor'] or '-':<{width}} {value:>8}  {run:<32}  {job['overrides']}")
+    for monitor, job in best_jobs(jobs).items():
+        lines.append(f"  best: job {job['job']}, {monitor} {job['score']:.4f}  ({job['overrides']})")
+    return "\n".join(lines)
+
+
 class MLflowSweepCallback(Callback):
-    """One parent run per Hydra multirun; every job's run is its child (``mlflow.parentRunId``).
+    """One parent run per Hydra multirun; every job's run is its child (``mlflow.parentRunId``). At the end,
+    a summary: each job's monitored metric and the best job, also recorded on the parent run
+    (``best/<metric>``, tags ``bp.best_job`` and ``bp.best_run``). Without tracking, the summary alone.
 
     The experiment and parent are created here, once, before any job starts, so parallel jobs
     never race to create them.
@@ -190,7 +362,7 @@ class MLflowSweepCallback(Callback):
         try:
             check_reachable(uri)
             prepare_store(uri, config.paths.root_dir)
-            experiment_id = ensure_experiment(uri, config.tracking.experiment, config.paths.root_dir)
+            experiment_id = ensure_experiment(uri, sweep_experiment(config), config.paths.root_dir)
             sweep_dir = Path(config.hydra.sweep.dir)
             run = MlflowClient(uri).create_run(
                 experiment_id,
@@ -203,13 +375,42 @@ class MLflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
 
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:  # Hydra calls this for single runs too
+            return
+        line = json.dumps(job_outcome(config, job_return)) + "\n"
+        with open(Path(config.hydra.sweep.dir) / SWEEP_JOBS_FILE, "a") as f:  # one short write: appends stay whole
+            f.write(line)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
-        if path.is_file():
-            with contextlib.suppress(Exception):
-                client, run_id = MlflowClient(resolve_uri(config)), path.read_text().strip()
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs_file = sweep_dir / SWEEP_JOBS_FILE
+        jobs = [json.loads(line) for line in jobs_file.read_text().splitlines()] if jobs_file.is_file() else []
+        jobs.sort(key=lambda job: job["job"])
+        run_id, experiment = parent_run_id(sweep_dir), None
+        if run_id:
+            with contextlib.suppress(Exception), quick_http(retries=1):
+                client = MlflowClient(resolve_uri(config))
+                experiment = client.get_experiment(client.get_run(run_id).info.experiment_id).name
+                record_best(client, run_id, best_jobs(jobs))
                 if client.get_run(run_id).info.status == "RUNNING":  # a failed job already marked it FAILED
                     client.set_terminated(run_id, "FINISHED")
+        if jobs:
+            print(sweep_summary(sweep_dir, jobs, run_id, experiment), flush=True)
+
+
+def record_best(client: MlflowClient, run_id: str, best: dict[str, dict[str, Any]]) -> None:
+    """The sweep's best value of each monitored metric, and which job reached it, on the parent run."""
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(f"best/{monitor}", job["score"], stamp, 0) for monitor, job in best.items()]
+    tags = {}
+    for job in best.values():
+        tags["bp.best_job"] = f"{job['job']}: {' '.join(job['overrides'])}"
+        if job["run_id"]:
+            tags["bp.best_run"] = job["run_id"]
+    client.log_batch(run_id, metrics=metrics)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def parent_run_id(sweep_dir: str | Path | None) -> str | None:
@@ -244,6 +445,9 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         resume_run_id = self._open_store(cfg, resume_run_id)
+        # A sweep's jobs go where its parent run is; a run on its own to its data's experiment. Resolved in
+        # the config, so that the params and the summary name the experiment the run is in.
+        cfg.tracking.experiment = self._parent_experiment(parent_run_id) or experiment_name(cfg)
         self.experiment = cfg.tracking.experiment
         ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
         tags = run_tags(overrides, device, cfg.paths.output_dir)
@@ -252,8 +456,8 @@ class Tracker:
         self.logger = ResilientMLFlowLogger(
             experiment_name=self.experiment,
             # MLflow's generated names come from `random`, which the run has just seeded: every run would
-            # be called the same. The task and its overrides say what the run is.
-            run_name=cfg.tracking.run_name or " ".join([cfg.task_name, *overrides])[:200],
+            # be called the same.
+            run_name=run_name(cfg, overrides),
             tracking_uri=self.uri,
             tags=tags,
             artifact_location=artifact_location(self.uri, cfg.paths.root_dir),
@@ -261,6 +465,8 @@ class Tracker:
         )
         self.run_id: str = self.logger.run_id
         self.resumed = resume_run_id is not None
+        # For the Trainer: the metrics not yet written travel in checkpoints (see PendingMetrics).
+        self.callbacks: list[pl.Callback] = [PendingMetrics(self.logger)]
         self.finished_before: int | None = None  # end time of a FINISHED run this job continues
         if self.resumed:
             self._reopen()
@@ -288,6 +494,14 @@ class Tracker:
                 )
                 resume_run_id = None
         return resume_run_id
+
+    def _parent_experiment(self, parent_run_id: str | None) -> str | None:
+        if not parent_run_id:
+            return None
+        with contextlib.suppress(Exception):
+            client = MlflowClient(self.uri)
+            return client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+        return None
 
     def _reopen(self) -> None:
         """Continue the run: RUNNING again, held by this process, metrics of replayed steps skipped."""
@@ -318,7 +532,11 @@ class Tracker:
         self.logger.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
 
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Each metric's (step, value) pairs: as logged by this process, or for a resumed run read back whole."""
+        if not self.resumed:
+            return {key: self.logger.history[key] for key in keys if key in self.logger.history}
         history: dict[str, list[tuple[int, float]]] = {}
+        self.logger.flush()
         if self.logger.lost:
             return history
         for key in keys:
@@ -365,6 +583,8 @@ class Tracker:
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
+        with quick_http(retries=1):
+            self.logger.flush()  # what the run measured before it stopped, whatever stopped it
         try:
             with quick_http(retries=1):
                 if self.finished_before is not None and status != "FINISHED":
