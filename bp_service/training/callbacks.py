@@ -160,7 +160,8 @@ class Summary(ModelSummary):
     ) -> None:
         if not _terminal() and self.not_a_terminal == "line":
             columns = dict(summary_data)
-            layers = ", ".join(f"{n} {t}" for n, t in zip(columns.get("Name", []), columns.get("Type", [])))
+            rows = zip(columns.get("Name", []), columns.get("Type", []), columns.get("Params", []))
+            layers = ", ".join(f"{n} {t}" for n, t, p in rows if p.strip() != "0")  # parts that hold parameters
             summary_log.info(f"Model: {layers}; {trainable_parameters:,} trainable parameters ({model_size:.3f} MB)")
             return
         if not total_flops:
