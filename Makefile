@@ -26,10 +26,10 @@ train: $(STAMP) ## Train the digits experiment end to end (CPU or CUDA), recorde
 # consumers). MLflow's own defaults: make ui UI_WORKERS=4 UI_JOBS=true
 UI_WORKERS ?= 1
 UI_JOBS    ?= false
-ui: $(STAMP) ## Open the MLflow dashboard over the embedded store, on its training-runs view (http://127.0.0.1:5000)
+ui: $(STAMP) ## Open the MLflow dashboard over the store every command uses, on its training-runs view (http://127.0.0.1:5000)
 	@echo "MLflow dashboard, training runs: http://127.0.0.1:$(or $(PORT),5000)/#/experiments?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(UI_JOBS) $(BIN)/mlflow ui --workers $(UI_WORKERS) \
-	  --backend-store-uri sqlite:///$(or $(BP_SERVICE_HOME),$(CURDIR))/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)
+	  --backend-store-uri "$$($(BIN)/bp-predict --tracking-uri)" --host 127.0.0.1 --port $(or $(PORT),5000)
 
 explain: $(STAMP) ## Show the worked example: every chain-rule factor of the 3-2-1 network, with numbers
 	$(BIN)/bp-explain $(ARGS)

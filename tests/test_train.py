@@ -269,6 +269,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(cli, tmp_path):
         "task_name=two",
     )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("finished in") == 1, two.stdout  # one summary, not one per process
     weights = {
         name: torch.load(next((tmp_path / "outputs" / name).glob("runs/*/checkpoints/last.ckpt")), weights_only=True)
         for name in ("one", "two")

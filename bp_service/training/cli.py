@@ -131,7 +131,10 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
             sys.exit(1)
         print(f"bp-train: error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, usage) else 1)
-    print(summary(cfg, result))
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # DDP: every process returns here; one prints the summary
+        print(summary(cfg, result))
     return result["best_score"]  # what sweepers optimize
 
 

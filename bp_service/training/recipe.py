@@ -126,9 +126,12 @@ def build_callbacks(cfg: DictConfig, monitor: str, mode: str, ckpt_dir: Path, tr
             continue
         callbacks[name] = instantiate(node, f"callbacks.{name}", **runtime.get(name, {}))
     # The Trainer's switches still turn the configured bar and summary off (Lightning refuses a bar with the flag off).
-    off = (pl.callbacks.ProgressBar,) * (not cfg.trainer.enable_progress_bar)
-    off += (pl.callbacks.ModelSummary,) * (not cfg.trainer.enable_model_summary)
-    return {name: c for name, c in callbacks.items() if not isinstance(c, off)}
+    switched_off = []
+    if not cfg.trainer.enable_progress_bar:
+        switched_off.append(pl.callbacks.ProgressBar)
+    if not cfg.trainer.enable_model_summary:
+        switched_off.append(pl.callbacks.ModelSummary)
+    return {name: c for name, c in callbacks.items() if not isinstance(c, tuple(switched_off))}
 
 
 def build_trainer(
