@@ -8,7 +8,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # batch jobs and CI have no display
 
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
@@ -21,7 +20,8 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
     acc = [k for k in ("val/acc",) if history.get(k)]
     if acc:
         panels.append(("accuracy", acc))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             steps, values = zip(*sorted(history[key]))
@@ -36,7 +36,8 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[object]) -> Figure:
     """Test-split confusion matrix, rows = true class."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.55 * len(labels)))
+    fig = Figure(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.55 * len(labels)))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=list(range(len(labels))), display_labels=[str(x) for x in labels], ax=ax, colorbar=False
     )
@@ -51,9 +52,9 @@ def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]
     ``panels`` maps a title (``|dC/dW_l|``, ``|delta_l|``) to an array of shape (layers, epochs);
     a vanishing gradient shows as the first layers' rows orders of magnitude darker.
     """
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.0 * len(panels), 0.9 + 0.45 * max(len(v) for v in panels.values())), squeeze=False
-    )
+    # Figure, not pyplot: nothing kept in pyplot's registry after the picture is logged.
+    fig = Figure(figsize=(5.0 * len(panels), 0.9 + 0.45 * max(len(v) for v in panels.values())))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, norms) in zip(axes[0], panels.items()):
         positive = norms[norms > 0]
         low, high = (positive.min(), positive.max()) if positive.size else (1e-12, 1.0)
