@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote
 
 
 def project_root() -> str:
@@ -38,5 +39,5 @@ def store_file(uri: str) -> Path | None:
     """
     if not uri.startswith("sqlite:"):
         return None
-    database = uri.partition("://")[2].partition("/")[2].partition("?")[0]
+    database = unquote(uri.partition("://")[2].partition("/")[2].partition("?")[0])  # as SQLAlchemy's make_url
     return Path(database).resolve() if database and database != ":memory:" else None

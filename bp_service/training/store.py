@@ -20,7 +20,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from bp_service.commands import first_line
-from bp_service.home import project_root, tracking_uri
+from bp_service.home import project_root, store_file, tracking_uri
 
 
 class TrackingError(RuntimeError):
@@ -50,16 +50,6 @@ def quick_http(retries: int = 0, timeout: int = 5) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:`` URI (None for other stores and in-memory databases)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    return Path(database).resolve() if database and database != ":memory:" else None
 
 
 def _store_problem(db: Path) -> tuple[str, int] | None:
@@ -94,7 +84,7 @@ def prepare_store(uri: str, root_dir: str | Path) -> None:
     beside it, and renamed into place only when complete. A store an older version left half-created is
     moved aside and recreated when it holds no runs; with runs in it, the error says how to recover.
     """
-    db = sqlite_path(uri)
+    db = store_file(uri)
     if db is None or (db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None):
         return
     from filelock import FileLock
@@ -208,7 +198,7 @@ def close_stale_main(argv: list[str]) -> int:
         )
         return 2
     uri = tracking_uri(None, project_root())
-    db = sqlite_path(uri)
+    db = store_file(uri)
     if db is not None and not db.is_file():
         print(f"no store at {db}: no runs")
         return 0
