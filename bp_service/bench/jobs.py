@@ -27,8 +27,9 @@ from bp_service.bench.harness import BenchConfig, Row, make_row, time_round_robi
 from bp_service.layers import MLP
 
 # The training service these items drive: its imports, all in one place.
-from bp_service.training.config import DataConfig, check_target, instantiate
+from bp_service.training.config import DataConfig, instantiate
 from bp_service.training.data import BPDataModule
+from bp_service.training.guard import check_target
 from bp_service.training.loader import InMemoryLoader
 from bp_service.training.module import BPModule
 

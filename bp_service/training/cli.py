@@ -21,7 +21,12 @@ from omegaconf.errors import OmegaConfBaseException
 from bp_service.commands import EXIT_INTERRUPT, full_error_requested
 from bp_service.files import unique_run_dir
 from bp_service.home import project_root
+from bp_service.training import guard
 from bp_service.training.config import ConfigError, register_configs
+
+# Every config Hydra composes is checked before Hydra builds anything from it. At import, not in main():
+# a launcher's worker process imports this module to run its job, and composes that job's config there.
+guard.install()
 
 CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
@@ -95,14 +100,20 @@ def one_line(exc: BaseException) -> str:
             line = line.strip()
             if not line or line.startswith(_HYDRA_NOISE) or line in parts:
                 continue
-            if parts and parts[-1].endswith(":"):  # a heading such as "Available options in 'data':"
-                parts[-1] += " " + line
+            if parts and (parts[-1].endswith(":") or _continues(parts[-1], line)):
+                parts[-1] += " " + line  # a heading such as "Available options in 'data':", or a sentence wrapped
             elif parts and parts[-1].startswith("Available options"):
                 parts[-1] += ", " + line
             else:
                 parts.append(line)
         exc = exc.__cause__
     return "; ".join(parts)
+
+
+def _continues(previous: str, line: str) -> bool:
+    """Whether ``line`` goes on the sentence ``previous`` started: Hydra wraps some messages mid-sentence
+    ("... from config" / "to prevent security vulnerabilities, set env var" / "HYDRA_...=... to bypass")."""
+    return not previous.endswith((".", ";", "!", "?", ")")) and (line[:1].islower() or "=" in line.split()[0])
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -188,7 +199,7 @@ def main() -> None:
         if full_error_requested():
             raise
         print(f"bp-train: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException) else 1)
+        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException | ConfigError) else 1)
 
 
 if __name__ == "__main__":

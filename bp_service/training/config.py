@@ -9,7 +9,6 @@ the network, the optimizer, the scheduler and the callbacks are named by ``_targ
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field."""
+from bp_service.training.guard import ConfigError, check_targets
 
 
 @dataclass
@@ -162,28 +159,6 @@ def register_configs() -> None:
     cs.store(name="scheduler_schema", node=SchedulerConfig)
 
 
-# --------------------------------------------------------------------------- what instantiate may build
-# hydra.utils.instantiate imports and calls whatever `_target_` names: on a config from elsewhere that
-# is code execution. Only these prefixes are ever instantiated.
-ALLOWED_TARGET_PREFIXES = ("bp_service.", "torch.optim.", "lightning.pytorch.callbacks.")
-
-
-def check_target(target: Any, field_name: str) -> Any:
-    """The class (or function) an allowlisted ``_target_`` names; otherwise a ConfigError naming the field."""
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES) or "__" in target:
-        raise ConfigError(
-            f"{field_name}._target_={target!r} is not allowed (allowed: {', '.join(ALLOWED_TARGET_PREFIXES)}*)"
-        )
-    module_name, _, attr = target.rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        raise ConfigError(f"{field_name}._target_={target!r} does not exist") from None
-    if not callable(obj):
-        raise ConfigError(f"{field_name}._target_={target!r} is not a class")
-    return obj
-
-
 def instantiate(node: DictConfig | dict[str, Any], field_name: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node, **kwargs)`` once its ``_target_`` (and any nested one) is allowlisted.
 
@@ -201,15 +176,3 @@ def instantiate(node: DictConfig | dict[str, Any], field_name: str, **kwargs: An
         if isinstance(cause, TypeError | ValueError):
             raise ConfigError(f"{field_name}: {cause}") from None
         raise
-
-
-def check_targets(node: Any, field_name: str = "") -> None:
-    """Every ``_target_`` in ``node`` (a config, or part of one) is allowlisted; else ConfigError naming its field."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, dict):
-        if "_target_" in node:
-            check_target(node["_target_"], field_name)
-        for key, value in node.items():
-            if isinstance(value, dict):
-                check_targets(value, f"{field_name}.{key}".lstrip("."))
