@@ -37,8 +37,10 @@ explain: $(STAMP) ## Show the worked example: every chain-rule factor of the 3-2
 bench: $(STAMP) ## Benchmark against native autograd, plain loops and scikit-learn (writes bench.json)
 	$(BIN)/bp-bench --json bench.json $(ARGS)
 
-test: $(STAMP) ## Run the fast test suite (not slow, not gpu)
-	$(BIN)/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+# The fast suite runs on every core (pytest-xdist), a test file per worker so its shared fixtures are built
+# once; the slow suite stays serial: its kill, signal and DDP tests time real processes.
+test: $(STAMP) ## Run the fast test suite (not slow, not gpu), on every core
+	$(BIN)/pytest -m "not slow and not gpu" -n auto --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## Run the slow tests (CI runs these after `make test`)
 	$(BIN)/pytest -m "slow and not gpu" $(PYTEST_ARGS)

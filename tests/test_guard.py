@@ -150,6 +150,10 @@ DOWNLOADED = {
         "hydra:\n  hydra_logging:\n    filters:\n      f:\n        (): os.system\n",
         "hydra.hydra_logging.filters.f.()='os.system' is not allowed",
     ),
+    "a method replaced through a log handler's attributes": (
+        "hydra:\n  job_logging:\n    handlers:\n      console:\n        .: {emit: ext://os.system}\n",
+        "emit='ext://os.system' is not allowed",
+    ),
     "a callback's target": (
         "callbacks:\n  speedup:\n    _target_: bp_service.bench.overhead._wall\n    command: [sh, -c, touch MARKER]\n",
         "callbacks.speedup._target_='bp_service.bench.overhead._wall' is not allowed",

@@ -197,22 +197,36 @@ def check_logging(conf: Any, field_name: str) -> None:
     """A ``logging.config.dictConfig`` dict names only allowed classes, standard streams, files in the run."""
     if not isinstance(conf, dict):
         return
+    _check_log_names(conf, field_name)
     for section in ("formatters", "filters", "handlers"):
         for name, entry in (conf.get(section) or {}).items():
             where = f"{field_name}.{section}.{name}"
+            if not isinstance(entry, dict):
+                continue
             for key in ("class", "()"):
                 if key in entry and entry[key] not in LOG_CLASSES:
                     shown = str(entry[key])[:120]
                     raise ConfigError(
                         f"{where}.{key}={shown!r} is not allowed: only logging's own handlers and formatters"
                     )
-            check_targets(entry, where, frozenset())
-            for key, value in entry.items():
-                if isinstance(value, str) and value.startswith("ext://") and value not in LOG_STREAMS:
-                    streams = " or ".join(sorted(LOG_STREAMS))
-                    raise ConfigError(f"{where}.{key}={value[:120]!r} is not allowed: only {streams}")
+            if "." in entry:  # dictConfig sets these as attributes of what it built: a method replaced by a name
+                raise ConfigError(f"{where}.'.' is not allowed: no attributes are set on logging's objects")
             if "filename" in entry:
                 check_run_file(entry["filename"], f"{where}.filename")
+
+
+def _check_log_names(node: Any, field_name: str) -> None:
+    """dictConfig imports what an ``ext://`` value names, at any depth: only the standard streams; no ``_target_``."""
+    if isinstance(node, dict):
+        check_targets(node, field_name, frozenset())
+        for key, value in node.items():
+            _check_log_names(value, f"{field_name}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_log_names(value, f"{field_name}[{i}]")
+    elif isinstance(node, str) and node.startswith("ext://") and node not in LOG_STREAMS:
+        streams = " or ".join(sorted(LOG_STREAMS))
+        raise ConfigError(f"{field_name}={node[:120]!r} is not allowed: only {streams}")
 
 
 def check_run_file(value: Any, field_name: str) -> None:
