@@ -14,6 +14,8 @@ Lightning checkpoints of ``BPModule`` carry the same two descriptions under ``"b
 from __future__ import annotations
 
 import itertools
+import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from bp_service.commands import first_line
 from bp_service.files import atomic_path
-from bp_service.layers import MLP
+from bp_service.layers import ACTIVATIONS, MLP
 
 
 class BundleError(ValueError):
@@ -72,10 +74,15 @@ def save_bundle(net: MLP, meta: dict[str, Any], path: str | Path) -> None:
 
 
 def load_bundle(path: str | Path) -> dict[str, Any]:
-    """A bundle from a Lightning checkpoint or a saved bundle, never unpickling arbitrary objects."""
+    """A bundle from a Lightning checkpoint or a saved bundle, never unpickling arbitrary objects.
+
+    Everything in it is checked before any network is built: the archive, the architecture, the weights
+    and the meta (:func:`check_bundle`), each error one line naming the file and the field.
+    """
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path}: checkpoint not found")
+    check_archive(path)
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickled object, a truncated file, not a torch file at all
@@ -87,46 +94,231 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise BundleError(f"{path}: not a bp-service checkpoint (no model description inside)")
     if "bp_service" in raw:  # a Lightning checkpoint of BPModule: weights are under "net."
-        state = {k.removeprefix("net."): v for k, v in raw["state_dict"].items() if k.startswith("net.")}
-        bundle = {"state_dict": state, **raw["bp_service"]}
+        entry, state = raw["bp_service"], raw.get("state_dict")
+        if not isinstance(entry, dict) or not isinstance(state, dict):
+            raise BundleError(f"{path}: not a bp-service checkpoint (its model description is unreadable)")
+        state = {k.removeprefix("net."): v for k, v in state.items() if str(k).startswith("net.")}
+        bundle = {"state_dict": state, **entry}
     elif {"state_dict", "meta", "architecture"} <= raw.keys():
         bundle = raw
     else:
         raise BundleError(f"{path}: not a bp-service checkpoint (no model description inside)")
-    check_weights(bundle, str(path))
+    check_bundle(bundle, str(path), path.stat().st_size)
     return bundle
+
+
+def check_archive(path: Path) -> None:
+    """The file is a zip archive as ``torch.save`` writes it: entries stored, never compressed.
+
+    ``torch.load`` unpacks compressed entries too, so a small file could unpack to gigabytes before any
+    other check runs; stored entries cannot hold more than the file's own size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise BundleError(
+            f"{path}: not a loadable bp-service checkpoint (not a torch.save zip archive: {first_line(exc)})"
+        ) from None
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise BundleError(
+            f"{path}: refused: holds compressed entries ({packed[0]}); torch.save never compresses, and a small "
+            "file could unpack to gigabytes"
+        )
+    if sum(e.file_size for e in entries) > path.stat().st_size:
+        raise BundleError(f"{path}: refused: its entries declare more bytes than the file holds (a damaged archive)")
+
+
+BUNDLE_KEYS = {"state_dict", "meta", "architecture"}
+# What an architecture may say: MLP's constructor arguments; "activations" (one per layer) in older bundles.
+ARCHITECTURE_KEYS = {"sizes", "activation", "output_activation", "fused", "bias", "activations"}
+
+
+def check_bundle(bundle: dict[str, Any], where: str, file_size: int | None = None) -> None:
+    """The architecture, weights and meta are those of a bp-service network, and agree with each other.
+
+    ``file_size``: the declared parameters must fit in the file (at 2 bytes each, the smallest float). Weights
+    that pass :func:`check_weights` are backed by data in the file, but several may share one stored tensor:
+    ten layers viewing one 64 MB storage would allocate 640 MB. Checked before any network is built.
+    """
+    missing, extra = sorted(BUNDLE_KEYS - set(bundle)), sorted(map(str, set(bundle) - BUNDLE_KEYS))
+    if missing or extra:
+        problem = f"no {missing[0]!r}" if missing else f"unknown key {shown_key(extra[0])}"
+        raise BundleError(f"{where}: not a bp-service bundle ({problem})")
+    sizes = check_architecture(bundle["architecture"], where)
+    check_weights(bundle, where)
+    if file_size is not None:
+        bias = bool(bundle["architecture"].get("bias", True))
+        declared = sum(n_in * n_out + (n_out if bias else 0) for n_in, n_out in itertools.pairwise(sizes))
+        if declared * 2 > file_size:
+            raise BundleError(
+                f"{where}: refused: its architecture (sizes {shown_sizes(sizes)}) declares {declared:,} weights, "
+                f"more than its {file_size:,} bytes can hold"
+            )
+    check_meta(bundle["meta"], sizes, where)
+
+
+def shown_key(key: object) -> str:
+    return repr(str(key)[:40])
+
+
+def shown_sizes(sizes: list[int]) -> str:
+    return str(sizes) if len(sizes) <= 8 else f"[{', '.join(map(str, sizes[:8]))}, ...] ({len(sizes)} layers)"
+
+
+def check_architecture(arch: Any, where: str) -> list[int]:
+    """The layer widths of a readable architecture: known keys, positive widths, known activations."""
+    if not isinstance(arch, dict):
+        raise BundleError(f"{where}: not a bp-service checkpoint (its architecture is unreadable)")
+    unknown = sorted(set(map(str, arch)) - ARCHITECTURE_KEYS)
+    if unknown:
+        raise BundleError(f"{where}: architecture: unknown key {shown_key(unknown[0])} (a newer or foreign file?)")
+    sizes = arch.get("sizes")
+    if not isinstance(sizes, list | tuple) or len(sizes) < 2 or not all(_is_int(s) and s > 0 for s in sizes):
+        raise BundleError(f"{where}: architecture: sizes must be two or more positive widths, got {sizes!r:.80}")
+    names = arch["activations"] if "activations" in arch else [arch.get("activation", "sigmoid")]
+    names = [*names, arch.get("output_activation")] if "activations" not in arch else names
+    if not isinstance(names, list) or len(names) < 1 or ("activations" in arch and len(names) != len(sizes) - 1):
+        raise BundleError(f"{where}: architecture: activations must be one name per layer")
+    for name in names:
+        if name is not None and (not isinstance(name, str) or name not in ACTIVATIONS):
+            raise BundleError(
+                f"{where}: architecture: unknown activation {shown_key(name)} (known: {', '.join(ACTIVATIONS)})"
+            )
+    for key in ("fused", "bias"):
+        if not isinstance(arch.get(key, True), bool):
+            raise BundleError(f"{where}: architecture: {key} must be true or false, got {arch[key]!r:.40}")
+    return [int(s) for s in sizes]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_weights(bundle: dict[str, Any], where: str) -> None:
     """The weights are those the architecture describes, and finite: checked before any network is built.
 
     A small file declaring a huge architecture must not make us allocate it; a shape mismatch is named here
-    rather than by ``load_state_dict``; NaN weights would predict NaN without a word.
+    rather than by ``load_state_dict``; NaN weights would predict NaN without a word. Each tensor must be a
+    dense float tensor backed by a storage of its own size: an ``expand()`` view (stride 0) declares a layer
+    of any size in a few bytes, and copying it into the network would allocate the whole layer.
     """
     try:
         sizes = [int(s) for s in bundle["architecture"]["sizes"]]
         bias = bool(bundle["architecture"].get("bias", True))
         state = bundle["state_dict"]
-    except (KeyError, TypeError, ValueError):
+        items = list(state.items())
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise BundleError(f"{where}: not a bp-service checkpoint (its architecture is unreadable)") from None
+    for key, tensor in items:
+        _check_tensor(str(key), tensor, where)
     expected = {}
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         expected[f"layers.{i}.weight"] = (n_out, n_in)
         if bias:
             expected[f"layers.{i}.bias"] = (n_out,)
-    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    found = {k: tuple(v.shape) for k, v in items}
     if found != expected:
         wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
         key = wrong[0]
         raise BundleError(
-            f"{where}: weights do not match the architecture it declares (sizes {sizes}): "
-            f"{key} is {found.get(key, 'missing')}, expected {expected.get(key, 'no such parameter')}"
+            f"{where}: weights do not match the architecture it declares (sizes {shown_sizes(sizes)}): "
+            f"{shown_key(key)[1:-1]} is {found.get(key, 'missing')}, expected {expected.get(key, 'no such parameter')}"
         )
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    for key, tensor in items:
+        if not bool(torch.isfinite(tensor).all()):
             raise BundleError(
                 f"{where}: weights are not finite ({key} holds NaN or inf); retrain or use another checkpoint"
             )
+
+
+def _check_tensor(key: str, tensor: Any, where: str) -> None:
+    name = shown_key(key)[1:-1]
+    if not isinstance(tensor, torch.Tensor):
+        raise BundleError(f"{where}: weights: {name} is not a tensor ({type(tensor).__name__})")
+    if not tensor.is_floating_point() or tensor.layout != torch.strided:
+        raise BundleError(f"{where}: weights: {name} is not a dense floating-point tensor ({tensor.dtype})")
+    needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() < needed:
+        raise BundleError(
+            f"{where}: weights: {name} is not a contiguous tensor backed by its own data (shape "
+            f"{tuple(tensor.shape)}, {tensor.untyped_storage().nbytes()} bytes stored): refused"
+        )
+
+
+META_KEYS = {"task", "feature_names", "classes", "scaler_mean", "scaler_scale", "target_mean", "target_scale"}
+# Bundles older than these lack them; a checkpoint records the MLflow run that wrote it. A key not listed here
+# may be preprocessing this version cannot apply, and is refused rather than ignored.
+OPTIONAL_META_KEYS = {"target", "impute_mean", "mlflow_run_id"}
+
+
+def check_meta(meta: Any, sizes: list[int], where: str) -> None:
+    """The preprocessing beside the weights: every field present, of its type, finite, and the size of the network.
+
+    A zero or NaN scale, or more class labels than the network has outputs, would otherwise predict
+    garbage (or fail deep inside pandas) with no word about the file.
+    """
+    if not isinstance(meta, dict):
+        raise BundleError(f"{where}: meta: not a dictionary ({type(meta).__name__}); not a bp-service model")
+    missing = sorted(META_KEYS - set(meta))
+    if missing:
+        raise BundleError(f"{where}: meta: {missing[0]} is missing (not a bp-service model, or a damaged one)")
+    unknown = sorted(set(map(str, meta)) - META_KEYS - OPTIONAL_META_KEYS)
+    if unknown:
+        raise BundleError(
+            f"{where}: meta: unknown key {shown_key(unknown[0])} (preprocessing this version cannot apply?)"
+        )
+    if meta["task"] not in ("classification", "regression"):
+        raise BundleError(f"{where}: meta: task must be classification or regression, got {meta['task']!r:.40}")
+    names = meta["feature_names"]
+    named = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    if not named or len(names) != sizes[0] or len(set(names)) != len(names):
+        raise BundleError(
+            f"{where}: meta: feature_names must be {sizes[0]} distinct column names (the network's input width)"
+        )
+    _check_numbers(meta, "scaler_mean", sizes[0], where)
+    _check_numbers(meta, "scaler_scale", sizes[0], where, positive=True)
+    if meta.get("impute_mean") is not None:
+        _check_numbers(meta, "impute_mean", sizes[0], where)
+    _check_numbers(meta, "target_mean", None, where)
+    _check_numbers(meta, "target_scale", None, where, positive=True)
+    if meta.get("target") is not None and not isinstance(meta["target"], str):
+        raise BundleError(f"{where}: meta: target must be a column name, got {type(meta['target']).__name__}")
+    _check_classes(meta, sizes[-1], where)
+
+
+def _check_numbers(meta: dict[str, Any], key: str, length: int | None, where: str, positive: bool = False) -> None:
+    """``meta[key]``: finite numbers (``length`` of them, or one number when None), above zero if ``positive``."""
+    value = meta[key]
+    values = [value] if length is None else value
+    kind = "a number" if length is None else f"{length} numbers (one per feature)"
+    if not isinstance(values, list) or len(values) != (length or 1):
+        raise BundleError(f"{where}: meta: {key} must be {kind}")
+    for v in values:
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+            need = "finite and above zero" if positive else "finite"
+            raise BundleError(f"{where}: meta: {key} holds {v!r:.40}; every value must be {need}")
+
+
+def _check_classes(meta: dict[str, Any], n_out: int, where: str) -> None:
+    """Regression: no classes and one output. Classification: distinct labels, one output each (or one for two)."""
+    classes = meta["classes"]
+    if meta["task"] == "regression":
+        if classes is not None or n_out != 1:
+            raise BundleError(f"{where}: meta: a regression model has no classes and one output (it has {n_out})")
+        return
+    labels = (str, int, float, bool)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, labels) for c in classes):
+        raise BundleError(f"{where}: meta: classes must be a list of two or more labels")
+    finite = all(math.isfinite(c) for c in classes if isinstance(c, float))
+    if len(set(map(repr, classes))) != len(classes) or not finite:
+        raise BundleError(f"{where}: meta: classes must be distinct, finite labels")
+    if n_out != len(classes) and not (len(classes) == 2 and n_out == 1):
+        raise BundleError(
+            f"{where}: meta: classes lists {len(classes)} labels but the network has {n_out} output(s) "
+            f"(expected {'1 or 2' if n_out <= 2 else n_out} labels)"
+        )
 
 
 def check_resumable(bundle: dict[str, Any], net: MLP, meta: dict[str, Any], where: str) -> None:

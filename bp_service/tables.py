@@ -26,29 +26,91 @@ class DataError(ValueError):
 UNREADABLE = (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
-# Separators tried when a file's first line holds no comma: tab (TSV), semicolon (spreadsheets in locales
-# whose decimal mark is a comma), pipe.
-OTHER_SEPARATORS = "\t;|"
+# Only an empty cell is missing. pandas would also read NA, None, null, nan, N/A (and more) as missing: an
+# id "NA" would come back empty and a class named "NA" (North America) would count as an unlabelled row.
+# A numeric column holding such a word is then a text cell, named by row and column like any other.
+MISSING_CELLS = {"keep_default_na": False, "na_values": [""]}
+
+# The separators a file may use: comma, tab (TSV), semicolon (spreadsheets in locales whose decimal mark is a
+# comma), pipe. Comma wins when it fits, as before.
+NA_WORDS = {"na", "n/a", "nan", "-nan", "none", "null", "nil", "#n/a", "#na", "<na>", "-1.#ind", "1.#qnan"}
+
+SEPARATORS = ",\t;|"
 SNIFF_LINES = 20
+SHOWN_CHARS = 20  # the most of one header cell or data cell an error message repeats
 
 
-def sniff_separator(path: str | Path) -> str:
-    """The file's column separator: ``,`` unless the header has no comma and :class:`csv.Sniffer` finds one of
-    :data:`OTHER_SEPARATORS` consistently on the first lines (a tab-separated file is then not one column).
+def shown(text: object, width: int = SHOWN_CHARS) -> str:
+    """A short, printable piece of a cell or column name from a user's file, for an error message.
 
-    Every reader of user tables (``data=csv`` and ``bp-predict``) reads with this separator.
+    Never more than ``width`` characters of it (then ``…``), control characters escaped: a file given by
+    mistake (or a link to a private one) is not copied into logs and terminals.
+    """
+    text = str(text)
+    cut = text[:width]
+    cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return cut + ("…" if len(text) > width else "")
+
+
+def _cell(value: object) -> str:
+    """A cell for an error message; a word pandas would have read as missing says that only empty cells are."""
+    hint = " (only an empty cell counts as missing)" if str(value).strip().lower() in NA_WORDS else ""
+    return f"{shown(value)!r}{hint}"
+
+
+def shown_names(names: list, limit: int = 8, width: int = SHOWN_CHARS) -> str:
+    """``a, b, c, ... (40 in all)``: at most ``limit`` names, each :func:`shown` (at most ``width`` characters)."""
+    names = [shown(n, width) for n in names]
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def read_rows(path: str | Path, **kwargs) -> pd.DataFrame:
+    """``pandas.read_csv`` as every user table is read: the file's own separator, only empty cells missing."""
+    return pd.read_csv(path, sep=sniff_separator(path), **MISSING_CELLS, **kwargs)
+
+
+def _separator_name(sep: str) -> str:
+    return "tab" if sep == "\t" else repr(sep)
+
+
+def _field_counts(lines: list[str], sep: str) -> list[int]:
+    """Fields per record with ``sep``, quotes honoured as pandas honours them (a quoted ``"a,b"`` is one field)."""
+    try:
+        return [len(record) for record in csv.reader(lines, delimiter=sep)]
+    except csv.Error:
+        return []
+
+
+def sniff_separator(path: str | Path, error: type[Exception] = DataError) -> str:
+    """The file's column separator, one of :data:`SEPARATORS`: the one that splits the header and the first
+    rows into the same number of fields (more than one), quotes taken into account; ``,`` when none does.
+
+    A header split by one separator over rows split by another is refused, naming both: it would otherwise
+    read as one oddly named column. Every reader of user tables (``data=csv`` and ``bp-predict``) reads with
+    this separator.
     """
     try:
         head = pd.read_csv(path, sep="\x1f", header=None, dtype=str, nrows=SNIFF_LINES, quoting=csv.QUOTE_NONE)
     except (pd.errors.EmptyDataError, *UNREADABLE):
         return ","  # read_header names the problem
-    lines = [str(v) for v in head.iloc[:, 0].tolist() if isinstance(v, str)]
-    if not lines or "," in lines[0]:
-        return ","
-    try:
-        return csv.Sniffer().sniff("\n".join(lines), delimiters=OTHER_SEPARATORS).delimiter
-    except csv.Error:  # no consistent separator: a one-column file
-        return ","
+    lines = [v for v in head.iloc[:, 0].tolist() if isinstance(v, str)]
+    counts = {sep: _field_counts(lines, sep) for sep in SEPARATORS}
+    counts = {sep: c for sep, c in counts.items() if c}
+    agree = [sep for sep, c in counts.items() if c[0] > 1 and set(c[1:]) <= {c[0]}]
+    if agree:
+        return max(agree, key=lambda sep: (sep == ",", counts[sep][0]))
+    split_header = [sep for sep, c in counts.items() if c[0] > 1]
+    header_sep = max(split_header, key=lambda sep: counts[sep][0]) if split_header else None
+    split_rows = [sep for sep, c in counts.items() if len(c) > 1 and min(c[1:]) > 1 and len(set(c[1:])) == 1]
+    rows_alone = [sep for sep in split_rows if header_sep is None or max(counts[header_sep][1:], default=1) == 1]
+    if rows_alone:
+        header = f"separated by {_separator_name(header_sep)}" if header_sep else "a single column"
+        raise error(
+            f"{path}: the header is {header} but the rows by {_separator_name(rows_alone[0])}; "
+            "use one separator throughout"
+        )
+    return header_sep or ","
 
 
 def read_header(path: str | Path, error: type[Exception] = DataError) -> list[str]:
@@ -58,12 +120,13 @@ def read_header(path: str | Path, error: type[Exception] = DataError) -> list[st
         raise error(f"{path}: is a folder, not a CSV file")
     if not path.is_file():
         raise error(f"{path}: file not found")
+    sep = sniff_separator(path, error)
     try:
-        header = pd.read_csv(path, nrows=1, header=None, dtype=str, sep=sniff_separator(path)).iloc[0].tolist()
+        header = pd.read_csv(path, nrows=1, header=None, dtype=str, sep=sep, **MISSING_CELLS).iloc[0].tolist()
     except pd.errors.EmptyDataError:
         raise error(f"{path}: file is empty") from None
     except UNREADABLE as exc:
-        raise error(f"{path}: not a readable CSV ({first_line(exc)})") from None
+        raise error(f"{path}: not a readable CSV ({shown(first_line(exc), 200)})") from None
     check_unique_columns(header, str(path), error)
     return [str(c) for c in header]
 
@@ -72,9 +135,9 @@ def read_feature_frame(path: str | Path) -> pd.DataFrame:
     """A whole CSV (training data), checked as :func:`read_header` does, and with data rows."""
     read_header(path)
     try:
-        frame = pd.read_csv(path, sep=sniff_separator(path))
+        frame = read_rows(path)
     except UNREADABLE as exc:
-        raise DataError(f"{path}: not a readable CSV ({first_line(exc)})") from None
+        raise DataError(f"{path}: not a readable CSV ({shown(first_line(exc), 200)})") from None
     if frame.empty:
         raise DataError(f"{path}: has a header but no data rows")
     return frame
@@ -85,7 +148,8 @@ def check_unique_columns(header: list, source: str, error: type[Exception] = Dat
     names = [str(c) for c in header]
     repeated = sorted({c for c in names if names.count(c) > 1})
     if repeated:
-        raise error(f"{source}: column name(s) {', '.join(map(repr, repeated))} appear more than once; rename them")
+        named = ", ".join(repr(shown(c)) for c in repeated[:8])
+        raise error(f"{source}: column name(s) {named} appear more than once; rename them")
 
 
 def check_scaling(names: list[str], means, scales, source: str) -> None:
@@ -120,7 +184,7 @@ def numeric_matrix(
         if bad.any():
             i = int(np.argmax(bad))
             cell = raw.iloc[i]
-            what = "missing" if pd.isna(cell) and not isinstance(cell, str) else f"not a finite number: {cell!r}"
+            what = "missing" if pd.isna(cell) and not isinstance(cell, str) else f"not a finite number: {_cell(cell)}"
             raise DataError(f"{source}: row {first_row + i + 2}, column {col!r}: {what}")
         out[:, j] = values
     return out
@@ -146,5 +210,5 @@ def text_columns(frame: pd.DataFrame, columns: list[str]) -> dict[str, str]:
         bad = (pd.to_numeric(raw, errors="coerce").isna() & raw.notna()).to_numpy()
         if bad.any():
             i = int(np.argmax(bad))
-            found[col] = f"row {i + 2}: {raw.iloc[i]!r}"
+            found[col] = f"row {i + 2}: {_cell(raw.iloc[i])}"
     return found

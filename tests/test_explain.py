@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from itertools import pairwise
@@ -313,3 +314,66 @@ def test_imports_only_the_core_and_matplotlib_only_for_plot():
     outside = [m for m in modules.split() if m not in core | shared and not m.startswith("bp_service.explain")]
     assert outside == []
     assert "bp_service.explain.cli" in modules.split()
+
+
+# --------------------------------------------------------------------------- negative numbers, -0, the verdict
+NEGATIVE_ZERO = re.compile(r"(?<![\w.])-0(?![\d.e])")  # "-0" as a number of its own, not in -0.125 or 1e-05
+
+
+def _verdict(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("  cost C: ")]
+    return line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-1e6"], "--lr must be > 0, got -1e+06"),
+        (["--lr", "-inf"], "argument --lr: '-inf' is not a finite number"),
+        (["--target", "-1e400"], "argument --target: '-1e400' is not a finite number"),
+    ],
+)
+def test_a_negative_number_in_any_form_reaches_the_flags_own_check(cli, args, message):
+    run = cli("bp-explain", *args)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == f"bp-explain: error: {message}\n"
+
+
+def test_negative_inputs_in_exponent_form_are_taken_as_numbers(cli):
+    run = cli(
+        "bp-explain", "--x", "-1e3", "-.5", "-2E-1", "--target", "-0.5e0", "--bias", "--biases", "-1e-2", "0", "-1"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "x = (-1000, -0.5, -0.2)   target y = -0.5   lr = 0.5" in run.stdout
+    assert "b1=-0.01 b2=0 b3=-1" in run.stdout
+
+
+def test_zero_is_never_printed_as_minus_zero(cli):
+    run = cli("bp-explain", "--weights", *"00000000")  # w7 = w8 = 0: the hidden gradients are -0.0 products
+    assert run.returncode == 0, run.stderr
+    assert NEGATIVE_ZERO.findall(run.stdout) == [], run.stdout
+    assert "  w1      0        0        0" in run.stdout
+    # a saturated output: delta_L = 2(a_L - y) * a_L(1 - a_L) = -2 * 0.0 = -0.0
+    deep_run = cli("bp-explain", "--sizes", "2", "1", "--x", "1000", "1000", "--target", "2")
+    assert deep_run.returncode == 0 and NEGATIVE_ZERO.findall(deep_run.stdout) == [], deep_run.stdout
+
+
+def test_a_saturated_network_is_not_told_to_lower_the_learning_rate(cli):
+    # z2 = 200: a3 is 1.0 in float64, so a3(1 - a3) = 0 and every gradient is 0; no step size changes that.
+    run = cli("bp-explain", "--weights", *["100"] * 8, "--x", "10", "10", "10", "--target", "0")
+    assert run.returncode == 0, run.stderr
+    verdict = _verdict(run.stdout)
+    assert verdict.startswith("  cost C: 1 -> 1   (unchanged: "), verdict
+    assert "saturated" in verdict and "a3(1 - a3) = 0" in verdict and "smaller --lr" not in verdict
+
+
+def test_a_cost_already_zero_is_said_so(cli):
+    run = cli("bp-explain", "--target", "0.5")  # the default network answers a3 = 0.5 exactly
+    assert run.returncode == 0, run.stderr
+    assert _verdict(run.stdout) == "  cost C: 0 -> 0   (already 0: a3 equals the target, nothing to learn)"
+
+
+def test_an_overshooting_step_still_advises_a_smaller_learning_rate(cli):
+    run = cli("bp-explain", "--x", "1", "1", "1", "--target", "0.5", "--lr", "30")  # cost 0.00027 -> 0.0022
+    assert run.returncode == 0, run.stderr
+    assert _verdict(run.stdout).endswith("(NOT lower: the step overshot: try a smaller --lr)")

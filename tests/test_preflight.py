@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from conftest import clean_env
 
 from bp_service.bundle import build_net
 from bp_service.serving.predict import main as bp_predict
+from bp_service.training.config import ConfigError
+from bp_service.training.data import prepare
+from bp_service.training.preflight import _data_bytes, available_memory, check_cpu_precision, check_memory
 
 BIN = Path(sys.executable).parent
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -101,14 +105,58 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         path = _csv(tmp_path, "few.csv", _classes(12))  # 8 training rows after the val and test splits
         return ["data=csv", f"data.path={path}", "data.target=label", "trainer=ddp", "trainer.accelerator=cpu",
                 "trainer.devices=16"], f"{path}: 8 training rows for 16 training processes"  # fmt: skip
+    return _case_more(tmp_path, name)
+
+
+def _case_more(tmp_path: Path, name: str) -> tuple[list[str], str]:
+    """Sizes beyond this machine's memory, precisions the CPU cannot run, and empty CSV columns."""
+    if name == "noise_inf":
+        return ["data=xor", "data.noise=inf"], "data.noise must be a finite number, got inf"
+    if name == "samples_beyond_memory":  # 10^12 rows x 20 features: at least 12 bytes a value, some 200 TiB
+        return ["data=synthetic", "data.n_samples=1000000000000"], (
+            "data.n_samples=1000000000000 x data.n_features=20 needs at least "
+        )
+    if name == "features_beyond_memory":
+        return ["data=synthetic", "data.n_features=1000000000"], "data.n_samples=10000 x data.n_features=1000000000"
+    if name == "width_beyond_memory":
+        return ["data=xor", "model.net.hidden=[8,100000000000]"], "model.net.hidden=[8, 100000000000] needs at least "
+    if name == "fp16_mixed_on_cpu":  # Lightning would run bf16-mixed while the run's params say 16-mixed
+        return ["data=xor", "trainer=cpu", "trainer.precision=16-mixed"], (
+            "trainer.precision=16-mixed needs a CUDA device; on the CPU use bf16-mixed, 32-true or 64-true"
+        )
+    if name == "fp16_true_on_auto":  # trainer.accelerator=auto resolves to the CPU here
+        return ["data=xor", "trainer.precision=16-true"], "trainer.precision=16-true needs a CUDA device"
+    rng = np.random.default_rng(0)
+    frame = _classes()
+    if name == "empty_target_mean":
+        frame["label"] = np.nan
+        path = _csv(tmp_path, "no_labels.csv", frame)
+        return ["data=csv", f"data.path={path}", "data.target=label", "data.missing=mean"], (
+            f"{path}: target column 'label' is empty in every row"
+        )
+    if name == "empty_column_drop":
+        frame["b"] = np.nan
+        frame["c"] = rng.normal(size=len(frame))
+        path = _csv(tmp_path, "no_b.csv", frame)
+        return ["data=csv", f"data.path={path}", "data.target=label", "data.missing=drop"], (
+            f"{path}: column 'b' is empty in every row, so data.missing=drop would leave no row; "
+            "leave it out with 'data.features=[a,c]'"
+        )
+    if name == "single_class":
+        frame["label"] = 1
+        path = _csv(tmp_path, "one.csv", frame)
+        return ["data=csv", f"data.path={path}", "data.target=label"], (
+            f"{path}: target 'label' has a single class (1); need at least 2"
+        )
     raise AssertionError(name)
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
 CASES = ["lr_inf", "monitor_typo", "precision", "seed", "plus_typo", "plus_new", "target_in_features",
          "duplicate_columns", "huge_target", "huge_feature", "corrupt_gzip", "folder_as_data",
-         "fewer_rows_than_ranks",
-         pytest.param("gpu_without_cuda", marks=NO_CUDA)]  # fmt: skip
+         "fewer_rows_than_ranks", "noise_inf", "samples_beyond_memory", "features_beyond_memory",
+         "width_beyond_memory", "fp16_mixed_on_cpu", "empty_target_mean", "empty_column_drop", "single_class",
+         pytest.param("gpu_without_cuda", marks=NO_CUDA), pytest.param("fp16_true_on_auto", marks=NO_CUDA)]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -152,6 +200,41 @@ def test_ctrl_c_during_training_says_interrupted_exits_130_and_ends_the_run_kill
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "bp-train: interrupted" and "Traceback" not in err
     assert [status for _, status in _runs(home)] == ["KILLED"]
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true", "16", "transformer-engine"])
+def test_every_precision_that_needs_cuda_is_refused_on_the_cpu(precision):
+    with pytest.raises(ConfigError, match=rf"^trainer.precision={precision} needs a CUDA device; on the CPU use "):
+        check_cpu_precision(precision, "cpu")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "32-true", "64-true", "bf16", "32", "64"])
+def test_the_cpu_precisions_pass(precision):
+    check_cpu_precision(precision, "cpu")
+
+
+def test_the_synthetic_preset_is_not_refused_for_memory(compose_cfg):
+    have = available_memory()
+    if have is None or have < 4 * 2**30:
+        pytest.skip("the preset needs a few GiB of memory here")
+    check_memory(compose_cfg("experiment=synthetic"))  # 1M x 128: at least 1.5 GiB by the estimate
+
+
+@pytest.mark.parametrize(("rows", "features", "classes"), [(50000, 32, 10), (20000, 8, 100), (20000, 3, 2)])
+def test_the_memory_estimate_of_generated_data_is_below_what_generating_it_takes(compose_cfg, rows, features, classes):
+    """A lower bound, so that no run that would have fitted is refused. tracemalloc sees numpy's arrays (not
+    torch's tensors): its peak is itself below what the process takes."""
+    cfg = compose_cfg(
+        "data=synthetic", f"data.n_samples={rows}", f"data.n_features={features}", f"data.n_classes={classes}"
+    )
+    _, estimate, _ = _data_bytes(cfg)
+    tracemalloc.start()
+    try:
+        prepare(cfg.data, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert estimate < peak
 
 
 # --------------------------------------------------------------------------- bp-predict

@@ -193,6 +193,25 @@ def test_a_bundle_lost_to_a_full_disk_after_training_keeps_the_run_finished(tmp_
     assert run.data.tags["bp.lost_artifacts"].startswith(f"no space left on {disk}")
 
 
+@pytest.mark.slow
+def test_a_store_that_a_full_disk_keeps_from_being_created_stops_tracking_not_training(tmp_path, small_disk):
+    home = small_disk("home", "64k")  # an empty MLflow store (its migrations) takes about 400 KB
+    env = clean_env(BP_SERVICE_HOME=str(home))
+    args = [*TINY_TRAIN, f"hydra.run.dir={tmp_path / 'run'}", f"paths.ckpt_dir={tmp_path / 'ck'}"]
+    result = subprocess.run([str(BIN / "bp-train"), *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    db = home / "mlflow.db"
+    (warning,) = [line for line in result.stderr.splitlines() if "no space left" in line]
+    assert warning == (
+        f"bp-train: warning: MLflow tracking is off for this run: the tracking store {db} could not be created "
+        f"(no space left on {home}); training goes on without it"
+    )
+    assert "SQL" not in result.stderr and "Traceback" not in result.stderr
+    assert "finished in" in result.stdout and "test/acc" in result.stdout and "MLflow run" not in result.stdout
+    assert list((tmp_path / "ck").glob("*.ckpt")), "training did not go on"
+    assert not db.exists() and not list(home.glob(".mlflow.db.*")), "a partial store was left behind"
+
+
 def test_predictions_to_a_device_that_is_full_are_one_line_and_the_device_stays(bundle, rows, tmp_path, capsys):
     full = tmp_path / "full"
     full.symlink_to("/dev/full")  # every write: ENOSPC

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -26,8 +27,20 @@ OVERFLOW_EXAMPLE = "the numbers overflow float64; try smaller --weights, --x, --
 OVERFLOW_DEEP = "the numbers overflow float64; try smaller --x, --target or --lr"
 
 
+# Every negative number float() reads. argparse's own pattern (Python 3.11) knows only -1 and -1.5: it took
+# -1e6, -.5e-3 or -inf for an unknown option, and "--lr -1e6" failed as "expected one argument".
+NEGATIVE_NUMBER = re.compile(
+    r"^-(?:(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d[\d_]*)?|inf|infinity|nan)$", re.IGNORECASE
+)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (no usage block) and exit status 2."""
+    """argparse, but an error is one line on stderr (no usage block) and exit status 2, and a negative
+    number in any form float() reads is a value, never an option (no flag of ours looks like a number)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -81,7 +94,7 @@ def _validate_common(p: _Parser, args: argparse.Namespace) -> None:
     if args.biases is not None and len(args.biases) != 3:
         p.error(f"--biases takes 3 numbers (b1, b2, b3), got {len(args.biases)}")
     if args.lr <= 0:
-        p.error(f"--lr must be > 0, got {args.lr:g}")
+        p.error(f"--lr must be > 0, got {num(args.lr)}")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     if args.steps is not None and args.steps > MAX_STEPS:

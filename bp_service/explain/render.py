@@ -12,11 +12,14 @@ from bp_service.explain.deep import backprop_multiplications, naive_multiplicati
 from bp_service.explain.model import BIAS_NAMES, WEIGHT_NAMES
 
 STEPS_SHOWN = 20  # a longer training run is shown as 21 evenly spaced rows: a short table, always
+# A sigmoid whose slope a(1 - a) is below this (|z| > ~28) passes on no gradient a float64 step can use.
+SATURATED = 1e-12
 
 
 def num(v: float) -> str:
-    """A number as the text shows it: six significant digits."""
-    return f"{v:.6g}"
+    """A number as the text shows it: six significant digits, and 0 for -0.0 (a product with a zero factor
+    of either sign is a zero to a learner, not a different number)."""
+    return f"{v + 0.0:.6g}"
 
 
 def render_json(report: dict[str, Any]) -> str:
@@ -114,12 +117,31 @@ def _descent_step(report: dict[str, Any]) -> list[str]:
     rows = [["param", "before", "dC/dw", "after"]]
     rows += [[n, num(params[n]), num(grads[n]["value"]), num(report["updated"][n])] for n in params]
     cost, after = report["forward"]["cost"], report["cost_after"]
-    verdict = "lower" if after < cost else "NOT lower: try a smaller --lr"
     return [
         f"Gradient descent: w <- w - lr * dC/dw   (lr = {num(lr)})",
         *_columns(rows),
-        f"  cost C: {num(cost)} -> {num(after)}   ({verdict})",
+        f"  cost C: {num(cost)} -> {num(after)}   ({_verdict(report)})",
     ]
+
+
+def _verdict(report: dict[str, Any]) -> str:
+    """Whether the step lowered the cost and, when not, the cause: only an overshoot calls for a smaller --lr."""
+    fwd, cost, after = report["forward"], report["forward"]["cost"], report["cost_after"]
+    if after < cost:
+        return "lower"
+    if cost == 0:
+        return "already 0: a3 equals the target, nothing to learn"
+    if after > cost and report["updated"] != report["weights"]:
+        return "NOT lower: the step overshot: try a smaller --lr"
+    units = {"a3": fwd["a3"][0], "a2_1": fwd["a2"][0], "a2_2": fwd["a2"][1]}
+    flat = [f"{n}(1 - {n}) = {num(a * (1 - a))}" for n, a in units.items() if a * (1 - a) < SATURATED]
+    if flat:
+        them = "them" if len(flat) > 1 else "it"
+        return (
+            f"unchanged: saturated sigmoid{'s' * (len(flat) > 1)}, {', '.join(flat)}: no gradient gets through "
+            f"{them}, and no --lr changes that; try smaller --weights or --x"
+        )
+    return "unchanged: lr * dC/dw is too small to change the cost in float64; try a larger --lr"
 
 
 def _training(steps: list[dict[str, float]]) -> list[str]:

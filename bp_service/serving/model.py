@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
-from bp_service.tables import DataError, numeric_matrix
+from bp_service.tables import DataError, numeric_matrix, shown_names
 
 
 class InputError(ValueError):
@@ -37,9 +37,10 @@ def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_col
         shown = ", ".join(expected[:8]) + (f", ... ({len(expected)} in all)" if len(expected) > 8 else "")
         if target_column(meta) is not None:
             shown += f"; its target {target_column(meta)} is also accepted"
+        # the input's own names are cut short: an input linked to a private file is not copied out
         parts = [
-            f"missing column(s) {', '.join(missing)}" if missing else "",
-            f"unexpected column(s) {', '.join(extra)}" if extra else "",
+            f"missing column(s) {shown_names(missing, width=200)}" if missing else "",
+            f"unexpected column(s) {shown_names(extra)}" if extra else "",
         ]
         raise InputError(f"{source}: {'; '.join(p for p in parts if p)} (the model expects: {shown})")
 

@@ -22,6 +22,10 @@ renamed at the end: an error or a kill never leaves a half-written output behind
 other batch sizes, and fixed blocks make every row's prediction independent of ``chunk_size`` and of its
 neighbours, so the output is byte for byte the same however the file is chunked.
 
+Text cells that a spreadsheet would run as formulas (``=``, ``+``, ``-``, ``@``, tab, carriage return at the start)
+are written with a ``'`` before them unless ``escape_formulas=false``; an ``output=`` link to a file outside the
+folder it was given in is refused.
+
 ``runs:/`` and ``models:/`` are looked up in the store bp-train records into, by the same rule
 (:func:`bp_service.home.tracking_uri`: ``MLFLOW_TRACKING_URI``, else ``<home>/mlflow.db``), whatever the working
 directory; an embedded store that does not exist is an error, never created by the lookup.
@@ -36,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -65,11 +71,11 @@ from bp_service.commands import (
 from bp_service.files import atomic_path
 from bp_service.home import store_file, tracking_uri
 from bp_service.serving.model import InputError, check_columns, features_matrix, target_column
-from bp_service.tables import UNREADABLE, read_header, sniff_separator
+from bp_service.tables import UNREADABLE, read_header, read_rows, shown_names
 
 USAGE = (
     "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
-    " [keep_target=true]"
+    " [keep_target=true] [escape_formulas=false]"
 )
 HELP = f"""{USAGE}
        bp-predict --tracking-uri    print the MLflow store runs:/ and models:/ are looked up in
@@ -83,6 +89,9 @@ HELP = f"""{USAGE}
   id_column    column copied to the output (default: a column named "id", if there is one)
   keep_target  true: copy the target column, as written, next to prediction, for evaluation
                (default false: the target column is ignored)
+  escape_formulas  true (default): a text cell or column name that starts with = + - @, a tab or a carriage
+               return is written with a ' before it, so a spreadsheet shows it instead of running it as a
+               formula (numbers such as -1.5 are left alone); false: every cell exactly as read
 
 MLflow URIs are looked up in the store bp-train records into: MLFLOW_TRACKING_URI, else the embedded
 <home>/mlflow.db (home: BP_SERVICE_HOME, else the source checkout, else ~/.bp-service), whatever the
@@ -100,6 +109,7 @@ class PredictConfig:
     chunk_size: int = 50_000  # rows read, predicted and written at a time
     id_column: str | None = None  # carried to the output; default: a column named "id", if any
     keep_target: bool = False  # copy the model's target column (labelled input) next to the prediction
+    escape_formulas: bool = True  # ' before text cells a spreadsheet would run as formulas
 
 
 class UsageError(ValueError):
@@ -114,9 +124,11 @@ class ModelSourceError(RuntimeError):
 def parse_args(argv: Sequence[str]) -> PredictConfig:
     """``key=value`` arguments merged onto :class:`PredictConfig`: unknown keys and wrong types are errors."""
     for arg in argv:
-        key, sep, _ = arg.partition("=")
+        key, sep, value = arg.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"expected key=value, got {arg!r}; {USAGE}")
+        if key.strip() in ("model", "input", "output") and not value.strip():  # OmegaConf would read null
+            raise UsageError(f"{key.strip()}= must not be empty")
     known = [f.name for f in fields(PredictConfig)]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(list(argv)))
@@ -257,7 +269,7 @@ def predict_rows(net, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFrame:
 def _id_column(header: list[str], meta: dict[str, Any], wanted: str | None, source: str) -> str | None:
     if wanted is not None:
         if wanted not in header:
-            raise InputError(f"{source}: id column {wanted!r} not found (columns: {', '.join(header)})")
+            raise InputError(f"{source}: id column {wanted!r} not found (columns: {shown_names(header)})")
         return wanted
     return "id" if "id" in header and "id" not in meta["feature_names"] else None
 
@@ -289,6 +301,59 @@ def _copied_columns(
     return id_col, target
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
+FORMULA_STARTS = r"[=+\-@\t\r]"
+PLAIN_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+
+
+def escape_formula(text: str) -> str:
+    """``text`` with a ``'`` before it when a spreadsheet would run it as a formula; a plain number stays."""
+    if re.match(FORMULA_STARTS, text) and not re.fullmatch(PLAIN_NUMBER, text):
+        return "'" + text
+    return text
+
+
+def escape_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every text cell and column name through :func:`escape_formula`; numeric columns are not text."""
+    frame.columns = [escape_formula(str(c)) for c in frame.columns]
+    for j in range(frame.shape[1]):
+        values = frame.iloc[:, j]
+        if values.dtype != object and not isinstance(values.dtype, pd.StringDtype):
+            continue
+        text = values.astype(object).where(values.notna(), "").astype(str)
+        risky = text.str.match(FORMULA_STARTS) & ~text.str.fullmatch(PLAIN_NUMBER)
+        if risky.any():
+            frame.iloc[:, j] = values.astype(object).where(~risky, "'" + text)
+    return frame
+
+
+def check_output_link(out: Path) -> None:
+    """An output that is a symbolic link to a file must stay in the folder it was given in (or below it).
+
+    A link planted in a shared folder would otherwise have the predictions written (and a file replaced or
+    created) wherever it points. Links to devices and pipes (``/dev/stdout``) are written in place, not replaced.
+    """
+    if not out.is_symlink():
+        return
+    with contextlib.suppress(OSError):
+        if not stat.S_ISREG(os.stat(out).st_mode):
+            return
+    real, folder = Path(os.path.realpath(out)), Path(os.path.realpath(out.parent))
+    if not real.is_relative_to(folder):
+        raise InputError(
+            f"{out}: output is a symbolic link to {real}, outside {out.parent}; "
+            f"if that file is meant, give it as output={real}"
+        )
+
+
+def _check_output(source: Path, out: Path) -> None:
+    if out.is_dir():
+        raise InputError(f"{out}: output is a folder; give a file name")
+    check_output_link(out)
+    if out.resolve() == source.resolve():
+        raise InputError(f"{out}: output would overwrite the input; give another file name")
+
+
 def predict_csv(
     bundle: dict[str, Any],
     input_path: str | Path,
@@ -296,42 +361,37 @@ def predict_csv(
     chunk_size: int = 50_000,
     id_column: str | None = None,
     keep_target: bool = False,
+    escape: bool = True,
 ) -> int:
     """Predict every row of ``input_path`` into ``output_path``; returns the number of rows.
 
-    At most ``chunk_size`` rows (and their predictions) are in memory at a time.
+    At most ``chunk_size`` rows (and their predictions) are in memory at a time. ``escape``: text cells that
+    a spreadsheet would run as formulas are written with a ``'`` before them (:func:`escape_formulas`).
     """
     source, out = Path(input_path), Path(output_path)
     meta = bundle["meta"]
     header = read_header(source, InputError)
     id_col, kept = _copied_columns(header, meta, str(source), id_column, keep_target)
-    copied = [c for c in (id_col, kept) if c]
     net = net_from_bundle(bundle)
-
-    if out.is_dir():
-        raise InputError(f"{out}: output is a folder; give a file name")
-    if out.resolve() == source.resolve():
-        raise InputError(f"{out}: output would overwrite the input; give another file name")
+    _check_output(source, out)
     rows = 0
     # A regular file is replaced only when complete; /dev/null, a FIFO or a terminal is written in place.
     with atomic_path(out) as target:
         # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
         with open(target, "w", newline="", encoding="utf-8") as fh:
             # copied columns travel as text, exactly as written (ids with leading zeros, labels)
-            reader = pd.read_csv(
-                source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None, sep=sniff_separator(source)
-            )
+            copied = [c for c in (id_col, kept) if c]
+            reader = read_rows(source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None)
             try:
                 for chunk in reader:
                     if chunk.empty:
                         continue
-                    raw = features_matrix(chunk, meta, str(source), first_row=rows)
-                    pred = predict_rows(net, meta, raw)
+                    pred = predict_rows(net, meta, features_matrix(chunk, meta, str(source), first_row=rows))
                     if kept:
                         pred.insert(1, kept, chunk[kept].to_numpy())
                     if id_col:
                         pred.insert(0, id_col, chunk[id_col].to_numpy())
-                    pred.to_csv(fh, header=rows == 0, index=False)
+                    (escape_formulas(pred) if escape else pred).to_csv(fh, header=rows == 0, index=False)
                     rows += len(chunk)
             except UNREADABLE as exc:  # a damaged file (or compressed stream) found part way through
                 if isinstance(exc, OSError) and exc.errno is not None:  # a write failed (full disk): not the input
@@ -365,7 +425,9 @@ def run(argv: Sequence[str]) -> int:
     started = time.perf_counter()
     read_header(cfg.input, InputError)  # a missing or empty input fails before any model is fetched
     bundle = load_model(cfg.model)
-    rows = predict_csv(bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target)
+    rows = predict_csv(
+        bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target, cfg.escape_formulas
+    )
     print(f"bp-predict: {rows} rows -> {cfg.output} ({time.perf_counter() - started:.1f} s, model {cfg.model})")
     return 0
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from bp_service.bundle import BundleError, load_bundle
@@ -82,21 +87,82 @@ def _same_overrides(run_dir: Path, wanted: set[str]) -> bool:
     return saved.is_file() and _resumable_overrides(OmegaConf.load(saved)) == wanted
 
 
-def resolve_resume(cfg: DictConfig) -> tuple[str | None, Path]:
-    """(checkpoint to resume from, folder to write checkpoints to): ``ckpt_path=last`` is the newest
-    ``last.ckpt`` of an earlier run with the same overrides; a resumed run keeps writing to its own folder."""
+@dataclass(frozen=True)
+class Resume:
+    """What a run resumes from and where it writes its checkpoints.
+
+    ``in_place``: ``path`` is a run's own ``last.ckpt``, and that run is continued in its folder and its
+    MLflow run. Any other checkpoint (an earlier epoch's, a copy elsewhere) starts a new run in this job's
+    own folder from the checkpoint's state; ``origin`` then records where it came from.
+    """
+
+    path: str | None
+    ckpt_dir: Path
+    in_place: bool = False
+    run_id: str | None = None  # the MLflow run continued (in place only)
+    origin: dict[str, str] = field(default_factory=dict)  # tags of a new run started from another's checkpoint
+
+
+def resolve_resume(cfg: DictConfig) -> Resume:
+    """The checkpoint to resume from, checked, and where this job writes: ``ckpt_path=last`` is the newest
+    ``last.ckpt`` of an earlier run with the same overrides, continued in its own folder."""
     if cfg.ckpt_path is None:
-        return None, Path(cfg.paths.ckpt_dir)
-    if cfg.ckpt_path == "last":
-        wanted = _resumable_overrides(HydraConfig.get().overrides.task)
-        runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
-        candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]
-        if not candidates:
-            raise CheckpointError(
-                f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs_dir}"
-            )
-        path = max(candidates, key=lambda p: p.stat().st_mtime)
-    else:
-        path = Path(cfg.ckpt_path)
-    read_checkpoint(path)  # fail now, naming the file, rather than deep inside Lightning
-    return str(path), path.parent
+        return Resume(None, Path(cfg.paths.ckpt_dir))
+    path = _newest_last(cfg) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).absolute()
+    run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning
+    if cfg.ckpt_path == "last" or _own_last(path, cfg.paths.root_dir):
+        return Resume(str(path), path.resolve().parent, in_place=True, run_id=run_id)
+    origin = {"bp.resumed_from": str(path.resolve())}
+    if run_id:
+        origin["bp.resumed_from_run"] = run_id
+    return Resume(str(path), Path(cfg.paths.ckpt_dir), origin=origin)
+
+
+def _newest_last(cfg: DictConfig) -> Path:
+    wanted = _resumable_overrides(HydraConfig.get().overrides.task)
+    runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
+    candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]
+    if not candidates:
+        raise CheckpointError(
+            f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs_dir}"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _own_last(path: Path, root_dir: str) -> bool:
+    """Whether ``path`` is ``<run>/checkpoints/last.ckpt`` of a bp-train run folder of this home: the only
+    checkpoint whose folder a resume may write into (a copy elsewhere sits beside files of someone else's)."""
+    real = path.resolve()
+    run_dir = real.parent.parent
+    return (
+        real.name == "last.ckpt"
+        and real.parent.name == "checkpoints"
+        and (run_dir / ".hydra" / "overrides.yaml").is_file()
+        and run_dir.is_relative_to(Path(root_dir).resolve() / "outputs")
+    )
+
+
+@contextlib.contextmanager
+def folder_held(ckpt_dir: Path) -> Iterator[None]:
+    """This process alone writes into ``ckpt_dir`` for the block.
+
+    A lock beside the folder, held from before the run's MLflow record opens until after it closes: a
+    resume of a run that is still training is refused, and the kernel releases it when the process dies,
+    however it dies. Under DDP the first process holds it for all.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(ckpt_dir.parent / f".{ckpt_dir.name}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise CheckpointError(
+            f"{ckpt_dir.parent}: that run is still training in another process (it holds {lock.lock_file}); "
+            "wait for it to end, or stop it, then resume"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

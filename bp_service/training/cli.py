@@ -100,10 +100,10 @@ def one_line(exc: BaseException) -> str:
             line = line.strip()
             if not line or line.startswith(_HYDRA_NOISE) or line in parts:
                 continue
-            if parts and (parts[-1].endswith(":") or _continues(parts[-1], line)):
-                parts[-1] += " " + line  # a heading such as "Available options in 'data':", or a sentence wrapped
-            elif parts and parts[-1].startswith("Available options"):
+            if parts and parts[-1].startswith("Available options") and not parts[-1].endswith(":"):
                 parts[-1] += ", " + line
+            elif parts and (parts[-1].endswith(":") or _continues(parts[-1], line)):
+                parts[-1] += " " + line  # a heading such as "Available options in 'data':", or a sentence wrapped
             else:
                 parts.append(line)
         exc = exc.__cause__

@@ -28,6 +28,7 @@ from bp_service.tables import (
     missing_cells,
     numeric_matrix,
     read_feature_frame,
+    shown_names,
     text_columns,
 )
 from bp_service.training.loader import InMemoryLoader
@@ -116,11 +117,12 @@ def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     frame, source = read_feature_frame(cfg.path), str(cfg.path)
     if cfg.target not in frame.columns:
         raise DataError(
-            f"{source}: target column {cfg.target!r} not found (columns: {', '.join(map(str, frame.columns))})"
+            f"{source}: target column {cfg.target!r} not found (columns: {shown_names(list(frame.columns))})"
         )
     features = _csv_features(cfg, frame, source)
     x = numeric_matrix(frame, features, source, fill=[np.nan] * len(features))  # names inf cells by row
     target = frame[cfg.target]
+    _check_empty_columns(cfg, features, x, target, source)
     empty = np.isnan(x).any(axis=1) | target.isna().to_numpy()
     if empty.any() and cfg.missing == "error":
         raise DataError(
@@ -142,6 +144,21 @@ def _csv(cfg) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     else:
         y = target.astype(str).to_numpy() if target.dtype == object else target.to_numpy()
     return x, y, features, task
+
+
+def _check_empty_columns(cfg, features: list[str], x: np.ndarray, target: pd.Series, source: str) -> None:
+    """A column without a single value, named: neither leaving rows out nor filling gaps in can make one up."""
+    if target.isna().all():
+        raise DataError(f"{source}: target column {cfg.target!r} is empty in every row: there is nothing to learn")
+    if cfg.missing != "drop":  # data.missing=mean fills an empty feature with 0 (keep_empty_features)
+        return
+    blank = [name for name, none in zip(features, np.isnan(x).all(axis=0), strict=True) if none]
+    if blank:
+        rest = ",".join(_override_item(name) for name in features if name not in blank)
+        them = "it" if len(blank) == 1 else "them"
+        way_on = f"leave {them} out with 'data.features=[{rest}]'" if rest else "no feature column has a value"
+        columns = f"column {blank[0]!r} is" if len(blank) == 1 else f"columns {', '.join(map(repr, blank))} are"
+        raise DataError(f"{source}: {columns} empty in every row, so data.missing=drop would leave no row; {way_on}")
 
 
 def _csv_features(cfg, frame: pd.DataFrame, source: str) -> list[str]:
@@ -292,7 +309,8 @@ def _encode_labels(y: np.ndarray, source: str, target: str | None) -> tuple[np.n
     encoder = LabelEncoder().fit(y)
     classes = list(encoder.classes_)
     if len(classes) < 2:
-        raise DataError(f"{source}: target {target or 'y'!r} has a single class ({classes[0]!r}); need at least 2")
+        only = classes[0].item() if isinstance(classes[0], np.generic) else classes[0]  # 1, not np.int64(1)
+        raise DataError(f"{source}: target {target or 'y'!r} has a single class ({only!r}); need at least 2")
     return encoder.transform(y), classes
 
 

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler
+from bp_service.training.store import StoreUnavailable
 from bp_service.training.tracking import Tracker, parent_run_id
 
 
@@ -50,7 +52,10 @@ class Run:
     def fit(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, ckpt_dir: Path):
         """``trainer.fit``; stopped by SIGTERM (Lightning stops at a batch end and would exit 0), it keeps the work."""
         self.trainer, self.last_ckpt = trainer, ckpt_dir / "last.ckpt"
-        with self._lightning_handles_sigterm():
+        with self._lightning_handles_sigterm(), warnings.catch_warnings():
+            if ckpt_path:  # a resume writes into a folder with files, or starts a new one: both on purpose
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             except SIGTERMException:
@@ -73,17 +78,27 @@ class Run:
 
 @contextlib.contextmanager
 def open_run(
-    cfg: DictConfig, overrides: list[str], device: str, resume_id: str | None, sweep_dir: str | None
+    cfg: DictConfig,
+    overrides: list[str],
+    device: str,
+    resume_id: str | None,
+    sweep_dir: str | None,
+    origin: dict[str, str] | None = None,
 ) -> Iterator[Run]:
     """The run, open for the block: FINISHED when it ends, KILLED on SIGTERM (exit 143) or Ctrl-C (exit 130),
     FAILED on any other exception (re-raised). The SIGTERM handler is installed before the MLflow run is
-    created, and signals are held while it is: a SIGTERM at any moment closes the run."""
+    created, and signals are held while it is: a SIGTERM at any moment closes the run. ``origin``: tags of a
+    new run started from another run's checkpoint."""
     run, status = Run(), "FAILED"  # until proven otherwise
     try:
         with sigterm_handler(run.on_sigterm):
             if tracks(cfg):
                 with signals_deferred(signal.SIGTERM, signal.SIGINT):
-                    run.tracker = Tracker(cfg, overrides, device, resume_id, parent_run_id(sweep_dir))
+                    try:
+                        run.tracker = Tracker(cfg, overrides, device, resume_id, parent_run_id(sweep_dir), origin)
+                    except StoreUnavailable as exc:  # as for a store lost mid-run: the training is worth more
+                        print(f"bp-train: warning: MLflow tracking is off for this run: {exc}; "
+                              "training goes on without it", file=sys.stderr)  # fmt: skip
             yield run
         status = "FINISHED"
     except SIGTERMException:

@@ -2,17 +2,22 @@
 
 Each raises :class:`~bp_service.training.config.ConfigError` (exit 2, nothing run) with one line naming the field:
 keys added with ``+`` that the schema does not know, non-finite numbers, the seed's range, a precision
-Lightning does not know, an accelerator this machine does not have, a monitored metric no run logs, and
-``data.features`` that name the target or repeat a column.
+Lightning does not know (or one that needs CUDA on a run that trains on the CPU), an accelerator this machine
+does not have, generated data or hidden widths beyond this machine's memory, a monitored metric no run logs,
+and ``data.features`` that name the target or repeat a column.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 import signal
 import typing
 from collections.abc import Iterable
+from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +31,9 @@ from bp_service.training.config import (
     SchedulerConfig,
     SGDConfig,
     TrainConfig,
-    check_targets,
 )
-from bp_service.training.data import DATASETS, MISSING, TASKS
+from bp_service.training.data import DATASETS, GENERATED, MISSING, TASKS
+from bp_service.training.guard import check_targets
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
 CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment")
@@ -106,6 +111,8 @@ def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but this machine has no CUDA device; use trainer=cpu or trainer=default"
         )
+    check_cpu_precision(precision, accelerator)
+    check_memory(cfg)
     d = cfg.data
     if d.features:
         features = [str(f) for f in d.features]
@@ -115,6 +122,21 @@ def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
         for name, what in ((d.target, "data.target"), (d.id_column, "data.id_column")):
             if name is not None and str(name) in features:
                 raise ConfigError(f"data.features includes {name!r}, which is {what}: a model must not see it")
+
+
+# What Lightning runs on the CPU as configured. It turns 16-mixed into bf16-mixed with only a warning (the run's
+# params still say 16-mixed), and 16-true's float16 weights diverge within steps.
+CPU_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true", "64-true", "bf16", "32", "64")
+
+
+def check_cpu_precision(precision: str, accelerator: str) -> None:
+    """A precision that needs CUDA (float16, Transformer Engine) refused when the run trains on the CPU."""
+    gpu_here = torch.cuda.is_available() or torch.backends.mps.is_available()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu_here)
+    if on_cpu and precision not in CPU_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={precision} needs a CUDA device; on the CPU use bf16-mixed, 32-true or 64-true"
+        )
 
 
 def check_monitor(cfg: DictConfig, task: str) -> None:
@@ -159,6 +181,99 @@ def check_data(cfg: DictConfig, data) -> None:
     check_rows(cfg, len(data.x["train"]), cfg.data.path if cfg.data.name == "csv" else f"data={cfg.data.name}")
 
 
+# --------------------------------------------------------------------------- memory
+# Bytes a parameter takes, by precision (mixed precisions keep float32 weights).
+PARAM_BYTES = {"64-true": 8, "64": 8, "16-true": 2, "bf16-true": 2}
+
+
+def _outputs(d: DictConfig) -> int:
+    return d.n_classes if d.name == "synthetic" and d.task != "regression" and d.n_classes > 2 else 1
+
+
+def _data_bytes(cfg: DictConfig) -> tuple[str, int, str] | None:
+    """At least what ``data.n_samples`` generated rows take (measured peaks are 1.2-4x this): scikit-learn's
+    float64 matrix beside the float32 copy kept (12 bytes a feature value), and float32 targets."""
+    d = cfg.data
+    if d.name == "synthetic":
+        label = f"data.n_samples={d.n_samples} x data.n_features={d.n_features}"
+        return label, d.n_samples * (12 * d.n_features + 4 * _outputs(d)), "12 bytes a feature value"
+    if d.name in GENERATED:  # two or three features: one is the bound
+        return f"data.n_samples={d.n_samples}", d.n_samples * 16, "16 bytes a row"
+    return None  # a file or a bundled dataset: its size is what it is
+
+
+def _model_bytes(cfg: DictConfig) -> tuple[str, int, str]:
+    """At least what the network takes: its weights (inputs and outputs counted as the data's, or 1 where
+    only the data knows), their gradients and the optimizer's state, and one batch's activations."""
+    d, hidden = cfg.data, [int(w) for w in cfg.model.net.hidden]
+    sizes = [d.n_features if d.name == "synthetic" else 1, *hidden, _outputs(d)]
+    weights = sum(a * b for a, b in pairwise(sizes))
+    target = str(cfg.optimizer.get("_target_", ""))
+    states = 2 if target.endswith("Adam") else int(cfg.optimizer.get("momentum", 0) > 0)
+    size = PARAM_BYTES.get(str(cfg.trainer.precision), 4)
+    activations = 2 * size * d.batch_size * sum(hidden)  # each layer's output and its gradient
+    return (
+        f"model.net.hidden={hidden}",
+        weights * size * (2 + states) + activations,
+        "weights, gradients, optimizer state",
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes this process could have now: the kernel's MemAvailable (reclaimable cache counts as free), within
+    its cgroup's limit (a container's); None where neither is known."""
+    limits = _cgroup_limits()
+    with contextlib.suppress(OSError, TypeError):
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        limits.append(int(found[1]) * 1024)
+    return min(limits) if limits else None
+
+
+def _cgroup_limits(root: Path = Path("/sys/fs/cgroup")) -> list[int]:
+    """The memory limit of this process's cgroup: v2 ``memory.max``, v1 ``memory.limit_in_bytes``."""
+    limits = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                files = [root / path.lstrip("/") / "memory.max", root / "memory.max"]
+            elif "memory" in controllers.split(","):
+                files = [
+                    root / "memory" / path.lstrip("/") / "memory.limit_in_bytes",
+                    root / "memory/memory.limit_in_bytes",
+                ]
+            else:
+                continue
+            for file in files:
+                with contextlib.suppress(OSError, ValueError):  # "max": no limit
+                    limits.append(int(file.read_text()))
+                    break
+    return limits
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if n < 10 and unit != "bytes" else f"{n:,.0f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def check_memory(cfg: DictConfig) -> None:
+    """Sizes the machine cannot hold, refused before anything is allocated, naming the fields that ask for it.
+
+    The estimates are lower bounds: a refused run could not have fitted; one let through may still not.
+    """
+    have = available_memory()
+    parts = [part for part in (_data_bytes(cfg), _model_bytes(cfg)) if part]
+    need = sum(n for _, n, _ in parts)
+    if have is None or need <= have:
+        return
+    named = [f"{label} needs at least {_size(n)} ({what})" for label, n, what in parts if n >= need / 100]
+    together = " together" if len(named) > 1 else ""
+    raise ConfigError(f"{'; '.join(named)}:{together} more memory than the {_size(have)} this machine has available")
+
+
 # --------------------------------------------------------------------------- ranges and cross-field rules
 def _require(ok: bool, message: str) -> None:
     if not ok:
@@ -179,15 +294,15 @@ def _validate_synthetic(d: DictConfig) -> None:
         _require(d.noise <= 1, f"data.noise must be <= 1 for synthetic classification (labels flipped), got {d.noise}")
         n = informative if informative is not None else d.n_features
         _require(
-            2 * d.n_classes <= 2**n,
+            (2 * d.n_classes - 1).bit_length() <= n,  # 2 * n_classes <= 2**n, without computing 2**n
             f"data.n_informative={n} is too small for data.n_classes={d.n_classes}: "
             f"needs 2 * n_classes <= 2 ** n_informative",
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Range and cross-field checks; raises ConfigError naming the first bad field."""
-    d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.trainer
+def _validate_data(d: DictConfig) -> None:
+    for key, value in d.items():  # before the ranges: inf passes "noise >= 0" and reaches scikit-learn
+        _finite(value, f"data.{key}")
     _require(d.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}")
     _require(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
     if d.name == "csv":
@@ -207,6 +322,11 @@ def validate(cfg: DictConfig) -> None:
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _require(d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
 
+
+def validate(cfg: DictConfig) -> None:
+    """Range and cross-field checks; raises ConfigError naming the first bad field."""
+    m, o, t = cfg.model, cfg.optimizer, cfg.trainer
+    _validate_data(cfg.data)
     n = m.net
     _require(len(n.hidden) >= 1, "model.net.hidden must list at least one hidden width, got []")
     for width in n.hidden:

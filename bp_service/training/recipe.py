@@ -20,9 +20,16 @@ from bp_service.bundle import check_resumable
 from bp_service.gradcheck import check_model
 from bp_service.layers import MLP
 from bp_service.training.artifacts import record_artifacts
-from bp_service.training.checkpoints import AtomicCheckpointIO, read_checkpoint, resolve_resume, resume_run_id
+from bp_service.training.checkpoints import (
+    AtomicCheckpointIO,
+    folder_held,
+    read_checkpoint,
+    resolve_resume,
+    resume_run_id,
+)
 from bp_service.training.config import instantiate
 from bp_service.training.data import BPDataModule, Prepared
+from bp_service.training.guard import check_callback_paths
 from bp_service.training.lifecycle import Run, open_run, slurm_root, tracks
 from bp_service.training.preflight import check_config, check_data
 from bp_service.training.tracking import Tracker
@@ -47,14 +54,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     monitor, mode = monitored_metric(cfg, data.task)
     check_data(cfg, data)
     module = build_module(cfg, net, data)
-    ckpt_path, ckpt_dir = resolve_resume(cfg)  # 4. what to resume, checked before its run reopens
+    resume = resolve_resume(cfg)  # 4. what to resume, checked before its run reopens, and where to write
+    ckpt_path, ckpt_dir = resume.path, resume.ckpt_dir
     if ckpt_path:
         check_resumable(read_checkpoint(ckpt_path), net, data.meta, ckpt_path)
     root_dir, hpc_ckpt, plugins = slurm_root(cfg)
     sweep_dir = hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else None
-    resume_id = resume_run_id(ckpt_path or (str(hpc_ckpt) if hpc_ckpt else None))
+    resume_id = resume.run_id if ckpt_path else resume_run_id(str(hpc_ckpt) if hpc_ckpt else None)
     callbacks = build_callbacks(cfg, monitor, mode, ckpt_dir, tracked=tracks(cfg))
-    with open_run(cfg, list(hydra.overrides.task), device_of(cfg), resume_id, sweep_dir) as run:  # 5. MLflow run
+    # 5. the MLflow run, opened (or reopened) while this job alone writes into its checkpoint folder
+    overrides = list(hydra.overrides.task)
+    with folder_held(ckpt_dir), open_run(cfg, overrides, device_of(cfg), resume_id, sweep_dir, resume.origin) as run:
         module.meta["mlflow_run_id"] = run.tracker.run_id if run.tracker else None  # travels in checkpoints
         trainer = build_trainer(cfg, run, callbacks, root_dir, plugins)
         gradient_check(cfg, trainer, net, run.tracker)  # 6. the hand-written backward vs finite differences
@@ -124,7 +134,9 @@ def build_callbacks(cfg: DictConfig, monitor: str, mode: str, ckpt_dir: Path, tr
     for name, node in cfg.callbacks.items():
         if node is None or (name in REPORTING_CALLBACKS and not tracked):
             continue
-        callbacks[name] = instantiate(node, f"callbacks.{name}", **runtime.get(name, {}))
+        args = {**OmegaConf.to_container(node, resolve=True), **runtime.get(name, {})}
+        check_callback_paths(args, f"callbacks.{name}", (cfg.paths.output_dir, ckpt_dir))
+        callbacks[name] = instantiate(args, f"callbacks.{name}")
     # The Trainer's switches still turn the configured bar and summary off (Lightning refuses a bar with the flag off).
     switched_off = []
     if not cfg.trainer.enable_progress_bar:
@@ -142,7 +154,9 @@ def build_trainer(
     return pl.Trainer(
         **trainer_args,
         logger=run.tracker.logger if run.tracker else False,
-        callbacks=[*callbacks.values(), *(run.tracker.callbacks if run.tracker else [])],
+        # Untracked after all (the store could not be created): the reporting callbacks have no logger to use.
+        callbacks=[c for name, c in callbacks.items() if run.tracker or name not in REPORTING_CALLBACKS]
+        + (run.tracker.callbacks if run.tracker else []),
         plugins=[AtomicCheckpointIO(), *plugins],
         default_root_dir=root_dir,
     )
@@ -165,6 +179,8 @@ def test_best(run: Run, trainer: pl.Trainer, module, datamodule, ckpt_dir: Path,
     checkpoint = trainer.checkpoint_callback
     # Read before test(): restoring the best checkpoint also restores this callback's older state.
     best = (checkpoint.best_model_path or None) if checkpoint else None
+    if best and Path(best).parent.resolve() != ckpt_dir.resolve():  # restored from another folder: not this run's
+        best = None
     best_score = checkpoint.best_model_score if checkpoint else None
     last = ckpt_dir / "last.ckpt"
     return {

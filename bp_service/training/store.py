@@ -7,6 +7,7 @@ the embedded ``<home>/mlflow.db``, with artifacts beside it in ``mlartifacts/``)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -15,6 +16,8 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 from mlflow import MlflowClient
@@ -25,6 +28,26 @@ from bp_service.home import project_root, store_file, tracking_uri
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI."""
+
+
+class StoreUnavailable(TrackingError):
+    """The embedded store could not be created (a full disk): the run trains on without tracking."""
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """Whether a full disk (or quota) is behind ``exc``: an OSError, or SQLite's SQLITE_FULL under SQLAlchemy's."""
+    import sqlite3
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        # sqlite_errorname is Python 3.11's; SQLITE_FULL's own message before that
+        if isinstance(exc, sqlite3.Error) and (
+            getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or str(exc) == "database or disk is full"
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def is_local(uri: str) -> bool:
@@ -83,10 +106,22 @@ def prepare_store(uri: str, root_dir: str | Path) -> None:
     (``duplicate column name``). Here the store is created and migrated in a temporary file, under a lock
     beside it, and renamed into place only when complete. A store an older version left half-created is
     moved aside and recreated when it holds no runs; with runs in it, the error says how to recover.
+    A full disk raises :class:`StoreUnavailable`, naming the folder, with nothing left behind.
     """
     db = store_file(uri)
     if db is None or (db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None):
         return
+    try:
+        _create_store(db, uri, root_dir)
+    except Exception as exc:
+        if not _disk_full(exc):
+            raise
+        # SQLAlchemy's message is the whole CREATE TABLE statement; the folder is what the user can act on
+        raise StoreUnavailable(f"the tracking store {db} could not be created (no space left on {db.parent})") from None
+
+
+def _create_store(db: Path, uri: str, root_dir: str | Path) -> None:
+    """:func:`prepare_store`'s work, under the lock: a store left half-created moved aside, then a new one."""
     from filelock import FileLock
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -105,7 +140,7 @@ def prepare_store(uri: str, root_dir: str | Path) -> None:
             aside = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(db, aside)
             warnings.warn(
-                f"tracking store {db} was half-created ({what}) and held no runs: moved to {aside}", stacklevel=2
+                f"tracking store {db} was half-created ({what}) and held no runs: moved to {aside}", stacklevel=3
             )
         for stale in db.parent.glob(f".{db.name}.*.tmp*"):  # left by a creator that was killed: we hold the lock
             stale.unlink(missing_ok=True)
@@ -138,15 +173,54 @@ def check_reachable(uri: str) -> None:
 
 
 def ensure_experiment(uri: str, name: str, root_dir: str | Path) -> str:
-    """Experiment id for ``name``, created with an absolute artifact location if new."""
+    """Experiment id for ``name``, created with an absolute artifact location if new; an existing one of the
+    home's own store must keep its artifacts in this home (see :func:`check_artifacts_home`)."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage != "deleted":
+        check_artifacts_home(uri, experiment, root_dir)
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location(uri, root_dir))
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
         return client.get_experiment_by_name(name).experiment_id
+
+
+def check_artifacts_home(uri: str, experiment: Any, root_dir: str | Path) -> None:
+    """Refuse an experiment of the home's own store whose artifacts are in another folder.
+
+    MLflow fixes an experiment's artifact location, absolute, when it creates it. In a home that was moved
+    or copied, the store still names the old home's ``mlartifacts``: a run would write its artifacts there
+    (recreating a moved home's old path, or writing into the original of a copy). A store of another place
+    (``MLFLOW_TRACKING_URI``, a server) keeps its artifacts where it was set up to.
+    """
+    home, db = Path(root_dir).resolve(), store_file(uri)
+    location = urlparse(experiment.artifact_location or "")
+    if db is None or not db.is_relative_to(home) or location.scheme not in ("", "file"):
+        return
+    folder = Path(url2pathname(location.path)).resolve()
+    if not folder.is_relative_to(home):
+        raise TrackingError(
+            f"experiment {experiment.name!r} of {db} keeps its artifacts in {folder}, outside this home {home} "
+            "(was the home moved or copied?): nothing was run; record in a new experiment with "
+            "tracking.experiment=<name>, or use the home from its old place"
+        )
+
+
+def pid_namespace() -> str | None:
+    """The PID namespace this process's pid is counted in (``pid:[inode]``); None where unknown (not Linux)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def boot_id() -> str | None:
+    """This boot of the kernel (a new one at each restart; shared by every container on it); None where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def process_start(pid: int) -> str | None:
@@ -158,37 +232,58 @@ def process_start(pid: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- runs left RUNNING
-def _owner_gone(tags: Mapping[str, str]) -> str | None:
-    """Why the process holding a run is known to be gone; None when it may be alive (or is elsewhere)."""
-    if tags.get("bp.host") != socket.gethostname() or not tags.get("bp.pid", "").isdigit():
-        return None
-    pid = int(tags["bp.pid"])
+def owner_state(tags: Mapping[str, str]) -> tuple[str, str]:
+    """(state, why) of the process that holds a run: ``gone`` only when proven, else ``alive``, ``elsewhere``
+    (another host name) or ``cannot tell``.
+
+    A pid means something only in the PID namespace it was counted in: another container on this host (a
+    host-network stack, Kubernetes' hostNetwork) shares the host name but not the namespace, and there its
+    pid is someone else's. A new boot id under the same host name means the host restarted since.
+    """
+    if tags.get("bp.host") != socket.gethostname():
+        return "elsewhere", f"on host {tags.get('bp.host', '?')}"
+    pid, ns, boot = tags.get("bp.pid", ""), tags.get("bp.pid_ns"), tags.get("bp.boot_id")
+    here_ns, here_boot = pid_namespace(), boot_id()
+    if not (pid.isdigit() and ns and boot and here_ns and here_boot):
+        return "cannot tell", "its PID namespace or boot is not recorded"
+    if boot != here_boot:
+        return "gone", "this host has restarted since"
+    if ns != here_ns:
+        return "cannot tell", f"pid {pid} of another PID namespace, {ns}: another container?"
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
-        return f"process {pid} is gone"
+        return "gone", f"process {pid} is gone"
     except PermissionError:  # alive, another user's
         pass
-    started = process_start(pid)
+    started = process_start(int(pid))
     if tags.get("bp.pid_start") and started and started != tags["bp.pid_start"]:
-        return f"process {pid} is gone (the pid now belongs to another process)"
-    return None
+        return "gone", f"process {pid} is gone (the pid now belongs to another process)"
+    return "alive", f"process {pid} is running"
 
 
-def stale_runs(uri: str) -> list[tuple[Any, str | None]]:
-    """Every RUNNING run in the store with why its process is known gone (None: alive, or on another host)."""
+def stale_runs(uri: str) -> list[tuple[Any, str, str]]:
+    """Every RUNNING run in the store with the state of its process and why (see :func:`owner_state`)."""
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000) if experiments else []
-    return [(run, _owner_gone(run.data.tags)) for run in runs]
+    return [(run, *owner_state(run.data.tags)) for run in runs]
+
+
+_LEFT = {
+    "alive": "running ({}): left as it is",
+    "elsewhere": "{}: left as it is",
+    "cannot tell": "cannot tell ({}): left as it is",
+}
 
 
 def close_stale_main(argv: list[str]) -> int:
     """``bp-train --stale-runs [--close]``: list runs left RUNNING by a killed process; close them KILLED.
 
-    Only runs whose process is known to be gone are closed: recorded on this host, and its pid no longer
-    runs (or now belongs to a process started later). Runs of other hosts are listed, never touched.
-    The store is ``MLFLOW_TRACKING_URI``, else the embedded one under ``BP_SERVICE_HOME``.
+    Only runs whose process is proven gone are closed (:func:`owner_state`): recorded on this host, in this
+    boot and PID namespace, and its pid no longer runs (or now belongs to a process started later); or
+    recorded in an earlier boot of this host. Runs of other hosts, and those it cannot tell, are listed, never
+    touched. The store is ``MLFLOW_TRACKING_URI``, else the embedded one under ``BP_SERVICE_HOME``.
     """
     close = "--close" in argv
     unknown = [a for a in argv if a != "--close"]
@@ -205,19 +300,20 @@ def close_stale_main(argv: list[str]) -> int:
     with quick_http():
         found = stale_runs(uri)
     closed = 0
-    for run, gone in found:
+    for run, state, why in found:
         name = run.info.run_name or ""
         where = f"{run.data.tags.get('bp.host', '?')} pid {run.data.tags.get('bp.pid', '?')}"
-        if gone and close:
+        if state == "gone" and close:
             client = MlflowClient(uri)
-            client.set_tag(run.info.run_id, "bp.closed_as_stale", gone)
+            client.set_tag(run.info.run_id, "bp.closed_as_stale", why)
             client.set_terminated(run.info.run_id, "KILLED")
             closed += 1
-            state = f"closed KILLED ({gone})"
-        elif gone:
-            state = f"stale ({gone}): close with --close"
+            line = f"closed KILLED ({why})"
+        elif state == "gone":
+            line = f"stale ({why}): close with --close"
         else:
-            state = "running, or on another host: left as it is"
-        print(f"{run.info.run_id}  {name[:40]:<40}  {where:<28}  {state}")
-    print(f"{len(found)} RUNNING run(s) in {uri}; {closed} closed")
+            line = _LEFT[state].format(why)
+        print(f"{run.info.run_id}  {name[:40]:<40}  {where:<28}  {line}")
+    untold = sum(state == "cannot tell" for _, state, _ in found)
+    print(f"{len(found)} RUNNING run(s) in {uri}; {closed} closed; {untold} cannot tell")
     return 0

@@ -14,6 +14,7 @@ import platform
 import re
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -37,8 +38,10 @@ from bp_service.home import default_uri, tracking_uri
 from bp_service.training.store import (
     TrackingError,
     artifact_location,
+    boot_id,
     check_reachable,
     ensure_experiment,
+    pid_namespace,
     prepare_store,
     process_start,
     quick_http,
@@ -105,12 +108,14 @@ def git_commit() -> str | None:
 
 
 def owner_tags() -> dict[str, str]:
-    """Which process holds a run RUNNING: host, pid and the pid's start time (a reused pid is another process)."""
-    tags = {"bp.host": socket.gethostname(), "bp.pid": str(os.getpid())}
-    started = process_start(os.getpid())
-    if started:
-        tags["bp.pid_start"] = started
-    return tags
+    """Which process holds a run RUNNING: host, the kernel's boot, the PID namespace its pid is counted in, the
+    pid and its start time (a reused pid is another process). Containers on one host share its name and boot."""
+    found = {
+        "bp.pid_start": process_start(os.getpid()),
+        "bp.pid_ns": pid_namespace(),
+        "bp.boot_id": boot_id(),
+    }
+    return {"bp.host": socket.gethostname(), "bp.pid": str(os.getpid()), **{k: v for k, v in found.items() if v}}
 
 
 def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, str]:
@@ -430,6 +435,7 @@ class Tracker:
         device: what trains, recorded as a tag.
         resume_run_id: continue this run (read from the checkpoint being resumed) instead of starting one.
         parent_run_id: the sweep's parent run, for jobs of a multirun.
+        origin: tags of a new run started from another run's checkpoint (where it came from).
     """
 
     def __init__(
@@ -439,6 +445,7 @@ class Tracker:
         device: str,
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
+        origin: dict[str, str] | None = None,
     ) -> None:
         self.uri = resolve_uri(cfg)
         # A server lost mid-run must cost seconds, not MLflow's default minutes of retries per call.
@@ -450,7 +457,7 @@ class Tracker:
         cfg.tracking.experiment = self._parent_experiment(parent_run_id) or experiment_name(cfg)
         self.experiment = cfg.tracking.experiment
         ensure_experiment(self.uri, self.experiment, cfg.paths.root_dir)
-        tags = run_tags(overrides, device, cfg.paths.output_dir)
+        tags = {**run_tags(overrides, device, cfg.paths.output_dir), **(origin or {})}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self.logger = ResilientMLFlowLogger(
@@ -489,8 +496,10 @@ class Tracker:
             try:
                 MlflowClient(self.uri).get_run(resume_run_id)
             except mlflow.exceptions.MlflowException:
-                warnings.warn(
-                    f"run {resume_run_id} of the checkpoint is not in {self.uri}; starting a new run", stacklevel=3
+                print(
+                    f"bp-train: note: MLflow run {resume_run_id} of the checkpoint is not in {self.uri} "
+                    "(store deleted or replaced?); the training continues in a new MLflow run",
+                    file=sys.stderr,
                 )
                 resume_run_id = None
         return resume_run_id
