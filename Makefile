@@ -29,7 +29,7 @@ UI_JOBS    ?= false
 ui: $(STAMP) ## Open the MLflow dashboard over the store every command uses, on its training-runs view (http://127.0.0.1:5000)
 	@echo "MLflow dashboard, training runs: http://127.0.0.1:$(or $(PORT),5000)/#/experiments?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(UI_JOBS) $(BIN)/mlflow ui --workers $(UI_WORKERS) \
-	  --backend-store-uri "$$($(BIN)/bp-predict --tracking-uri)" --host 127.0.0.1 --port $(or $(PORT),5000)
+	  --backend-store-uri "$$($(BIN)/bp-runs uri)" --host 127.0.0.1 --port $(or $(PORT),5000)
 
 explain: $(STAMP) ## Show the worked example: every chain-rule factor of the 3-2-1 network, with numbers
 	$(BIN)/bp-explain $(ARGS)
@@ -53,6 +53,9 @@ lint: $(STAMP) ## ruff check + ruff format --check + hadolint on the Dockerfiles
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
+docs: $(STAMP) ## Build the docs site (README's pages in docs/) into site/ with MkDocs; a broken link or anchor fails
+	$(BIN)/mkdocs build --strict --site-dir site
+
 format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -62,9 +65,9 @@ lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
 	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
-	rm -rf .pytest_cache .ruff_cache outputs multirun
+	rm -rf .pytest_cache .ruff_cache outputs multirun site
 
-.PHONY: help install train ui explain bench test test-slow test-gpu lint format lock clean
+.PHONY: help install train ui explain bench test test-slow test-gpu lint docs format lock clean
 
 # --------------------------------------------------------------------------- Docker
 IMAGE       ?= bp-service:latest

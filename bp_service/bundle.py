@@ -25,7 +25,7 @@ import torch
 
 from bp_service.commands import first_line
 from bp_service.files import atomic_path
-from bp_service.layers import ACTIVATIONS, MLP
+from bp_service.layers import ACTIVATIONS, MLP, OUTPUT_ACTIVATIONS
 
 
 class BundleError(ValueError):
@@ -181,10 +181,11 @@ def check_architecture(arch: Any, where: str) -> list[int]:
     names = [*names, arch.get("output_activation")] if "activations" not in arch else names
     if not isinstance(names, list) or len(names) < 1 or ("activations" in arch and len(names) != len(sizes) - 1):
         raise BundleError(f"{where}: architecture: activations must be one name per layer")
-    for name in names:
-        if name is not None and (not isinstance(name, str) or name not in ACTIVATIONS):
+    for i, name in enumerate(names):
+        known = OUTPUT_ACTIVATIONS if i == len(names) - 1 else ACTIVATIONS  # softmax: the output layer only
+        if name is not None and (not isinstance(name, str) or name not in known):
             raise BundleError(
-                f"{where}: architecture: unknown activation {shown_key(name)} (known: {', '.join(ACTIVATIONS)})"
+                f"{where}: architecture: unknown activation {shown_key(name)} (known: {', '.join(known)})"
             )
     for key in ("fused", "bias"):
         if not isinstance(arch.get(key, True), bool):
@@ -330,9 +331,12 @@ def check_resumable(bundle: dict[str, Any], net: MLP, meta: dict[str, Any], wher
     theirs = build_net(bundle["architecture"])
     for key in ("sizes", "activations", "fused"):
         if getattr(theirs, key) != getattr(net, key):
+            hint = "resume with the model settings it was trained with"
+            if key == "activations" and (theirs.activations[-1], net.activations[-1]) == ("sigmoid", "softmax"):
+                hint += " (model.loss=mse keeps the sigmoid outputs classification had before cross_entropy)"
             raise BundleError(
                 f"{where}: a checkpoint of another network ({key} {getattr(theirs, key)}, this config builds "
-                f"{getattr(net, key)}); resume with the model settings it was trained with"
+                f"{getattr(net, key)}); {hint}"
             )
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in bundle["state_dict"].items() if hasattr(v, "shape")}
@@ -370,7 +374,8 @@ def predict_frame(net: MLP, meta: dict[str, Any], raw: np.ndarray) -> pd.DataFra
     classes = meta["classes"]
     if out.shape[1] == 1:  # one sigmoid output: P(second class)
         proba = np.concatenate([1 - out, out], axis=1)
-    else:  # sigmoid outputs are independent scores: normalise them to sum to one
+    else:  # softmax outputs are probabilities already (this only removes float32 rounding from their sum);
+        # sigmoid outputs (MSE-trained models, and every model before softmax) are independent scores: normalised
         proba = out / np.clip(out.sum(axis=1, keepdims=True), 1e-12, None)
     frame = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[proba.argmax(axis=1)]})
     for k, label in enumerate(classes):

@@ -32,6 +32,15 @@ def bp_predict() -> None:
     _run("bp_service.serving.predict", "bp-predict")
 
 
+def bp_runs() -> None:
+    if sys.argv[1:] == ["uri"]:  # read by shells in $(...) (make ui): answered without the heavy imports
+        from bp_service.home import tracking_uri
+
+        print(tracking_uri())
+        sys.exit(0)
+    _run("bp_service.training.runs", "bp-runs")
+
+
 def bp_explain() -> None:
     _run("bp_service.explain.cli", "bp-explain")
 

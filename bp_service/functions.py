@@ -7,44 +7,48 @@ Every Function follows one style:
 * ``backward`` states the derivative once, as a formula, guarded by ``ctx.needs_input_grad``;
 * ``jvp`` states the same derivative in forward mode.
 
+An activation's forward and derivative are written once, in its record in
+:mod:`bp_service.activations`; its Function here is made from that record.
+
 ``backward`` and ``jvp`` are built from differentiable torch ops, so second derivatives
 (``gradgradcheck``, Hessian-vector products) flow through them, and ``generate_vmap_rule``
 lets ``torch.func.vmap`` batch them. Nothing here modifies a gradient it was given.
 
 Symbols in shape comments: ``N`` batch (all leading dimensions flattened), ``H_in`` input
-features, ``H_out`` output features. This module imports only torch.
+features, ``H_out`` output features. This module imports only torch; how a call reaches a Function
+(autocast, torch.compile, torch.func) is :mod:`bp_service.dispatch`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import Function, forward_ad
+from torch.autograd import Function
+
+from bp_service import dispatch
+from bp_service.activations import ACTIVATIONS, CROSS_ENTROPY_OUTPUTS
 
 __all__ = [
+    "BinaryCrossEntropyFunction",
+    "CrossEntropyFunction",
     "L1LossFunction",
     "LinearFunction",
     "LinearSigmoidFunction",
-    "MLPCostFuncFunction",
     "MLPCostFunction",
+    "MLPCostTransformsFunction",
     "MSELossFunction",
-    "ReLUFunction",
-    "SigmoidFunction",
-    "TanhFunction",
     "backprop",
+    "binary_cross_entropy",
+    "cross_entropy",
     "gradient_norms",
     "l1_loss",
     "linear",
     "linear_sigmoid",
     "mlp_cost",
     "mse_loss",
-    "relu",
-    "sigmoid",
-    "tanh",
-]
+]  # and, from the table, each activation's Function and functional alias: SigmoidFunction, sigmoid, ...
 
 
 # --------------------------------------------------------------------------- input checks
@@ -89,11 +93,6 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     else:
         z = torch.addmm(bias, x2, weight.T)  # b + (N, H_in) @ (H_in, H_out) -> (N, H_out)
     return z if x.dim() == 2 else z.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _sigmoid_delta(grad_y: Tensor, y: Tensor) -> Tensor:
-    """dL/dz = dL/dy * y (1 - y) for y = sigmoid(z), read off the saved output y."""
-    return grad_y * y * (1 - y)  # (*, H) x (*, H) -> (*, H)
 
 
 def _affine_backward(ctx, delta: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor | None, ...]:
@@ -155,85 +154,65 @@ class LinearFunction(Function):
         return _affine_jvp(x, weight, dx, dw, db)
 
 
-class SigmoidFunction(Function):
-    """y = 1 / (1 + exp(-x)).  Backward: dL/dx = dL/dy * y (1 - y), from the saved output."""
+def _times_derivative(grad_a: Tensor, saved: Tensor, activation: str | None, inplace: bool) -> Tensor:
+    """delta = dL/dz = dL/da * f'(z), f' from the activation's record (:mod:`bp_service.activations`).
 
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.sigmoid(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return _sigmoid_delta(grad_y, y)  # dL/dx = dL/dy * sigmoid'(x), sigmoid' = y(1-y)
-
-    @staticmethod
-    def jvp(ctx, dx):
-        (y,) = ctx.saved_tensors
-        return dx * y * (1 - y)
+    ``saved`` is what the record's derivative reads: the output a, or the input z. ``inplace``
+    overwrites ``grad_a``, a buffer the caller allocated itself, when no graph of the backward is
+    being built. No activation (a linear layer): f' = 1.
+    """
+    if activation is None:
+        return grad_a
+    rule = ACTIVATIONS[activation]
+    if rule.jacobian_product is not None:  # f not elementwise (softmax): delta = J dL/da
+        return rule.jacobian_product(grad_a, saved)
+    f_prime = rule.derivative(saved)  # (*, H)
+    return grad_a.mul_(f_prime) if inplace else grad_a * f_prime
 
 
-class TanhFunction(Function):
-    """y = tanh(x).  Backward: dL/dx = dL/dy * (1 - y^2), from the saved output."""
+def _activation_function(name: str) -> type[Function]:
+    """The per-layer Function of ``ACTIVATIONS[name]``: a = f(z); backward and forward mode dL/da * f'."""
+    rule = ACTIVATIONS[name]
 
-    generate_vmap_rule = True
+    class ActivationFunction(Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.tanh(x)
+        @staticmethod
+        def forward(x: Tensor) -> Tensor:
+            return ACTIVATIONS[name].forward(x)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            saved = output if ACTIVATIONS[name].reads == "output" else inputs[0]  # what f' is read off
+            ctx.save_for_backward(saved)
+            ctx.save_for_forward(saved)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return grad_y * (1 - y * y)  # dL/dx = dL/dy * tanh'(x), tanh' = 1 - y^2
+        @staticmethod
+        def backward(ctx, grad_y):
+            (saved,) = ctx.saved_tensors
+            return _times_derivative(grad_y, saved, name, inplace=False)  # dL/dx = dL/dy * f'(x)
 
-    @staticmethod
-    def jvp(ctx, dx):
-        (y,) = ctx.saved_tensors
-        return dx * (1 - y * y)
+        @staticmethod
+        def jvp(ctx, dx):
+            (saved,) = ctx.saved_tensors
+            return _times_derivative(dx, saved, name, inplace=False)  # dy = f'(x) dx
+
+    ActivationFunction.__name__ = ActivationFunction.__qualname__ = f"{rule.title}Function"
+    ActivationFunction.__doc__ = f"a = {name}(z), its derivative read off its {rule.reads} (see ``ACTIVATIONS``)."
+    return ActivationFunction
 
 
-class ReLUFunction(Function):
-    """y = max(x, 0).  Backward: dL/dx = dL/dy where y > 0, else 0 (subgradient 0 at 0, as torch)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.clamp_min(x, 0)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (y,) = ctx.saved_tensors
-        return grad_y * (y > 0)  # dL/dx = dL/dy * relu'(x), relu' = 1[x > 0] (read off y > 0)
-
-    @staticmethod
-    def jvp(ctx, dx):
-        (y,) = ctx.saved_tensors
-        return dx * (y > 0).to(dx.dtype)
+# One Function per record, a module global by its own name (``SigmoidFunction``): Dynamo finds a
+# class it traces by module and name.
+ACTIVATION_FUNCTIONS: dict[str, type[Function]] = {name: _activation_function(name) for name in ACTIVATIONS}
+globals().update({fn.__name__: fn for fn in ACTIVATION_FUNCTIONS.values()})
+__all__ += [fn.__name__ for fn in ACTIVATION_FUNCTIONS.values()]
 
 
 class LinearSigmoidFunction(Function):
     """y = sigmoid(x W^T + b), fused: one layer of the worked example.
 
-    The hidden-layer delta dL/dz = dL/dy * y (1 - y) is computed once and then shared by
+    The hidden-layer delta dL/dz = dL/dy * sigmoid'(z) (sigmoid's record) is computed once and then shared by
     all three gradients, exactly as backpropagation reuses it:
         dL/dx = delta W,  dL/dW = delta^T x,  dL/db = sum of delta over every leading dimension.
     Only x, W and the output y are saved; the pre-activation z is never kept.
@@ -244,7 +223,7 @@ class LinearSigmoidFunction(Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         _check_linear("linear_sigmoid", x, weight, bias)
-        return _affine(x, weight, bias).sigmoid_()  # in place: z is never needed again
+        return ACTIVATIONS["sigmoid"].forward_(_affine(x, weight, bias))  # in place: z is never needed again
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -256,13 +235,13 @@ class LinearSigmoidFunction(Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, y = ctx.saved_tensors
-        delta = _sigmoid_delta(grad_y, y)  # dL/dz = dL/dy * sigmoid'(z), sigmoid' = y(1-y)
+        delta = _times_derivative(grad_y, y, "sigmoid", inplace=False)  # dL/dz = dL/dy * sigmoid'(z)
         return _affine_backward(ctx, delta, x, weight)
 
     @staticmethod
     def jvp(ctx, dx, dw, db):
         x, weight, y = ctx.saved_tensors
-        return _affine_jvp(x, weight, dx, dw, db) * y * (1 - y)
+        return _times_derivative(_affine_jvp(x, weight, dx, dw, db), y, "sigmoid", inplace=False)
 
 
 # --------------------------------------------------------------------------- losses
@@ -341,46 +320,140 @@ def _tangent_difference(dpred: Tensor | None, dtarget: Tensor | None, like: Tens
     return dpred - dtarget if dtarget is not None else dpred
 
 
+# Cross-entropy, the cost of a softmax or sigmoid output layer, taken from the logits z (the last
+# layer's pre-activation) in the forms that stay finite at any z:
+#
+#   softmax + cross-entropy, rows of y distributions (one-hot labels), N rows of K classes:
+#       C = -(1/N) sum_n sum_k y_nk log p_nk,   log p = z - logsumexp(z),  p = softmax(z)
+#       logsumexp(z) = m + log sum_k exp(z_k - m), m = max_k z_k: no exp overflows, no log of 0.
+#   sigmoid + binary cross-entropy, any number of independent outputs (binary, multi-label):
+#       C = -(1/N) sum_n sum_k [y log s + (1 - y) log(1 - s)],  s = sigmoid(z)
+#         =  (1/N) sum_n sum_k [softplus(z) - y z]   as log s = -softplus(-z), log(1 - s) = -softplus(z)
+#       softplus(z) = max(z, 0) + log1p(exp(-|z|)): exp of a non-positive number only.
+#
+# Both are summed over outputs and averaged over rows, as scikit-learn's log-loss (for one output
+# this is nn.BCEWithLogitsLoss; for K > 1 sigmoid outputs it is K times that mean over elements).
+#
+# Their derivative with respect to z collapses to the same delta:
+#   softmax:  dC/dz_i = -(1/N) sum_k y_k d(log p_k)/dz_i = -(1/N) sum_k y_k (1[i = k] - p_i)
+#                     = (p_i sum_k y_k - y_i) / N = (p_i - y_i) / N,   since each row of y sums to 1;
+#   sigmoid:  dC/dz   = (softplus'(z) - y) / N = (s - y) / N,          since softplus' = sigmoid.
+# So delta_L = (a_L - y) / N: the output activation's derivative cancels against the cost's (each is
+# the canonical link of its likelihood), which is why it never saturates as sigmoid + MSE does.
+# With respect to the target: dC/dy = -log p / N (softmax), -z / N (sigmoid).
+def _log_softmax(z: Tensor) -> Tensor:
+    """log p = z - logsumexp(z) along the last dimension, the row's max subtracted first (one fused kernel)."""
+    return torch.log_softmax(z, -1)  # (*, K) -> (*, K)
+
+
+def _softplus(z: Tensor) -> Tensor:
+    """log(1 + exp(z)) = max(z, 0) + log1p(exp(-|z|)), finite for every finite z."""
+    return z.clamp_min(0) + torch.log1p(torch.exp(-z.abs()))
+
+
+def _rows(t: Tensor) -> int:
+    """N, the rows a cost averages over: every leading dimension together (1 for a vector)."""
+    return t.numel() // t.shape[-1] if t.dim() else 1
+
+
+class CrossEntropyFunction(Function):
+    """Softmax cross-entropy from logits: C = -(1/N) sum y log softmax(z), each row of y a distribution.
+
+    Backward (derivation above): dC/dz = (softmax(z) - y) / N,  dC/dy = -log softmax(z) / N.
+    ``F.cross_entropy(z, y)`` with probability targets, for 2-D z. Only z and y are saved; log p is
+    recomputed in backward, so that a second derivative sees it as the function of z it is.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, target: Tensor) -> Tensor:
+        _check_loss("cross_entropy", logits, target)
+        return -(target * _log_softmax(logits)).sum() / _rows(logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target = ctx.saved_tensors
+        scale = grad_loss / _rows(logits)
+        log_p = _log_softmax(logits)
+        grad_z = (log_p.exp() - target) * scale if ctx.needs_input_grad[0] else None  # (p - y) / N
+        grad_y = -log_p * scale if ctx.needs_input_grad[1] else None  # -log p / N
+        return grad_z, grad_y
+
+    @staticmethod
+    def jvp(ctx, dlogits, dtarget):
+        logits, target = ctx.saved_tensors
+        log_p = _log_softmax(logits)
+        dcost = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        if dlogits is not None:
+            dcost = dcost + ((log_p.exp() - target) * dlogits).sum()
+        if dtarget is not None:
+            dcost = dcost - (log_p * dtarget).sum()
+        return dcost / _rows(logits)
+
+
+class BinaryCrossEntropyFunction(Function):
+    """Sigmoid binary cross-entropy from logits: C = (1/N) sum [softplus(z) - y z], summed over outputs.
+
+    Backward (derivation above): dC/dz = (sigmoid(z) - y) / N,  dC/dy = -z / N.
+    ``F.binary_cross_entropy_with_logits(z, y)`` times the number of outputs K (its mean is over N K).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: Tensor, target: Tensor) -> Tensor:
+        _check_loss("binary_cross_entropy", logits, target)
+        return (_softplus(logits) - target * logits).sum() / _rows(logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target = inputs
+        ctx.save_for_backward(logits, target)
+        ctx.save_for_forward(logits, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, target = ctx.saved_tensors
+        scale = grad_loss / _rows(logits)
+        grad_z = (torch.sigmoid(logits) - target) * scale if ctx.needs_input_grad[0] else None  # (s - y) / N
+        grad_y = -logits * scale if ctx.needs_input_grad[1] else None  # -z / N
+        return grad_z, grad_y
+
+    @staticmethod
+    def jvp(ctx, dlogits, dtarget):
+        logits, target = ctx.saved_tensors
+        dcost = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        if dlogits is not None:
+            dcost = dcost + ((torch.sigmoid(logits) - target) * dlogits).sum()
+        if dtarget is not None:
+            dcost = dcost - (logits * dtarget).sum()
+        return dcost / _rows(logits)
+
+
 # --------------------------------------------------------------------------- the whole network
 # One Function for the forward pass, the cost and backpropagation through every layer: the
 # algorithm the worked example teaches, and one autograd node per training step instead of
 # one per layer (each ``Function.apply`` costs tens of microseconds of Python).
-_ACTIVATION_NAMES = ("sigmoid", "tanh", "relu", None)
-
-
-def _activate_(z: Tensor, activation: str | None) -> Tensor:
-    """a = f(z), in place: z is a buffer of the forward pass and never needed again."""
-    if activation == "sigmoid":
-        return z.sigmoid_()
-    if activation == "tanh":
-        return z.tanh_()
-    if activation == "relu":
-        return z.clamp_min_(0)
+def _activate(z: Tensor, activation: str | None, inplace: bool) -> Tensor:
+    """a = f(z); ``inplace``: written into z, a buffer of the forward pass never needed again."""
     if activation is None:
         return z
-    raise ValueError(f"unknown activation {activation!r}, expected one of {_ACTIVATION_NAMES}")
+    rule = ACTIVATIONS[activation]
+    return rule.forward_(z) if inplace and rule.forward_ is not None else rule.forward(z)
 
 
-def _activate(z: Tensor, activation: str | None) -> Tensor:
-    """a = f(z) as a new tensor, for a forward pass that autograd records."""
-    return _activate_(z.clone(), activation) if activation is not None else z
-
-
-def _times_derivative(grad_a: Tensor, a: Tensor, activation: str | None, inplace: bool) -> Tensor:
-    """delta = dC/dz = dC/da * f'(z), with f' read off the layer's output a.
-
-    ``inplace`` overwrites ``grad_a``, a buffer the backward allocated itself, when no graph of
-    the backward is being built.
-    """
-    if activation is None:  # linear output: f' = 1
-        return grad_a
-    if activation == "sigmoid":  # f' = a (1 - a)
-        if inplace:  # u = g a, then u - u a = g a (1 - a): two passes, no new buffer
-            return grad_a.mul_(a).addcmul_(grad_a, a, value=-1)
-        return grad_a * a * (1 - a)
-    if activation == "tanh":  # f' = 1 - a^2
-        return grad_a.mul_(1 - a * a) if inplace else grad_a * (1 - a * a)
-    return grad_a.mul_(a > 0) if inplace else grad_a * (a > 0)  # relu: f' = 1[a > 0]
+def _derivative_reads(layer: int, x: Tensor, params: tuple, acts: list, activation: str | None) -> Tensor:
+    """What layer l's f' is read off: its output a_l, or z_l = a_{l-1} W_l^T + b_l recomputed (not kept)."""
+    if activation is None or ACTIVATIONS[activation].reads == "output":
+        return acts[layer]
+    return _affine(x if layer == 0 else acts[layer - 1], params[2 * layer], params[2 * layer + 1])
 
 
 def _network_forward(
@@ -394,19 +467,14 @@ def _network_forward(
             z = a @ weight.T  # (N, H_in) @ (H_in, H_out) -> (N, H_out)
         else:
             z = torch.addmm(bias, a, weight.T)  # b + (N, H_in) @ (H_in, H_out) -> (N, H_out)
-        a = _activate_(z, activation) if inplace else _activate(z, activation)
+        a = _activate(z, activation, inplace)
         acts.append(a)
     return acts
 
 
-def _cost_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The cost is summed in at least float32, as native losses are under autocast."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _difference(pred: Tensor, target: Tensor) -> Tensor:
     """a_L - y in the cost's dtype (casts cost a call each, so only when needed)."""
-    dtype = _cost_dtype(pred.dtype)
+    dtype = dispatch.cost_dtype(pred.dtype)
     if pred.dtype == target.dtype == dtype:
         return pred - target
     return pred.to(dtype) - target.to(dtype)
@@ -419,6 +487,80 @@ def _cost(diff: Tensor, cost: str) -> Tensor:
     if cost == "l1":
         return diff.abs().mean()
     raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(LOSSES)}")
+
+
+# The output activations cross-entropy pairs with; their derivative is folded into the cost's delta.
+_CROSS_ENTROPY_OUTPUTS = CROSS_ENTROPY_OUTPUTS
+
+
+def _network_cost(
+    x: Tensor, target: Tensor, params: tuple, activations: tuple, cost: str, inplace: bool
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """([a_1, ..., a_L], a_L - y, C): the forward pass and the cost; a_L - y in the cost's dtype.
+
+    Cross-entropy is taken from the logits z_L (derivation above :func:`_log_softmax`), so the
+    output layer is run linear first; a_L = softmax(z_L) = exp(log p) or sigmoid(z_L) follows.
+    """
+    if cost != "cross_entropy":
+        acts = _network_forward(x, params, activations, inplace)  # [a_1, ..., a_L]
+        _check_target(target, acts[-1])
+        diff = _difference(acts[-1], target)  # (N, H_L)
+        return acts, diff, _cost(diff, cost)
+    output = activations[-1]
+    if output not in _CROSS_ENTROPY_OUTPUTS:
+        raise ValueError(f"mlp_cost: cross_entropy needs a softmax or sigmoid output layer, got {output!r}")
+    acts = _network_forward(x, params, (*activations[:-1], None), inplace)  # [a_1, ..., a_{L-1}, z_L]
+    z = acts[-1]
+    _check_target(target, z)
+    dtype = dispatch.cost_dtype(z.dtype)
+    zc = z if z.dtype == dtype else z.to(dtype)  # (N, K)
+    y = target if target.dtype == dtype else target.to(dtype)
+    n = zc.shape[0]
+    if output == "softmax":
+        log_p = _log_softmax(zc)  # (N, K)
+        c = torch.dot(y.reshape(-1), log_p.reshape(-1)) * (-1 / n)  # C = -(1/N) sum y log p: (NK,) . (NK,)
+        a = log_p.exp_() if inplace else log_p.exp()  # p = softmax(z_L)
+    else:
+        c = (_softplus(zc) - y * zc).sum() / n  # C = (1/N) sum [softplus(z) - y z]
+        a = zc.sigmoid_() if inplace else torch.sigmoid(zc)  # s = sigmoid(z_L)
+    acts[-1] = a if a.dtype == z.dtype else a.to(z.dtype)  # a_L in the layers' dtype, as every a_l
+    return acts, a - y, c
+
+
+def _check_target(target: Tensor, pred: Tensor) -> None:
+    if target.shape != pred.shape:  # a_L - y would broadcast
+        raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(pred.shape)}")
+
+
+def _cross_entropy_target_term(x: Tensor, params: tuple, acts: list[Tensor], output: str, dtype) -> Tensor:
+    """-N dC/dy of cross-entropy: log p (softmax) or z_L (sigmoid); z_L recomputed from a_{L-1}."""
+    a_prev, weight, bias = x if len(acts) == 1 else acts[-2], params[-2], params[-1]
+    if bias is None:
+        z = a_prev @ weight.T  # (N, H_in) @ (H_in, K) -> (N, K)
+    else:
+        z = torch.addmm(bias, a_prev, weight.T)  # b + (N, H_in) @ (H_in, K) -> (N, K)
+    z = z.to(dtype)
+    return _log_softmax(z) if output == "softmax" else z
+
+
+def _output_gradients(
+    grad_cost: Tensor, x: Tensor, params: tuple, acts: list, diff: Tensor, activations: tuple, cost: str, needs_y: bool
+) -> tuple[Tensor, Tensor | None, tuple]:
+    """Where :func:`backprop` starts: (dC/da_L, dC/dy or None, the activations whose f' it then applies)."""
+    if cost == "cross_entropy":
+        # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
+        # so backprop treats the output layer as linear.
+        grad_a = (diff * grad_cost).mul_(1 / diff.shape[0])  # dC/dz_L = (a_L - y) / N
+        grad_y = None
+        if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid)
+            term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)
+            grad_y = term * (-grad_cost / diff.shape[0])
+        return grad_a, grad_y, (*activations[:-1], None)
+    if cost == "mse":
+        grad_a = (diff * grad_cost).mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
+    else:
+        grad_a = (torch.sign(diff) * grad_cost).mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
+    return grad_a, (-grad_a if needs_y else None), activations  # C depends on a_L - y
 
 
 def backprop(
@@ -436,7 +578,9 @@ def backprop(
     """The backward pass of the whole network: the delta recursion, from the cost down.
 
         dC/da_L = dC/dC * cost'(a_L)             MSE: 2 (a_L - y) / M,  L1: sign(a_L - y) / M
-        delta_l = dC/da_l * f_l'(a_l)            sigmoid: a(1-a), tanh: 1-a^2, relu: 1[a>0], none: 1
+        delta_l = dC/da_l * f_l'                 f_l' as its record in bp_service.activations writes it,
+                                                 read off a_l (or z_l); a linear layer: 1
+        delta_L = dC/dz_L = (a_L - y) / N        cross-entropy with its softmax or sigmoid output
         dC/dW_l = delta_l^T a_{l-1},  dC/db_l = sum of delta_l over the batch,  dC/da_{l-1} = delta_l W_l
 
     Args:
@@ -452,18 +596,15 @@ def backprop(
     """
     inplace = not torch.is_grad_enabled()  # building a graph of the backward: keep every buffer
     n_layers = len(activations)
-    if cost == "mse":
-        grad_a = (diff * grad_cost).mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
-    else:
-        grad_a = (torch.sign(diff) * grad_cost).mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
-    grad_y = -grad_a if needs_grad[1] else None  # C depends on a_L - y
+    grad_a, grad_y, activations = _output_gradients(grad_cost, x, params, acts, diff, activations, cost, needs_grad[1])
     if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not
         grad_a = grad_a.to(acts[-1].dtype)
     grads: list[Tensor | None] = [None] * (2 * n_layers)
     for layer in reversed(range(n_layers)):
         weight, bias = params[2 * layer], params[2 * layer + 1]
         a_prev = x if layer == 0 else acts[layer - 1]
-        delta = _times_derivative(grad_a, acts[layer], activations[layer], inplace)  # (N, H_out)
+        f_reads = _derivative_reads(layer, x, params, acts, activations[layer])  # a_l, or z_l
+        delta = _times_derivative(grad_a, f_reads, activations[layer], inplace)  # (N, H_out)
         if release:
             acts[layer] = None  # a_l was needed for f' and dC/dW_{l+1} only: both are done
         if deltas is not None:
@@ -482,18 +623,21 @@ class MLPCostFunction(Function):
     """C = cost(a_L, y) of a whole multilayer perceptron, with backpropagation as its backward.
 
     Forward, for l = 1..L with a_0 = x:  z_l = a_{l-1} W_l^T + b_l,  a_l = f_l(z_l);  then the
-    cost, MSE ``mean((a_L - y)^2)`` or L1 ``mean(|a_L - y|)``. It saves x, the weights and every
-    a_l (no z_l: each f' is read off a_l). Backward is :func:`backprop`, the delta recursion.
+    cost, MSE ``mean((a_L - y)^2)``, L1 ``mean(|a_L - y|)`` or cross-entropy from z_L (softmax or
+    sigmoid output). It saves x, the weights and every a_l (no z_l: f' is read off a_l, or z_l is
+    recomputed for an activation whose derivative needs it).
+    Backward is :func:`backprop`, the delta recursion.
 
     ``apply(x, y, activations, cost, W_1, b_1, ..., W_L, b_L)``: ``activations`` holds
-    ``"sigmoid" | "tanh" | "relu" | None`` per layer, ``cost`` is ``"mse" | "l1"``, a bias may be
+    a name of :data:`~bp_service.activations.ACTIVATIONS` or None per layer, ``cost`` is
+    ``"mse" | "l1" | "cross_entropy"``, a bias may be
     None. Use it through :func:`mlp_cost` or :meth:`bp_service.MLP.cost`.
 
     The combined ``forward(ctx, ...)`` saves the intermediates a_l directly: one output, one
     autograd node, the cheapest call there is. When a graph of the backward is requested
     (double backward), the a_l are recomputed from the inputs with recorded ops, so that second
     derivatives see how they depend on x and the weights. ``torch.func`` transforms and forward
-    mode need the ``setup_context`` style: :func:`mlp_cost` then uses :class:`MLPCostFuncFunction`.
+    mode need the ``setup_context`` style: :func:`mlp_cost` then uses :class:`MLPCostTransformsFunction`.
 
     Shape:
         - x: ``(N, H_in)`` (more leading dimensions are flattened by :func:`mlp_cost`);
@@ -502,16 +646,13 @@ class MLPCostFunction(Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, activations: tuple, cost: str, *params: Tensor | None) -> Tensor:
-        acts = _network_forward(x, params, activations, inplace=True)  # [a_1, ..., a_L]
-        if target.shape != acts[-1].shape:  # a_L - y would broadcast
-            raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(acts[-1].shape)}")
-        diff = _difference(acts[-1], target)  # (N, H_L)
+        acts, diff, c = _network_cost(x, target, params, activations, cost, inplace=True)  # [a_1, ..., a_L]
         ctx.activations, ctx.cost, ctx.n_acts = activations, cost, len(acts)
         ctx.save_for_backward(x, target, *params)
         # Buffers only this Function ever sees (made without grad: no reference cycle), kept on ctx
         # so that backward can let each go once used, as native autograd frees each layer's.
         ctx.acts, ctx.diff = acts, diff
-        return _cost(diff, cost)
+        return c
 
     @staticmethod
     def backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
@@ -530,16 +671,15 @@ def _saved(ctx) -> tuple[Tensor, Tensor, tuple, list[Tensor], Tensor]:
 def _network_backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
     """Backward of both cost Functions: :func:`backprop` on what forward saved."""
     x, target, params, acts, diff = _saved(ctx)
-    # The engine's own flag (what AOTAutograd reads too): a graph kept for another backward
-    # (retain_graph, create_graph) needs every activation again; otherwise each goes once used.
+    # A graph kept for another backward (retain_graph, create_graph) needs every activation again;
+    # otherwise each goes once used.
     # Under torch.compile the backward is traced ahead of time and the compiled graph frees its own buffers.
-    keep = torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph()
+    keep = torch.compiler.is_compiling() or dispatch.graph_kept()
     release = not keep and getattr(ctx, "acts", None) is not None
     if release:
         ctx.acts = ctx.diff = None
     if torch.is_grad_enabled():  # double backward: activations as recorded functions of x and the weights
-        acts = _network_forward(x, params, ctx.activations, inplace=False)
-        diff = _difference(acts[-1], target)
+        acts, diff, _ = _network_cost(x, target, params, ctx.activations, ctx.cost, inplace=False)
     needs = ctx.needs_input_grad
     grad_x, grad_y, *grads = backprop(
         grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, (needs[0], needs[1], *needs[4:]), release=release
@@ -547,8 +687,8 @@ def _network_backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
     return (grad_x, grad_y, None, None, *grads)
 
 
-class MLPCostFuncFunction(Function):
-    """:class:`MLPCostFunction` in the ``setup_context`` style that ``torch.func`` and forward mode need.
+class MLPCostTransformsFunction(Function):
+    """:class:`MLPCostFunction` for ``torch.func`` transforms (vmap, grad) and forward mode (``setup_context``).
 
     The same forward pass, cost and backward. ``setup_context`` sees only inputs and outputs, so
     forward also returns the activations and ``a_L - y`` (marked non-differentiable); that costs
@@ -559,11 +699,8 @@ class MLPCostFuncFunction(Function):
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, activations: tuple, cost: str, *params: Tensor | None):
-        acts = _network_forward(x, params, activations, inplace=True)
-        if target.shape != acts[-1].shape:  # a_L - y would broadcast
-            raise ValueError(f"mlp_cost: target has shape {tuple(target.shape)}, prediction {tuple(acts[-1].shape)}")
-        diff = _difference(acts[-1], target)  # (N, H_L)
-        return (_cost(diff, cost), *acts, diff)
+        acts, diff, c = _network_cost(x, target, params, activations, cost, inplace=True)
+        return (c, *acts, diff)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -583,107 +720,89 @@ class MLPCostFuncFunction(Function):
 
     @staticmethod
     def jvp(ctx, dx, dtarget, _activations, _cost, *dparams):
-        """Forward mode: dz_l = da_{l-1} W_l^T + a_{l-1} dW_l^T + db_l, da_l = f'(a_l) dz_l, then dC."""
+        """Forward mode: dz_l = da_{l-1} W_l^T + a_{l-1} dW_l^T + db_l, da_l = f'(z_l) dz_l, then dC."""
         x, _, params, acts, diff = _saved(ctx)
+        cross_entropy = ctx.cost == "cross_entropy"
+        activations = (*ctx.activations[:-1], None) if cross_entropy else ctx.activations  # then da ends as dz_L
         da = dx
-        for layer, activation in enumerate(ctx.activations):
+        for layer, activation in enumerate(activations):
             a_prev = x if layer == 0 else acts[layer - 1]
             dz = _affine_jvp(a_prev, params[2 * layer], da, dparams[2 * layer], dparams[2 * layer + 1])
-            da = _times_derivative(dz, acts[layer], activation, inplace=False)
+            da = _times_derivative(dz, _derivative_reads(layer, x, params, acts, activation), activation, False)
+        if cross_entropy:  # dC = sum [(a_L - y) dz_L - term dy] / N, term = log p or z_L
+            dcost = (diff * da.to(diff.dtype)).sum()
+            if dtarget is not None:
+                term = _cross_entropy_target_term(x, params, acts, ctx.activations[-1], diff.dtype)
+                dcost = dcost - (term * dtarget.to(diff.dtype)).sum()
+            return (dcost / diff.shape[0],) + (None,) * (ctx.n_acts + 1)
         ddiff = _tangent_difference(da.to(diff.dtype), None if dtarget is None else dtarget.to(diff.dtype), diff)
         dcost = (2 * diff * ddiff).mean() if ctx.cost == "mse" else (torch.sign(diff) * ddiff).mean()
         return (dcost,) + (None,) * (ctx.n_acts + 1)  # the activations and diff are not differentiable
 
 
-# --------------------------------------------------------------------------- call overhead
-# ``Function.apply`` binds every call's arguments to ``forward``'s signature, and
-# ``inspect.signature`` rebuilds that signature each time: about 10 µs a call, as much as a
-# small layer's arithmetic. It honours a precomputed ``__signature__`` (PEP 362), so build each
-# one once. The subclasses below share their parent's ``forward`` and so its signature.
-for _function in (
-    LinearFunction,
-    SigmoidFunction,
-    TanhFunction,
-    ReLUFunction,
-    LinearSigmoidFunction,
-    MSELossFunction,
-    L1LossFunction,
-    MLPCostFunction,
-    MLPCostFuncFunction,
-):
-    _function.forward.__signature__ = inspect.signature(_function.forward)
-
-
 # --------------------------------------------------------------------------- functional aliases
-# Dynamo (torch.compile) refuses to trace a Function that defines ``jvp``. Under compile the
-# aliases below use these twins, identical but for that; they are module globals because Dynamo
-# re-imports the class it traces by name.
-_NO_JVP = {"jvp": staticmethod(Function.jvp), "__module__": __name__}
-_LinearNoJvp = type("_LinearNoJvp", (LinearFunction,), _NO_JVP)
-_SigmoidNoJvp = type("_SigmoidNoJvp", (SigmoidFunction,), _NO_JVP)
-_TanhNoJvp = type("_TanhNoJvp", (TanhFunction,), _NO_JVP)
-_ReLUNoJvp = type("_ReLUNoJvp", (ReLUFunction,), _NO_JVP)
-_LinearSigmoidNoJvp = type("_LinearSigmoidNoJvp", (LinearSigmoidFunction,), _NO_JVP)
-_MSELossNoJvp = type("_MSELossNoJvp", (MSELossFunction,), _NO_JVP)
-_L1LossNoJvp = type("_L1LossNoJvp", (L1LossFunction,), _NO_JVP)
-
-
-def _autocast_dtype(t: Tensor) -> torch.dtype | None:
-    """The dtype autocast runs matrix products in on ``t``'s device, or None outside autocast."""
-    device = t.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Casts recorded by autograd: each input's gradient comes back in that input's own dtype."""
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+# The calls users and modules make: each through :func:`bp_service.dispatch.caller` (its twin without
+# ``jvp`` under torch.compile), with autocast's casts where the native op makes them.
+dispatch.cache_signature(MLPCostFunction)
+dispatch.cache_signature(MLPCostTransformsFunction)
+_linear, _linear_sigmoid = dispatch.caller(LinearFunction), dispatch.caller(LinearSigmoidFunction)
+_mse_loss, _l1_loss = dispatch.caller(MSELossFunction), dispatch.caller(L1LossFunction)
+_cross_entropy = dispatch.caller(CrossEntropyFunction)
+_binary_cross_entropy = dispatch.caller(BinaryCrossEntropyFunction)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` through :class:`LinearFunction`; under autocast in its dtype, as ``F.linear``."""
-    if (dtype := _autocast_dtype(x)) is not None:
-        x, weight, bias = _cast(dtype, x, weight, bias)
-    return (_LinearNoJvp if torch.compiler.is_compiling() else LinearFunction).apply(x, weight, bias)
-
-
-def sigmoid(x: Tensor) -> Tensor:
-    """Logistic sigmoid through :class:`SigmoidFunction`."""
-    return (_SigmoidNoJvp if torch.compiler.is_compiling() else SigmoidFunction).apply(x)
-
-
-def tanh(x: Tensor) -> Tensor:
-    """Hyperbolic tangent through :class:`TanhFunction`."""
-    return (_TanhNoJvp if torch.compiler.is_compiling() else TanhFunction).apply(x)
-
-
-def relu(x: Tensor) -> Tensor:
-    """Rectified linear unit through :class:`ReLUFunction`."""
-    return (_ReLUNoJvp if torch.compiler.is_compiling() else ReLUFunction).apply(x)
+    return _linear(*dispatch.layer_inputs(x, weight, bias))
 
 
 def linear_sigmoid(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``sigmoid(x @ weight.T + bias)`` through the fused :class:`LinearSigmoidFunction`; autocast as :func:`linear`."""
-    if (dtype := _autocast_dtype(x)) is not None:
-        x, weight, bias = _cast(dtype, x, weight, bias)
-    return (_LinearSigmoidNoJvp if torch.compiler.is_compiling() else LinearSigmoidFunction).apply(x, weight, bias)
+    return _linear_sigmoid(*dispatch.layer_inputs(x, weight, bias))
 
 
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error through :class:`MSELossFunction` (in float32 under autocast, as ``F.mse_loss``)."""
-    if _autocast_dtype(pred) is not None:
-        pred, target = _cast(_cost_dtype(pred.dtype), pred, target)
-    return (_MSELossNoJvp if torch.compiler.is_compiling() else MSELossFunction).apply(pred, target)
+    return _mse_loss(*dispatch.cost_inputs(pred, target))
 
 
 def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean absolute error through :class:`L1LossFunction` (in float32 under autocast, as ``F.l1_loss``)."""
-    if _autocast_dtype(pred) is not None:
-        pred, target = _cast(_cost_dtype(pred.dtype), pred, target)
-    return (_L1LossNoJvp if torch.compiler.is_compiling() else L1LossFunction).apply(pred, target)
+    return _l1_loss(*dispatch.cost_inputs(pred, target))
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy from logits through :class:`CrossEntropyFunction` (float32 under autocast)."""
+    return _cross_entropy(*dispatch.cost_inputs(logits, target))
+
+
+def binary_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Sigmoid cross-entropy from logits through :class:`BinaryCrossEntropyFunction` (float32 under autocast)."""
+    return _binary_cross_entropy(*dispatch.cost_inputs(logits, target))
+
+
+def _activation_alias(name: str) -> Callable[[Tensor], Tensor]:
+    function = ACTIVATION_FUNCTIONS[name]
+    apply = dispatch.caller(function)
+
+    def alias(x: Tensor) -> Tensor:
+        return apply(x)
+
+    alias.__name__ = alias.__qualname__ = name
+    alias.__doc__ = f"{name} through :class:`{function.__name__}`."
+    return alias
+
+
+# One alias per activation record, a module global by its name (``sigmoid``, ``relu``, ...).
+ACTIVATION_ALIASES: dict[str, Callable[[Tensor], Tensor]] = {name: _activation_alias(name) for name in ACTIVATIONS}
+globals().update(ACTIVATION_ALIASES)
+__all__ += list(ACTIVATION_ALIASES)
 
 
 # The costs by name (``model.loss``): the one list, each the per-layer twin of what ``mlp_cost`` computes.
-LOSSES = {"mse": mse_loss, "l1": l1_loss}
+# ``mse`` and ``l1`` take the prediction a_L; ``cross_entropy`` takes the logits z_L, with a softmax
+# output (a sigmoid output's twin is :func:`binary_cross_entropy`); see :meth:`bp_service.MLP.logits`.
+LOSSES = {"mse": mse_loss, "l1": l1_loss, "cross_entropy": cross_entropy}
 
 
 def mlp_cost(
@@ -698,29 +817,28 @@ def mlp_cost(
     Args:
         x: input ``(*, H_in)``; target: ``(*, H_out)``, the same leading dimensions.
         params: ``(W_1, b_1, ..., W_L, b_L)``, ``W_l`` of shape ``(H_l, H_{l-1})``; a bias may be None.
-        activations: one of ``"sigmoid" | "tanh" | "relu" | None`` per layer.
-        cost: ``"mse"`` or ``"l1"``.
+        activations: one of ``"sigmoid" | "tanh" | "relu" | "softmax" | None`` per layer.
+        cost: ``"mse"``, ``"l1"`` or ``"cross_entropy"`` (softmax cross-entropy with a softmax output,
+            binary cross-entropy per output with a sigmoid one, summed over outputs, mean over rows).
 
     Under autocast the layers run in the autocast dtype and the cost in float32, as native
     ``F.linear`` and ``F.mse_loss`` do; each input's gradient comes back in its own dtype.
     """
     try:  # checked only when something failed: the check costs as much as a small layer
         x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
-        if (dtype := _autocast_dtype(x)) is None:
+        if (dtype := dispatch.autocast_dtype(x)) is None:
             return _apply_cost(x2, target2, activations, cost, params)
-        x2, *cast_params = _cast(dtype, x2, *params)
+        x2, *cast_params = dispatch.cast(dtype, x2, *params)
         with torch.autocast(x.device.type, enabled=False):  # already cast: the cost stays in float32
             return _apply_cost(x2, target2, activations, cost, cast_params)
-    except (RuntimeError, ValueError, IndexError):
+    except (RuntimeError, ValueError, IndexError, KeyError):  # KeyError: an activation not in the table
         _check_network(x, target, params, activations, cost)  # one line naming the layer, if it is the cause
         raise
 
 
 def _apply_cost(x: Tensor, target: Tensor, activations: Sequence, cost: str, params: Sequence[Tensor | None]) -> Tensor:
-    # What Function.apply itself checks to route a call through torch.func; forward mode's
-    # level is the one forward_ad.dual_level() sets. Neither has a public reader.
-    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
-        return MLPCostFuncFunction.apply(x, target, activations, cost, *params)[0]
+    if dispatch.transforms_active():  # torch.func or forward mode: the setup_context style
+        return MLPCostTransformsFunction.apply(x, target, activations, cost, *params)[0]
     return MLPCostFunction.apply(x, target, activations, cost, *params)
 
 
@@ -730,15 +848,17 @@ def _check_network(
     """One line naming the layer whose pieces do not fit (the per-layer Functions check the same)."""
     if cost not in LOSSES:
         raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(LOSSES)}")
+    if cost == "cross_entropy" and activations and activations[-1] not in _CROSS_ENTROPY_OUTPUTS:
+        raise ValueError(f"mlp_cost: cross_entropy needs a softmax or sigmoid output layer, got {activations[-1]!r}")
     if not activations or len(params) != 2 * len(activations):
         raise ValueError(f"mlp_cost: {len(params)} params for {len(activations)} layers; expected (W, b) per layer")
-    same_dtype = _autocast_dtype(x) is None  # under autocast every input is cast to one dtype
+    same_dtype = dispatch.autocast_dtype(x) is None  # under autocast every input is cast to one dtype
     h = x.shape[-1] if x.dim() else 0
     for layer, activation in enumerate(activations, start=1):
         weight, bias = params[2 * layer - 2], params[2 * layer - 1]
         name = f"mlp_cost: layer {layer}"
-        if activation not in _ACTIVATION_NAMES:
-            raise ValueError(f"{name}: unknown activation {activation!r}, expected one of {_ACTIVATION_NAMES}")
+        if activation is not None and activation not in ACTIVATIONS:
+            raise ValueError(f"{name}: unknown activation {activation!r}, expected None or one of {list(ACTIVATIONS)}")
         if weight.dim() != 2 or weight.shape[1] != h:
             raise ValueError(f"{name}: weight has shape {tuple(weight.shape)}, its input has {h} features")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -768,8 +888,7 @@ def gradient_norms(
     _check_network(x, target, params, activations, cost)
     x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
     with torch.no_grad():
-        acts = _network_forward(x2, tuple(params), tuple(activations), inplace=True)
-        diff = _difference(acts[-1], target2)
+        acts, diff, _ = _network_cost(x2, target2, tuple(params), tuple(activations), cost, inplace=True)
         deltas: list[Tensor] = []
         needs = (False, False) + (True,) * len(params)
         _, _, *grads = backprop(

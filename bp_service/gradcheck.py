@@ -1,8 +1,9 @@
 """Gradient check of a run's actual model, before it trains.
 
-Every Function the model uses is checked in float64 on a small slice of the real layer shapes:
-``torch.autograd.gradcheck`` gives the verdict, and the largest gap between the hand-written
-backward and central finite differences is reported per layer.
+What training runs is checked: :meth:`~bp_service.layers.MLP.cost`, the whole network's hand-written
+backprop, in float64 on a slice of the run's own network (its real weights, widths capped).
+``torch.autograd.gradcheck`` gives the verdict, and the largest gap between the hand-written backward
+and central finite differences is reported per layer.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from torch import Tensor
 from torch.autograd import gradcheck
 
 from bp_service import functions as F
-from bp_service.layers import ACTIVATIONS, MLP
+from bp_service.layers import MLP
 
 SLICE_ROWS, SLICE_IN, SLICE_OUT = 3, 4, 3  # small enough for finite differences, big enough to mix terms
-ACTIVATION_FUNCTIONS = {"sigmoid": "SigmoidFunction", "tanh": "TanhFunction", "relu": "ReLUFunction"}
 
 
 def _max_error(fn: Callable[..., Tensor], inputs: tuple[Tensor | None, ...], eps: float = 1e-6) -> float:
@@ -46,47 +46,65 @@ def _max_error(fn: Callable[..., Tensor], inputs: tuple[Tensor | None, ...], eps
     return worst
 
 
-def _slice(layer, rows: int) -> tuple[Tensor, Tensor, Tensor | None]:
-    h_out, h_in = min(layer.out_features, SLICE_OUT), min(layer.in_features, SLICE_IN)
-    g = torch.Generator().manual_seed(h_in * 1000 + h_out)
-    x = torch.randn(rows, h_in, dtype=torch.float64, generator=g, requires_grad=True)
-    w = layer.weight.detach()[:h_out, :h_in].double().clone().requires_grad_()
-    b = None if layer.bias is None else layer.bias.detach()[:h_out].double().clone().requires_grad_()
-    return x, w, b
+def _slice_params(net: MLP) -> tuple[list[int], list[Tensor | None]]:
+    """The network's layer count, activations and real weights, each width capped: ``(sizes, params)`` in float64.
+
+    The top-left block of each real weight matrix: the gate checks the numbers this run starts from, on a
+    network small enough for finite differences.
+    """
+    caps = [SLICE_IN, *[SLICE_OUT] * (len(net.sizes) - 1)]
+    sizes = [min(size, cap) for size, cap in zip(net.sizes, caps)]
+    params: list[Tensor | None] = []
+    for layer, h_in, h_out in zip(net.layers, sizes, sizes[1:]):
+        params.append(layer.weight.detach()[:h_out, :h_in].double().clone().requires_grad_())
+        bias = layer.bias
+        params.append(None if bias is None else bias.detach()[:h_out].double().clone().requires_grad_())
+    return sizes, params
+
+
+def _batch(sizes: list[int], loss: str) -> tuple[Tensor, Tensor]:
+    """Inputs, and targets of the kind ``loss`` takes: one-hot rows for cross-entropy, values otherwise."""
+    g = torch.Generator().manual_seed(len(sizes) * 100 + sizes[-1])
+    x = torch.randn(SLICE_ROWS, sizes[0], dtype=torch.float64, generator=g)
+    if loss == "cross_entropy":
+        classes = torch.randint(0, sizes[-1], (SLICE_ROWS,), generator=g)
+        target = torch.zeros(SLICE_ROWS, sizes[-1], dtype=torch.float64)
+        if sizes[-1] == 1:  # one sigmoid output: a 0/1 label
+            target[:, 0] = torch.randint(0, 2, (SLICE_ROWS,), generator=g).double()
+        else:
+            target[torch.arange(SLICE_ROWS), classes] = 1.0
+    else:
+        target = torch.rand(SLICE_ROWS, sizes[-1], dtype=torch.float64, generator=g)
+    return x, target
 
 
 def check_model(net: MLP, loss: str) -> dict[str, Any]:
-    """Gradcheck each layer's Functions on a slice of its real weights, and the loss Function.
+    """Gradcheck what training runs, :meth:`MLP.cost` (the whole network's hand-written backprop), layer by layer.
 
-    Returns a JSON-able report ``{"passed": bool, "layers": [...]}`` with per-layer max errors.
+    On a float64 slice of the run's own network (its layer count, activations, output activation and
+    cost, its real weights), each layer's ``(W_l, b_l)`` is checked with the others held: the verdict is
+    ``torch.autograd.gradcheck``'s, and the largest gap to central differences is reported per layer.
+    Returns a JSON-able report ``{"passed": bool, "layers": [...]}``.
     """
+    sizes, params = _slice_params(net)
+    x, target = _batch(sizes, loss)
+    activations = tuple(net.activations)
     entries: list[dict[str, Any]] = []
+    for i in range(len(net.layers)):
 
-    def record(name: str, function: str, fn: Callable[..., Tensor], inputs: tuple[Tensor | None, ...]) -> None:
-        passed = gradcheck(fn, inputs, raise_exception=False, check_batched_grad=False)
-        shapes = [list(t.shape) for t in inputs if t is not None]
+        def cost_of_layer(*wb: Tensor | None, i: int = i) -> Tensor:
+            full = [*params[: 2 * i], *wb, *params[2 * i + 2 :]]
+            return F.mlp_cost(x, target, tuple(full), activations, loss)
+
+        inputs = tuple(params[2 * i : 2 * i + 2])
+        passed = gradcheck(cost_of_layer, inputs, raise_exception=False, check_batched_grad=False)
         entries.append(
             {
-                "layer": name,
-                "function": function,
-                "shapes": shapes,
+                "layer": f"layers.{i}",
+                "function": f"MLP.cost ({net.activations[i] or 'linear'} layer, {loss})",
+                "shapes": [list(t.shape) for t in inputs if t is not None],
                 "passed": bool(passed),
-                "max_abs_error": _max_error(fn, inputs),
+                "max_abs_error": _max_error(cost_of_layer, inputs),
             }
         )
-
-    for i, (layer, act) in enumerate(zip(net.layers, net.activations)):
-        x, w, b = _slice(layer, SLICE_ROWS)
-        if act == "sigmoid" and net.fused:
-            record(f"layers.{i}", "LinearSigmoidFunction", F.linear_sigmoid, (x, w, b))
-            continue
-        record(f"layers.{i}", "LinearFunction", F.linear, (x, w, b))
-        if act is not None:
-            z = F.linear(x, w, b).detach().requires_grad_()
-            record(f"layers.{i}", ACTIVATION_FUNCTIONS[act], ACTIVATIONS[act], (z,))
-    g = torch.Generator().manual_seed(1)
-    pred = torch.rand(SLICE_ROWS, SLICE_OUT, dtype=torch.float64, generator=g, requires_grad=True)
-    target = torch.rand(SLICE_ROWS, SLICE_OUT, dtype=torch.float64, generator=g)
-    loss_fn = {"mse": (F.mse_loss, "MSELossFunction"), "l1": (F.l1_loss, "L1LossFunction")}[loss]
-    record("loss", loss_fn[1], loss_fn[0], (pred, target))
     return {"passed": all(e["passed"] for e in entries), "dtype": "float64", "layers": entries}

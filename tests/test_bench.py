@@ -2,13 +2,15 @@
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from bp_service import MLP
 from bp_service import functions as F
-from bp_service.bench import cli, flops, harness, items, memory, steps
+from bp_service.bench import cli, flops, harness, memory, steps, training_step
 
 
 def _check_rows(rows):
@@ -23,19 +25,25 @@ def _check_rows(rows):
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert cli.main(["--quick", "--items", "1,2,3", "--json", str(out)]) == 0
+    assert cli.main(["--quick", "--items", "step-time,peak-memory,roofline", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
     _check_rows(rows)
-    assert {"1", "1l", "2", "2l", "3"} <= {r["item"] for r in rows}
-    # Item 1 and 2 run at every shape users train (issue 11), each with its own target.
-    step_rows = {(tuple(r["details"]["sizes"]), r["details"]["batch"]): r for r in rows if r["item"] == "1"}
+    assert {r["item"] for r in rows} == {
+        "step-time",
+        "step-time-layers",
+        "peak-memory",
+        "peak-memory-layers",
+        "roofline",
+    }
+    # Step time and peak memory run at every shape users train, each with its own target.
+    step_rows = {(tuple(r["details"]["sizes"]), r["details"]["batch"]): r for r in rows if r["item"] == "step-time"}
     assert set(step_rows) == {(sizes, batch) for _, sizes, batch, _, _ in steps.SHAPES}
     assert step_rows[((3, 2, 1), 1)]["target"] == 1.0 and step_rows[(steps.SIZES, steps.BATCH)]["target"] == 1.02
-    assert {r["target"] for r in rows if r["item"] == "2"} == {items.MEMORY_TARGET}
+    assert {r["target"] for r in rows if r["item"] == "peak-memory"} == {training_step.MEMORY_TARGET}
     assert report["meta"]["threads"] == torch.get_num_threads()
     assert report["meta"]["quick"] is True
-    roofline = next(r for r in rows if r["item"] == "3")
+    roofline = next(r for r in rows if r["item"] == "roofline")
     assert roofline["details"]["step_flops"] == flops.mlp_step_flops(steps.SIZES, steps.BATCH)
     assert roofline["details"]["step_flops_counted_by_torch"] == roofline["details"]["step_flops"]
     table = capsys.readouterr().out
@@ -46,30 +54,48 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
 @pytest.mark.slow
 def test_quick_run_with_compile_adds_its_row(tmp_path):
     out = tmp_path / "b.json"
-    assert cli.main(["--quick", "--compile", "--items", "1", "--reps", "3", "--json", str(out)]) == 0
+    assert cli.main(["--quick", "--compile", "--items", "step-time", "--reps", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    assert [r["item"] for r in rows] == ["1", "1l", "1c"] * len(steps.SHAPES)
+    assert [r["item"] for r in rows] == ["step-time", "step-time-layers", "step-time-compiled"] * len(steps.SHAPES)
 
 
 def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):
-    """Items 4 and 5 will plug in the same way: a function returning make_row rows, one line in ITEMS."""
+    """An item plugs in as one line in ITEMS: a function returning make_row rows."""
 
     def item_fake(cfg):
-        return [harness.make_row("9", "fake", 2.0, 4.0, target=1.0, cmp="<=", unit="s", reps=cfg.reps)]
+        return [harness.make_row("fake", "fake", 2.0, 4.0, target=1.0, cmp="<=", unit="s", reps=cfg.reps)]
 
-    monkeypatch.setitem(cli.ITEMS, "9", ("a fake item", item_fake))
+    monkeypatch.setitem(cli.ITEMS, "fake", ("a fake item", item_fake))
     out = tmp_path / "b.json"
-    assert cli.main(["--items", "9", "--reps", "3", "--json", str(out)]) == 0
+    assert cli.main(["--items", "fake", "--reps", "3", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     _check_rows([row])
-    assert (row["item"], row["ratio"], row["met"], row["details"]["reps"]) == ("9", 0.5, True, 3)
+    assert (row["item"], row["ratio"], row["met"], row["details"]["reps"]) == ("fake", 0.5, True, 3)
     assert "fake" in capsys.readouterr().out
 
 
-def test_unknown_item_is_a_usage_error():
+def test_items_are_named_by_topic_and_the_old_numbers_still_select_them(capsys):
+    names = ["step-time", "peak-memory", "roofline", "lightning-overhead", "peer-job", "tracking-overhead"]
+    assert list(cli.ITEMS) == names
+    assert cli.build_parser().parse_args(["--items", "1,2,3,4,5,6"]).items == names
+    assert cli.build_parser().parse_args(["--items", "roofline, 1"]).items == ["roofline", "step-time"]
+    assert cli.build_parser().parse_args(["--items", "6,tracking-overhead"]).items == ["tracking-overhead"]
     with pytest.raises(SystemExit):
-        cli.main(["--items", "1,42"])
+        cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}: " in help_text for name in names)
+    assert "item 1" not in help_text and "1: training step" not in help_text
+
+
+@pytest.mark.parametrize("items", ["1,42", "step-time,step-tim", ""])
+def test_unknown_item_is_a_usage_error(items, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--items", items])
+    assert stopped.value.code == 2  # argparse's usage error, before anything is measured
+    err = capsys.readouterr().err
+    assert err.startswith("usage: bp-bench")
+    assert "choose from step-time, peak-memory, roofline, lightning-overhead, peer-job, tracking-overhead" in err
 
 
 def test_make_row_ratio_and_direction():
@@ -193,7 +219,9 @@ def test_state_bytes_counts_weights_gradients_and_batch():
 @pytest.mark.gpu
 def test_quick_run_on_cuda(tmp_path):
     out = tmp_path / "b.json"
-    assert cli.main(["--quick", "--device", "cuda", "--items", "1,2,3", "--json", str(out)]) == 0
+    assert (
+        cli.main(["--quick", "--device", "cuda", "--items", "step-time,peak-memory,roofline", "--json", str(out)]) == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
     assert {r["details"]["dtype"] for r in rows} == {"float32", "bfloat16"}
@@ -201,40 +229,90 @@ def test_quick_run_on_cuda(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_of_the_job_items(tmp_path):
-    """Items 4 and 5 start Trainers and whole processes: their harness, not their speed."""
+    """The Lightning overhead and the peer job start Trainers and whole processes: their harness, not their speed."""
     out = tmp_path / "jobs.json"
-    assert cli.main(["--quick", "--items", "4,5", "--json", str(out)]) == 0
+    assert cli.main(["--quick", "--items", "lightning-overhead,peer-job", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [r["item"] for r in rows] == ["4", "4", "5"]
-    for row in rows:
-        assert row["ours"] > 0 and row["peer"] > 0
-        assert row["ratio"] == pytest.approx(row["ours"] / row["peer"], rel=1e-12)
-    peer_job = rows[-1]["details"]
-    assert 0 < peer_job["ours_test_acc"] <= 1 and 0.9 < peer_job["peer_test_acc"] <= 1  # quick: 5 epochs only
-    assert rows[-1]["met"] == (rows[-1]["ratio"] <= 1.0 and peer_job["ours_test_acc"] >= 0.97)
+    _check_rows(rows)
+    assert [r["item"] for r in rows] == ["lightning-overhead", "lightning-overhead", "peer-job"]
+    # One optimizer step per Lightning step, then a whole epoch (the 20 batches of 64 of digits' 1257 training rows).
+    assert "steps_per_execution=1)" in rows[0]["name"] and "steps_per_execution=20)" in rows[1]["name"]
+    assert [r["details"]["steps_per_epoch"] for r in rows[:2]] == [20, 20]
+    assert [r["details"]["epochs"] for r in rows[:2]] == [[1, 3], [1, 3]]
+    peer_job = rows[-1]
+    assert "bp-train (tracking off, 5 epochs) vs MLPClassifier" in peer_job["name"]
+    # Both accuracies are read from the processes' own output.
+    assert 0 < peer_job["details"]["ours_test_acc"] <= 1 and 0.9 < peer_job["details"]["peer_test_acc"] <= 1
+
+
+def test_the_peer_job_is_met_only_when_bp_train_is_faster_and_reaches_0_97(monkeypatch):
+    """Scripted processes: (bp-train wall, bp-train test/acc) against scikit-learn's 10 s at 0.96."""
+    from bp_service.bench import training_job
+
+    def rows_for(bp_wall, bp_acc):
+        def fake_timed(command, env):
+            if command[0] == sys.executable:  # the scikit-learn job
+                return 10.0, "test_acc=0.9600 wall=9.000\n"
+            return bp_wall, f"Epoch 4 done\n  test/acc  {bp_acc}\n"
+
+        monkeypatch.setattr(training_job, "_timed", fake_timed)
+        (row,) = training_job.item_peer_job(harness.BenchConfig(quick=True))
+        return row
+
+    fast_good = rows_for(8.0, 0.98)
+    assert (fast_good["ours"], fast_good["peer"], fast_good["ratio"], fast_good["met"]) == (8.0, 10.0, 0.8, True)
+    assert (fast_good["details"]["ours_test_acc"], fast_good["details"]["peer_test_acc"]) == (0.98, 0.96)
+    assert rows_for(8.0, 0.96)["met"] is False  # faster, but short of 0.97
+    assert rows_for(12.0, 0.99)["met"] is False  # accurate, but slower
 
 
 def test_tracking_overhead_row_is_met_at_one_second_and_not_above():
-    from bp_service.bench import overhead
+    from bp_service.bench import tracking_overhead
 
-    met = overhead.overhead_row(tracked=[11.0, 12.0, 10.5], untracked=[10.0, 11.0, 9.5])  # +1.0 s each
-    assert (met["item"], met["met"], met["details"]["overhead_s"]) == ("6", True, 1.0)
+    met = tracking_overhead.overhead_row(tracked=[11.0, 12.0, 10.5], untracked=[10.0, 11.0, 9.5])  # +1.0 s each
+    assert (met["item"], met["met"], met["details"]["overhead_s"]) == ("tracking-overhead", True, 1.0)
     assert met["peer"] == 11.0 and met["ours"] == 11.0  # median untracked + budget; median untracked + overhead
-    over = overhead.overhead_row(tracked=[11.2, 12.3, 10.6], untracked=[10.0, 11.0, 9.5])
+    over = tracking_overhead.overhead_row(tracked=[11.2, 12.3, 10.6], untracked=[10.0, 11.0, 9.5])
     assert over["met"] is False and over["details"]["overhead_s"] == pytest.approx(1.2)
     # the overhead is paired per round: a slower machine in one round does not count as tracking cost
-    noisy = overhead.overhead_row(tracked=[10.5, 30.5, 10.5], untracked=[10.0, 30.0, 10.0])
+    noisy = tracking_overhead.overhead_row(tracked=[10.5, 30.5, 10.5], untracked=[10.0, 30.0, 10.0])
     assert noisy["met"] is True and noisy["details"]["overhead_s"] == pytest.approx(0.5)
-    assert "6" in cli.ITEMS
+    assert "tracking-overhead" in cli.ITEMS
+
+
+def test_tracking_overhead_alternates_a_tracked_and_an_untracked_bp_train_in_one_fresh_home(monkeypatch):
+    from bp_service.bench import tracking_overhead
+
+    calls = []
+    walls = iter([99.0, 11.0, 10.0, 10.2, 11.4, 12.0, 10.8])  # the first, untimed run; then three rounds
+
+    def fake_wall(command, env):
+        calls.append(("untracked" if "tracking.enabled=false" in command else "tracked", env["BP_SERVICE_HOME"]))
+        assert Path(command[0]).name == "bp-train" and "experiment=digits" in command
+        assert "MLFLOW_TRACKING_URI" not in env  # the embedded store in the fresh home, not the caller's server
+        return next(walls), 1.0
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    monkeypatch.setattr(tracking_overhead, "_wall", fake_wall)
+    (row,) = tracking_overhead.item_tracking_overhead(harness.BenchConfig(quick=False))
+    sides = [side for side, _ in calls]
+    assert sides == ["tracked", "tracked", "untracked", "untracked", "tracked", "tracked", "untracked"]
+    assert len({home for _, home in calls}) == 1 and not Path(calls[0][1]).exists()  # one home, removed after
+    details = row["details"]
+    assert (details["tracked_s"], details["untracked_s"]) == ([11.0, 11.4, 12.0], [10.0, 10.2, 10.8])
+    assert details["paired_overhead_s"] == pytest.approx([1.0, 1.2, 1.2])
+    assert details["overhead_s"] == pytest.approx(1.2) and row["met"] is False
 
 
 @pytest.mark.slow
 def test_tracking_overhead_item_runs_both_sides(tmp_path):
     out = tmp_path / "b.json"
-    assert cli.main(["--quick", "--items", "6", "--json", str(out)]) == 0
+    assert cli.main(["--quick", "--items", "tracking-overhead", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     _check_rows([row])
     details = row["details"]
-    assert row["item"] == "6" and details["reps"] == 1 and details["budget_s"] == 1.0
-    assert row["met"] == (details["overhead_s"] <= 1.0)
+    assert row["item"] == "tracking-overhead" and details["reps"] == 1 and details["budget_s"] == 1.0
+    assert len(details["tracked_s"]) == len(details["untracked_s"]) == 1
+    # both sides were whole processes that used CPU time of their own
     assert all(t > 0 for t in details["tracked_s"] + details["untracked_s"])
+    assert all(t > 0 for t in details["cpu_tracked_s"] + details["cpu_untracked_s"])

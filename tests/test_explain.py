@@ -51,18 +51,48 @@ def assert_chains_match_autograd(report, x, target, weights, biases):
 
 
 # --------------------------------------------------------------------------- the default example
+# The worked example's numbers, pinned (x = (1, 0.5, -1), y = 1, lr 0.5; the weights of E.DEFAULT_WEIGHTS):
+# a2 = sigmoid(z1), z2 = 0 so a3 = 0.5 and C = 0.25 exactly; dC/dw7 = 2 (a3 - y) a3 (1 - a3) a2_1, and so on.
+PINNED = {
+    "no-bias": {
+        "z1": [0.125, 0.125],
+        "a2": [0.5312093733737563, 0.5312093733737563],
+        "gradients": {
+            "w1": -0.031128246876702185, "w2": -0.015564123438351092, "w3": 0.031128246876702185,
+            "w4": 0.031128246876702185, "w5": 0.015564123438351092, "w6": -0.031128246876702185,
+            "w7": -0.13280234334343907, "w8": -0.13280234334343907,
+        },
+        "cost_after": 0.23058653244659774,
+    },
+    "bias": {
+        "z1": [0.375, 0.375],
+        "a2": [0.5926665999540697, 0.5926665999540697],
+        "gradients": {
+            "w1": -0.030176612656619053, "w2": -0.015088306328309526, "w3": 0.030176612656619053,
+            "w4": 0.030176612656619053, "w5": 0.015088306328309526, "w6": -0.030176612656619053,
+            "w7": -0.14816664998851742, "w8": -0.14816664998851742,
+            "b1": -0.030176612656619053, "b2": 0.030176612656619053, "b3": -0.25,
+        },
+        "cost_after": 0.1972022619716219,
+    },
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("biases", [None, E.DEFAULT_BIASES], ids=["no-bias", "bias"])
 def test_default_example(biases):
+    pinned = PINNED["bias" if biases else "no-bias"]
     report = E.explain(E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS, biases)
     fwd = report["forward"]
-    assert report["target"] == 1.0
-    assert fwd["a3"] == [0.5]  # exactly, as in the walk-through
-    assert fwd["cost"] == 0.25
-    assert report["gradients"]["w1"]["value"] != 0
+    assert (report["x"], report["target"], report["lr"]) == ([1.0, 0.5, -1.0], 1.0, 0.5)
+    assert fwd["z2"] == [0.0] and fwd["a3"] == [0.5] and fwd["cost"] == 0.25  # exactly, as in the walk-through
+    assert fwd["z1"] == pinned["z1"]
+    assert fwd["a2"] == pytest.approx(pinned["a2"], rel=1e-15)
+    gradients = {name: g["value"] for name, g in report["gradients"].items()}
+    assert gradients == pytest.approx(pinned["gradients"], rel=1e-14)
+    assert report["cost_after"] == pytest.approx(pinned["cost_after"], rel=1e-14)
+    updated = {name: w - 0.5 * pinned["gradients"][name] for name, w in report["weights"].items()}
+    assert report["updated"] == pytest.approx(updated, rel=1e-14)
     assert_chains_match_autograd(report, E.DEFAULT_X, E.DEFAULT_TARGET, E.DEFAULT_WEIGHTS, biases)
-    assert report["cost_after"] < fwd["cost"]
-    for name, value in report["weights"].items():
-        assert report["updated"][name] == value - report["lr"] * report["gradients"][name]["value"]
 
 
 def test_chain_factors_are_the_forward_values():
@@ -310,6 +340,7 @@ def test_imports_only_the_core_and_matplotlib_only_for_plot():
     matplotlib_loaded, modules = run.stdout.splitlines()
     assert matplotlib_loaded == "False"
     core = {"bp_service", "bp_service.functions", "bp_service.layers", "bp_service.gradcheck"}
+    core |= {"bp_service.activations", "bp_service.dispatch"}
     shared = {"bp_service.commands"}  # one-line errors and text columns, stdlib only
     outside = [m for m in modules.split() if m not in core | shared and not m.startswith("bp_service.explain")]
     assert outside == []

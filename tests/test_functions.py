@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
+from twins import NATIVE_ACTIVATIONS
 
 from bp_service import functions as F
+from bp_service.activations import ACTIVATIONS
 
 DOUBLE = torch.float64
 
@@ -63,17 +65,20 @@ def test_linear_backward_skips_unneeded_gradients(requires):
     assert [g is not None for g in grads] == list(requires)
 
 
-POINTWISE = {"sigmoid": F.SigmoidFunction.apply, "tanh": F.TanhFunction.apply, "relu": F.ReLUFunction.apply}
+def test_the_native_twins_cover_exactly_the_table():
+    """Every activation record has its torch twin here, and every twin a record."""
+    assert set(NATIVE_ACTIVATIONS) == set(ACTIVATIONS)
 
 
 @pytest.mark.parametrize("case", ["batch1", "batch", "3d", "noncontig"])
-@pytest.mark.parametrize("name", POINTWISE)
-def test_pointwise_gradcheck(name, case):
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activation_gradcheck(name, case):
     x, _, _ = _linear_inputs(case)
-    if name == "relu":  # keep away from the kink, where finite differences are meaningless
+    if ACTIVATIONS[name].kink:  # keep away from the kink, where finite differences are meaningless
         x = (x.detach() + 0.1 * x.detach().sign()).requires_grad_()
-    assert gradcheck(POINTWISE[name], (x,), **GRAD_KW)
-    assert gradgradcheck(POINTWISE[name], (x,), **GRADGRAD_KW)
+    fn = F.ACTIVATION_FUNCTIONS[name].apply
+    assert gradcheck(fn, (x,), **GRAD_KW)
+    assert gradgradcheck(fn, (x,), **GRADGRAD_KW)
 
 
 LOSSES = {"mse": F.MSELossFunction.apply, "l1": F.L1LossFunction.apply}
@@ -94,9 +99,7 @@ def test_loss_gradcheck(name, case, requires):
 OURS_VS_TORCH = [
     ("linear", F.linear, TF.linear, 3),
     ("linear_sigmoid", F.linear_sigmoid, lambda x, w, b: torch.sigmoid(TF.linear(x, w, b)), 3),
-    ("sigmoid", F.sigmoid, torch.sigmoid, 1),
-    ("tanh", F.tanh, torch.tanh, 1),
-    ("relu", F.relu, torch.relu, 1),
+    *[(name, F.ACTIVATION_ALIASES[name], NATIVE_ACTIVATIONS[name], 1) for name in ACTIVATIONS],
     ("mse", F.mse_loss, TF.mse_loss, 2),
     ("l1", F.l1_loss, TF.l1_loss, 2),
 ]

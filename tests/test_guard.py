@@ -67,8 +67,8 @@ def run_audited(tmp_path: Path, *argv: str, call: str = "from bp_service.cli imp
 
 HOSTILE = {
     "a helper that runs a command": (
-        ["+callbacks.x._target_=bp_service.bench.jobs._timed", "+callbacks.x.command=[sh,-c,'touch MARKER']"],
-        "callbacks.x._target_='bp_service.bench.jobs._timed' is not allowed",
+        ["+callbacks.x._target_=bp_service.bench.training_job._timed", "+callbacks.x.command=[sh,-c,'touch MARKER']"],
+        "callbacks.x._target_='bp_service.bench.training_job._timed' is not allowed",
     ),
     "a target in a list under an allowed callback": (
         ["+callbacks.gradient_flow.extra=[{_target_:shutil.copyfile,src:SECRET,dst:MARKER}]"],
@@ -155,8 +155,9 @@ DOWNLOADED = {
         "emit='ext://os.system' is not allowed",
     ),
     "a callback's target": (
-        "callbacks:\n  speedup:\n    _target_: bp_service.bench.overhead._wall\n    command: [sh, -c, touch MARKER]\n",
-        "callbacks.speedup._target_='bp_service.bench.overhead._wall' is not allowed",
+        "callbacks:\n  speedup:\n    _target_: bp_service.bench.tracking_overhead._wall\n"
+        "    command: [sh, -c, touch MARKER]\n",
+        "callbacks.speedup._target_='bp_service.bench.tracking_overhead._wall' is not allowed",
     ),
 }
 

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from torch import nn
+from twins import NATIVE_ACTIVATIONS
 
 from bp_service import MLP, L1Loss, Linear, MSELoss, Sigmoid
+from bp_service.activations import HIDDEN
 
 
 def test_linear_init_and_repr_match_nn_linear():
@@ -35,13 +37,21 @@ def test_small_modules_match_native(ours, native):
     torch.testing.assert_close(ours(*args), native(*args))
 
 
+class _Native(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def _native_twin(model: MLP) -> nn.Sequential:
-    acts = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
     modules: list[nn.Module] = []
     for layer, act in zip(model.layers, model.activations):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=layer.weight.dtype)
         linear.load_state_dict(layer.state_dict())
-        modules += [linear] + ([acts[act]()] if act else [])
+        modules += [linear] + ([_Native(NATIVE_ACTIVATIONS[act])] if act else [])
     return nn.Sequential(*modules)
 
 
@@ -52,6 +62,7 @@ def _native_twin(model: MLP) -> nn.Sequential:
         ("sigmoid", "sigmoid", False, "mse"),
         ("tanh", None, False, "l1"),
         ("relu", "sigmoid", True, "mse"),
+        *[(name, None, False, "mse") for name in HIDDEN],  # every hidden record
     ],
 )
 def test_training_step_matches_native(activation, output_activation, fused, loss):

@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
+from twins import NATIVE_ACTIVATIONS
 
 from bp_service import MLP
 from bp_service import functions as F
+from bp_service.activations import ACTIVATIONS, HIDDEN
 
 DOUBLE = torch.float64
-NATIVE_ACT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu, None: lambda z: z}
+NATIVE_ACT = {**NATIVE_ACTIVATIONS, None: lambda z: z}
 NATIVE_COST = {"mse": TF.mse_loss, "l1": TF.l1_loss}
 
 
@@ -48,6 +50,8 @@ ARCHITECTURES = {
     "2h-relu-sigmoid": ([4, 5, 3, 2], ("relu", "relu", "sigmoid")),
     "3h-mixed-tanh": ([3, 4, 4, 3, 2], ("sigmoid", "tanh", "relu", "tanh")),
     "4h-sigmoid-linear": ([2, 3, 3, 3, 3, 1], ("sigmoid",) * 4 + (None,)),
+    **{f"2h-{name}-linear": ([3, 4, 3, 2], (name, name, None)) for name in HIDDEN},  # every hidden record
+    "1h-softmax": ([3, 4, 3], ("tanh", "softmax")),  # softmax under MSE: its Jacobian in the recursion
 }
 
 
@@ -75,7 +79,7 @@ def test_gradients_equal_native_autograd(arch, bias, cost, dtype):
 def test_gradcheck_and_gradgradcheck(arch, bias, cost):
     sizes, activations = ARCHITECTURES[arch]
     x, target, params = _network(sizes, bias, DOUBLE, seed=1)
-    if "relu" in activations:  # finite differences need every unit away from the kink
+    if any(a is not None and ACTIVATIONS[a].kink for a in activations):  # units away from the kink
         x = (x.detach() + 0.5 * x.detach().sign()).requires_grad_()
 
     def fn(x, target, *params):
@@ -133,7 +137,7 @@ def test_mlp_cost_agrees_with_forward(loss, fused):
     torch.testing.assert_close(net.cost(x, target, loss), per_layer)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("activation", HIDDEN)
 def test_training_with_cost_equals_per_layer_path(activation):
     """Several SGD steps through MLP.cost give the weights the per-layer Functions give (float64)."""
     torch.manual_seed(0)
@@ -159,12 +163,17 @@ def test_gradient_norms_match_the_parameter_gradients():
     net = MLP([4, 6, 5, 2]).double()
     x, target = torch.randn(1, 4, dtype=DOUBLE), torch.rand(1, 2, dtype=DOUBLE)
     w_norms, delta_norms = net.gradient_norms(x, target)
+    assert [p.grad for p in net.parameters()] == [None] * 6  # gradient_norms left .grad alone...
     net.cost(x, target).backward()
     for layer, w_norm, d_norm in zip(net.layers, w_norms, delta_norms):
         torch.testing.assert_close(w_norm, layer.weight.grad.norm())
         torch.testing.assert_close(d_norm, layer.bias.grad.norm())  # one row: dC/db_l = delta_l
-    assert all(p.grad is not None for p in net.parameters())
-    assert net.layers[0].weight.grad.norm() == w_norms[0]  # gradient_norms did not touch .grad
+    grads = [p.grad.clone() for p in net.parameters()]
+    again = net.gradient_norms(x, target)
+    for p, g in zip(net.parameters(), grads):
+        assert torch.equal(p.grad, g)  # ...and, once there, neither adds to it nor zeroes it
+    for ours, first in zip(again, (w_norms, delta_norms)):
+        torch.testing.assert_close(ours, first, rtol=0, atol=0)  # the same batch, the same norms
 
 
 # --------------------------------------------------------------------------- precisions

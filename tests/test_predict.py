@@ -631,3 +631,15 @@ def test_a_tampered_model_folder_runs_its_code_in_pyfunc_but_never_in_bp_predict
     proc = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert marker.read_text() == "ran"  # MLflow's design: only load models this way from a trusted store
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [("...", "..."), ("on", "on"), ("1e5", "1e5"), ("2024-01-01", "2024-01-01"), ("${oc.env:HOME}", "${oc.env:HOME}"),
+     ("[a", "[a"), ("null", "null")],
+)  # fmt: skip
+def test_a_file_name_is_taken_as_written(value, kept):
+    """Values are text: never YAML (``on`` -> True, ``...`` -> a parse error) nor an interpolation (an env read)."""
+    parsed = parse_args([f"model={value}", f"input={value}", f"output={value}", "chunk_size=7", "keep_target=true"])
+    assert (parsed.model, parsed.input, parsed.output) == (kept, kept, kept)
+    assert (parsed.chunk_size, parsed.keep_target, parsed.id_column) == (7, True, None)

@@ -7,18 +7,11 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import requests
 import torch
 from conftest import MlflowServer, clean_env
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 from mlflow import MlflowClient
-from omegaconf import OmegaConf
-
-from bp_service.training.config import DataConfig
-from bp_service.training.data import DataError, prepare
 
 # ~900 optimizer steps per epoch: long enough to be killed mid-epoch, short enough for CI.
 LONG = ["data=blog", "data.n_samples=20000", "data.batch_size=16", "optimizer=sgd_momentum", "trainer=cpu",
@@ -172,90 +165,6 @@ def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, cl
     assert not marker.exists(), "the pickle payload ran"
 
 
-# --------------------------------------------------------------------------- property: malformed CSVs
-CELL = st.one_of(
-    st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.integers(-5, 5),
-    st.sampled_from(["", "abc", "1e3", " 2 ", "nan", "inf", "-", "1,5"]),
-)
-
-
-@st.composite
-def csv_frames(draw):
-    n_cols = draw(st.integers(1, 4))
-    n_rows = draw(st.integers(0, 40))
-    columns = [f"f{i}" for i in range(n_cols)]
-    rows = [[draw(CELL) for _ in columns] for _ in range(n_rows)]
-    labels = [draw(st.sampled_from(["a", "b", "c", ""])) for _ in range(n_rows)]
-    frame = pd.DataFrame(rows, columns=columns)
-    if draw(st.booleans()):
-        frame["label"] = labels
-    return frame
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=csv_frames())
-def test_loader_gives_a_clean_error_or_a_correct_result(tmp_path, frame):
-    path = tmp_path / "generated.csv"
-    frame.to_csv(path, index=False)
-    cfg = OmegaConf.structured(DataConfig(name="csv", path=str(path), target="label"))
-    try:
-        prepared = prepare(cfg, seed=0)
-    except DataError as exc:
-        message = str(exc)
-        assert "\n" not in message and message.startswith(str(path)), message
-        return
-    assert "label" in frame.columns
-    n = sum(len(prepared.x[s]) for s in ("train", "val", "test"))
-    assert n == len(frame)
-    for split in ("train", "val", "test"):
-        assert torch.isfinite(prepared.x[split]).all()
-        assert torch.isfinite(prepared.y[split]).all()
-
-
-GOOD_ROWS = "".join(f"{i},{i % 7},{'x' if i % 2 else 'y'}\n" for i in range(40))
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "file not found"),
-        ("", "file is empty"),
-        ("a,b,label\n", "has a header but no data rows"),
-        ("a,b,other\n" + GOOD_ROWS, "target column 'label' not found (columns: a, b, other)"),
-        ("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS, "not numeric: column(s) 'b' (row 3: 'hello')"),
-        ("a,b,label\n1,2,x\n3,,y\n" + GOOD_ROWS, "missing values: column 'b': 1 row missing (first: row 3)"),
-        ("a,b,label\n1,inf,x\n" + GOOD_ROWS, "row 2, column 'b': not a finite number"),
-        ("a,b,label\n" + "1,2,x\n" * 30, "has a single class ('x')"),
-        ("a,b,label\n1,2,x\n3,4,y\n5,6,x\n", "too few"),
-    ],
-    ids=["missing", "empty", "header_only", "no_target", "text", "nan", "inf", "one_class", "few_rows"],
-)
-def test_bad_csv_is_one_line_naming_file_row_and_column(tmp_path, content, message):
-    path = tmp_path / "input.csv"
-    if content is not None:
-        path.write_text(content)
-    cfg = OmegaConf.structured(DataConfig(name="csv", path=str(path), target="label"))
-    with pytest.raises(DataError) as info:
-        prepare(cfg, seed=0)
-    assert str(info.value).startswith(str(path)) and message in str(info.value)
-    assert "\n" not in str(info.value)
-
-
-def test_bad_csv_through_the_cli_leaves_no_run_behind(tmp_path, cli):
-    path = tmp_path / "input.csv"
-    path.write_text("a,b,label\n1,2,x\n3,hello,y\n" + GOOD_ROWS)
-    result = cli("bp-train", "data=csv", f"data.path={path}", "data.target=label", "trainer=cpu")
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        f"bp-train: error: {path}: not numeric: column(s) 'b' (row 3: 'hello'); "
-        "train on the numeric ones with 'data.features=[a]'"
-    )
-    # The data is checked before any run is opened: the store (an empty one if bp-train made none) holds no run.
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-
-
 @pytest.mark.slow
 def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, postgres):
     """8 bp-train processes at once against `mlflow server` on PostgreSQL: every run, param and metric arrives."""
@@ -291,56 +200,6 @@ def test_eight_parallel_runs_on_a_postgres_backed_server_lose_nothing(tmp_path, 
                 assert len(client.get_metric_history(run.info.run_id, key)) == 3, (run.info.run_id, key)
     finally:
         server.stop()
-
-
-def _tiny_bundle() -> dict:
-    """A 3-4-2 classifier over features x1..x3, built by hand: no training needed to test the reader."""
-    from bp_service.layers import MLP
-
-    torch.manual_seed(0)
-    net = MLP([3, 4, 2])
-    meta = {
-        **{"task": "classification", "feature_names": ["x1", "x2", "x3"], "classes": ["no", "yes"]},
-        **{"scaler_mean": [0.0, 1.0, 2.0], "scaler_scale": [1.0, 2.0, 3.0], "target_mean": 0.0, "target_scale": 1.0},
-    }
-    architecture = {"sizes": [3, 4, 2], "activations": list(net.activations), "fused": True, "bias": True}
-    return {"state_dict": net.state_dict(), "meta": meta, "architecture": architecture}
-
-
-@st.composite
-def predict_frames(draw):
-    columns = draw(st.lists(st.sampled_from(["x1", "x2", "x3", "id", "x4"]), min_size=0, max_size=5, unique=True))
-    n_rows = draw(st.integers(0, 30))
-    return pd.DataFrame([[draw(CELL) for _ in columns] for _ in range(n_rows)], columns=columns)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=predict_frames(), chunk_size=st.integers(1, 50))
-@example(
-    frame=pd.DataFrame({"id": ["a", "b", "c"], "x3": [3, 0, 1], "x1": [1.5, -2, 0], "x2": [0, 0, 7]}), chunk_size=2
-)
-def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chunk_size):
-    from bp_service.bundle import net_from_bundle
-    from bp_service.serving.model import InputError
-    from bp_service.serving.predict import predict_csv, predict_rows
-
-    bundle = _tiny_bundle()
-    source, out = tmp_path / "in.csv", tmp_path / "out.csv"
-    out.unlink(missing_ok=True)
-    frame.to_csv(source, index=False)
-    try:
-        n = predict_csv(bundle, source, out, chunk_size=chunk_size)
-    except InputError as exc:
-        message = str(exc)
-        assert "\n" not in message and message.startswith(str(source)), message
-        assert not out.exists(), "no output on error"
-        return
-    written = pd.read_csv(out)
-    assert n == len(frame) == len(written)
-    reread = pd.read_csv(source)[["x1", "x2", "x3"]].apply(pd.to_numeric, errors="raise").to_numpy(dtype=float)
-    expected = predict_rows(net_from_bundle(bundle), bundle["meta"], reread)
-    assert written["prediction"].tolist() == expected["prediction"].tolist()
-    assert list(written.columns) == [*(["id"] if "id" in frame.columns else []), "prediction", "proba_no", "proba_yes"]
 
 
 # --------------------------------------------------------------------------- resumes never rewrite a finished run

@@ -19,7 +19,7 @@ import torch
 from conftest import clean_env
 from mlflow import MlflowClient
 
-from bp_service.training.tracking import owner_tags
+from bp_service.training.tracking.run import owner_tags
 
 BIN = Path(sys.executable).parent
 TINY = ["data=xor", "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from bp_service.bench import jobs as bench_jobs
+from bp_service.bench import training_job as bench_jobs
 from bp_service.bench.harness import BenchConfig
-from bp_service.training.config import ConfigError, DataConfig
-from bp_service.training.data import BPDataModule, load_raw, synthetic_informative
+from bp_service.training.config import ConfigError
+from bp_service.training.data import BPDataModule
+from bp_service.training.data.sources import SyntheticSource
 from bp_service.training.preflight import validate
 
 NO_TRACKING = ["tracking.enabled=false"]
@@ -57,14 +57,13 @@ def test_regression_task_uses_make_regression(compose_cfg):
 
 
 def test_generation_is_float32_and_informative_default():
-    cfg = OmegaConf.structured(DataConfig(name="synthetic", n_samples=1000, n_features=40, n_classes=4))
-    x, y, names, task = load_raw(cfg, seed=0)
-    assert x.dtype == np.float32 and x.shape == (1000, 40) and task == "classification"
-    assert sorted(set(y.tolist())) == [0, 1, 2, 3] and len(names) == 40
+    raw = SyntheticSource(n_samples=1000, n_features=40, n_classes=4).load(seed=0)
+    assert raw.x.dtype == np.float32 and raw.x.shape == (1000, 40) and raw.task == "classification"
+    assert sorted(set(raw.y.tolist())) == [0, 1, 2, 3] and len(raw.feature_names) == 40
     # By default half the features carry signal (the rest are noise), at least enough for the classes.
-    assert synthetic_informative(cfg) == 20
-    assert synthetic_informative(OmegaConf.merge(cfg, {"n_features": 4, "n_classes": 6})) == 4
-    assert synthetic_informative(OmegaConf.merge(cfg, {"n_informative": 7})) == 7
+    assert SyntheticSource(n_samples=1000, n_features=40, n_classes=4).n_informative == 20
+    assert SyntheticSource(n_features=4, n_classes=6).n_informative == 4
+    assert SyntheticSource(n_features=40, n_informative=7).n_informative == 7
 
 
 @pytest.mark.parametrize(
@@ -89,16 +88,18 @@ def test_regression_allows_any_noise(compose_cfg):
 
 
 def test_the_preset_is_the_size_bench_measures(compose_cfg):
-    """bp-bench item 4's CUDA rows claim the preset's size: hold them to it."""
+    """bp-bench's Lightning overhead rows on CUDA measure experiment=synthetic as bp-train composes it."""
     cfg = compose_cfg("experiment=synthetic")
     validate(cfg)
-    assert {k: cfg.data[k] for k in bench_jobs.SYNTHETIC_DATA} == bench_jobs.SYNTHETIC_DATA
-    assert tuple(cfg.model.net.hidden) == bench_jobs.SYNTHETIC_HIDDEN
-    assert cfg.model.net.activation == bench_jobs.SYNTHETIC_ACTIVATION
-    assert cfg.model.net.output_activation == bench_jobs.SYNTHETIC_OUTPUT_ACTIVATION
-    assert cfg.optimizer._target_ == bench_jobs.SYNTHETIC_OPTIMIZER["_target_"]
-    assert cfg.optimizer.lr == bench_jobs.SYNTHETIC_OPTIMIZER["lr"]
-    assert cfg.data.n_samples == 1_000_000 and cfg.data.n_features == 128 and cfg.data.batch_size == 4096
+    preset = bench_jobs.synthetic_preset()
+    assert preset.data == cfg.data and preset.model == cfg.model and preset.optimizer == cfg.optimizer
+    assert {k: preset.data[k] for k in ("n_samples", "n_features", "n_classes", "n_informative", "batch_size")} == {
+        "n_samples": 1_000_000, "n_features": 128, "n_classes": 10, "n_informative": 32, "batch_size": 4096
+    }  # fmt: skip
+    workload = bench_jobs.synthetic_workload(preset)
+    assert (workload["hidden"], workload["activation"], workload["output_activation"]) == ((1024, 1024), "relu", None)
+    assert (workload["optimizer"]["_target_"], workload["optimizer"]["lr"]) == ("torch.optim.Adam", 0.001)
+    assert bench_jobs.synthetic_preset(n_samples=1500).data.n_samples == 1500
 
 
 @pytest.mark.slow  # a whole bp-train process: ~30 s on two cores, mostly start-up
@@ -122,13 +123,13 @@ def test_small_preset_through_bp_train_beats_chance(cli):
 
 
 @pytest.mark.slow
-def test_bench_item4_device_rows_harness_on_cpu():
+def test_bench_lightning_overhead_device_rows_harness_on_cpu():
     """The CUDA rows' harness (native eager loop vs the Lightning loop), run on the CPU at a toy size."""
     rows = bench_jobs.item_lightning_cuda(BenchConfig(quick=True), variants={"eager": {}}, n_samples=1500, device="cpu")
     (row,) = rows
-    assert row["item"] == "4" and "[cpu float32]" in row["name"] and "128-1024-1024-10" in row["name"]
+    assert row["item"] == "lightning-overhead" and "[cpu float32]" in row["name"]
+    assert "synthetic b4096 128-1024-1024-10" in row["name"]
     assert row["ours"] > 0 and row["peer"] > 0
-    assert row["ratio"] == pytest.approx(row["ours"] / row["peer"], rel=1e-12)
     details = row["details"]
     assert details["batch"] == 4096 and details["rows"] == 1050 and details["epochs"] == [1, 3]
     # Same initial weights, same batches, same optimizer: after 3 Adam steps the two sides agree closely.

@@ -80,7 +80,7 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     local = Path(client.download_artifacts(run.info.run_id, "gradcheck.json", str(tmp_path / "dl")))
     report = json.loads(local.read_text())
     assert report["passed"] is True
-    assert [e["layer"] for e in report["layers"]] == ["layers.0", "layers.1", "loss"]
+    assert [e["layer"] for e in report["layers"]] == ["layers.0", "layers.1"]  # each through MLP.cost
     assert all(e["max_abs_error"] < 1e-6 for e in report["layers"])
     png = Path(client.download_artifacts(run.info.run_id, "curves.png", str(tmp_path / "dl")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 12 in one go, for a CUDA machine with no internet (`make gpu-check`):
+# The GPU checks in one go, for a CUDA machine with no internet (`make gpu-check`):
 #   1. install: a venv over the machine's own python (its torch, Lightning, numpy...) plus the wheels that
 #      `make gpu-wheels` put in .gpu-wheels (Hydra, MLflow...), --no-index --no-deps; bp-service editable
 #   2. `make test-gpu` (pytest -m gpu), junit xml
@@ -15,7 +15,7 @@
 # WORK (scratch: venv, MLflow store, runs; default /tmp/bp-gpu-check), GPU_BENCH_ITEMS (default 1,2,3,4),
 # PRECISIONS, TRAIN_ARGS (extra bp-train overrides), GPU_CHECK_DEADLINE (seconds for everything; default 540).
 # GPU_CHECK_CPU=1 is the dry run for machines without CUDA: the same steps on the CPU at toy sizes
-# (the gpu tests skip, bench runs item 1 on the CPU, bp-train uses trainer=cpu and 3000 rows).
+# (the gpu tests skip, bench runs step-time on the CPU, bp-train uses trainer=cpu and 3000 rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"

@@ -14,16 +14,16 @@ from pathlib import Path
 import torch
 
 from bp_service.bench.harness import BenchConfig, Row
-from bp_service.bench.items import item_peak_memory, item_roofline, item_step_time
-from bp_service.bench.overhead import item_tracking_overhead
 from bp_service.bench.report import OtherLoad, format_table, run_meta
+from bp_service.bench.tracking_overhead import item_tracking_overhead
+from bp_service.bench.training_step import item_peak_memory, item_roofline, item_step_time
 
 
 def _job_item(name: str) -> Callable[[BenchConfig], list[Row]]:
-    """An item of :mod:`bp_service.bench.jobs`, imported only when run: it imports Lightning."""
+    """An item of :mod:`bp_service.bench.training_job`, imported only when run: it imports Lightning."""
 
     def item(cfg: BenchConfig) -> list[Row]:
-        return getattr(import_module("bp_service.bench.jobs"), name)(cfg)
+        return getattr(import_module("bp_service.bench.training_job"), name)(cfg)
 
     item.__name__ = name
     return item
@@ -34,21 +34,27 @@ item_peer_job = _job_item("item_peer_job")
 
 # Adding an item is one line here: a function ``(BenchConfig) -> list[Row]`` building its rows with ``make_row``.
 ITEMS: dict[str, tuple[str, Callable[[BenchConfig], list[Row]]]] = {
-    "1": ("training step time, custom vs native autograd", item_step_time),
-    "2": ("training step peak memory, custom vs native autograd", item_peak_memory),
-    "3": ("roofline: custom step FLOP/s vs torch.mm", item_roofline),
-    "4": ("epoch time, bp-train's Lightning loop vs a plain loop", item_lightning_overhead),
-    "5": ("cold process to a tested digits model, bp-train vs scikit-learn", item_peer_job),
-    "6": ("tracking overhead per digits run, MLflow on vs off (target: at most 1 s)", item_tracking_overhead),
+    "step-time": ("training step time, custom vs native autograd", item_step_time),
+    "peak-memory": ("training step peak memory, custom vs native autograd", item_peak_memory),
+    "roofline": ("custom step FLOP/s vs torch.mm", item_roofline),
+    "lightning-overhead": ("epoch time, bp-train's Lightning loop vs a plain loop", item_lightning_overhead),
+    "peer-job": ("cold process to a tested digits model, bp-train vs scikit-learn", item_peer_job),
+    "tracking-overhead": (
+        "tracking overhead per digits run, MLflow on vs off (target: at most 1 s)",
+        item_tracking_overhead,
+    ),
 }
+# The numbers the items once had, still accepted by ``--items`` (``--items 1,2`` is ``--items step-time,peak-memory``).
+NUMBERED = dict(zip("123456", ITEMS))
 
 
 def _parse_items(text: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
+    given = [s.strip() for s in text.split(",") if s.strip()]
+    items = [NUMBERED.get(s, s) for s in given]
     unknown = [s for s in items if s not in ITEMS]
     if unknown or not items:
         raise argparse.ArgumentTypeError(f"unknown item(s) {unknown or text!r}; choose from {', '.join(ITEMS)}")
-    return items
+    return list(dict.fromkeys(items))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure bp-service against its peers in one process; every figure is a ratio to its peer.",
         epilog="items: " + "; ".join(f"{k}: {desc}" for k, (desc, _) in ITEMS.items()),
     )
-    p.add_argument("--items", type=_parse_items, default=list(ITEMS), help="comma list, e.g. 1,2,3 (default: all)")
+    p.add_argument(
+        "--items",
+        type=_parse_items,
+        default=list(ITEMS),
+        help="comma list, e.g. step-time,roofline (the numbers 1-6 still work; default: all)",
+    )
     p.add_argument("--quick", action="store_true", help="few repetitions: everything in well under a minute")
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 200, quick 15)")
     p.add_argument("--warmup", type=int, help="untimed repetitions per side first (default 5, quick 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="item 1: also time the custom MLP under torch.compile")
+    p.add_argument("--compile", action="store_true", help="step-time: also time the custom MLP under torch.compile")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cuda/all only where available")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write rows and run metadata as JSON")
     p.add_argument("--seed", type=int, default=0)
@@ -96,7 +107,7 @@ def run_items(cfg: BenchConfig, items: Sequence[str]) -> list[Row]:
         desc, fn = ITEMS[key]
         t0 = time.perf_counter()
         new = fn(cfg)
-        print(f"  item {key} ({desc}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(f"  {key} ({desc}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         rows += new
     return rows
 

@@ -1,4 +1,4 @@
-"""The networks and training steps items 1-3 compare: bp-train's path and its native autograd twin."""
+"""The networks and training steps the step items compare: bp-train's path and its native autograd twin."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bp_service.layers import MLP
 SIZES: tuple[int, ...] = (784, 1024, 1024, 10)  # the compute-bound shape: MNIST-sized, batch 512
 BATCH = 512
 # The networks users train, with the batch each runs at: (label, sizes, batch, CPU target, CUDA target).
-# Targets are step-time ratios bp-train's path / native autograd (issue 11).
+# Targets are step-time ratios bp-train's path / native autograd.
 Shape = tuple[str, tuple[int, ...], int, float, float]
 SHAPES: tuple[Shape, ...] = (
     ("digits job", (64, 64, 10), 64, 1.00, 1.05),
@@ -173,5 +173,5 @@ def _check_same_first_loss(steps: dict[str, TrainStep], dtype: torch.dtype) -> N
 
 
 def shapes_for(device: str) -> tuple[Shape, ...]:
-    """The networks item 1 and 2 run on ``device``: the users' shapes, plus a GPU-sized one on CUDA."""
+    """The networks step time and peak memory run on ``device``: the users' shapes, plus a GPU-sized one on CUDA."""
     return SHAPES + ((GPU_SHAPE,) if device.startswith("cuda") else ())

@@ -122,16 +122,25 @@ class ModelSourceError(RuntimeError):
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str]) -> PredictConfig:
-    """``key=value`` arguments merged onto :class:`PredictConfig`: unknown keys and wrong types are errors."""
+    """``key=value`` arguments merged onto :class:`PredictConfig`: unknown keys and wrong types are errors.
+
+    Each value is taken as the text it is, never parsed as YAML (a file named ``on``, ``1e5`` or ``...`` stays
+    that name) nor resolved as an interpolation (``${oc.env:...}`` stays text); the schema converts
+    ``chunk_size=N`` and ``keep_target=true`` to their types.
+    """
+    given: dict[str, str | None] = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise UsageError(f"expected key=value, got {arg!r}; {USAGE}")
-        if key.strip() in ("model", "input", "output") and not value.strip():  # OmegaConf would read null
-            raise UsageError(f"{key.strip()}= must not be empty")
+        if key in ("model", "input", "output") and not value.strip():
+            raise UsageError(f"{key}= must not be empty")
+        # "${" escaped as OmegaConf reads it: the literal text, not an interpolation; empty: the default (null)
+        given[key] = value.replace("${", "\\${") if value else None
     known = [f.name for f in fields(PredictConfig)]
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(list(argv)))
+        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.create(given))
         missing = [k for k in known if k in OmegaConf.missing_keys(cfg)]
         if missing:
             raise UsageError(f"missing {', '.join(f'{k}=...' for k in missing)}; {USAGE}")

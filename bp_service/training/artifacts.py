@@ -1,4 +1,5 @@
-"""What a finished run leaves in MLflow besides its metrics: config, pictures, checkpoint pointer, servable model."""
+"""What a finished run leaves in its record besides its metrics: config, pictures, checkpoint pointer, servable
+model; through the :class:`~bp_service.training.tracking.Tracker` interface, whatever the backend."""
 
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from bp_service.training.tracking import Tracker, recordable_config
 def record_artifacts(
     cfg: DictConfig, tracker: Tracker, module: BPModule, data: Prepared, result: dict[str, Any], flow: GradientFlow
 ) -> None:
-    """Config, learning curves, gradient flow, confusion matrix, checkpoint pointer, and the servable model."""
-    tracker.logger.flush()  # MLflow's log_model reads the run's metrics back
+    """Config, learning curves, gradient flow, confusion matrix, checkpoint pointer, and the servable model.
+
+    Nothing is drawn or written when the tracker keeps nothing (tracking off)."""
+    if not tracker.records:
+        return
+    tracker.flush()  # MLflow's log_model reads the run's metrics back
     tracker.log_text(OmegaConf.to_yaml(recordable_config(cfg)), "config.yaml")
     log_curves(tracker, data.task)
     epochs, panels = flow.panels() if flow is not None else ([], {})
@@ -35,7 +40,8 @@ def record_artifacts(
     if result["best_checkpoint"]:
         tracker.log_artifact(result["best_checkpoint"], "checkpoints")
     if cfg.tracking.log_model:
-        log_servable_model(cfg, tracker, module, data, result)
+        bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
+        log_servable_model(tracker, module, data, result, bundle_path, cfg.tracking.register_model)
 
 
 def log_curves(tracker: Tracker, task: str) -> None:
@@ -59,14 +65,18 @@ def log_confusion(tracker: Tracker, module: BPModule, data: Prepared) -> None:
 
 
 def log_servable_model(
-    cfg: DictConfig, tracker: Tracker, module: BPModule, data: Prepared, result: dict[str, Any]
+    tracker: Tracker,
+    module: BPModule,
+    data: Prepared,
+    result: dict[str, Any],
+    bundle_path: Path,
+    register_as: str | None,
 ) -> None:
-    """The bundle beside the run's outputs, and the MLflow pyfunc model around it."""
-    bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
+    """The bundle at ``bundle_path`` (beside the run's outputs), and the servable model around it."""
     try:
         save_bundle(module.net, module.meta, bundle_path)
     except DiskFullError as exc:  # trained and tested: the run stands, only this artifact is lost
         result["lost_artifacts"] = [f"{bundle_path.name} and the MLflow model ({exc.strerror})"]
-        tracker.logger.call("set_tag", tracker.client.set_tag, tracker.run_id, "bp.lost_artifacts", exc.strerror)
+        tracker.set_tag("bp.lost_artifacts", exc.strerror)
         return
-    tracker.log_model(bundle_path, data.raw_example(), cfg.tracking.register_model)
+    tracker.log_model(bundle_path, data.raw_example(), register_as)

@@ -103,22 +103,22 @@ class Resume:
     origin: dict[str, str] = field(default_factory=dict)  # tags of a new run started from another's checkpoint
 
 
-def resolve_resume(cfg: DictConfig) -> Resume:
-    """The checkpoint to resume from, checked, and where this job writes: ``ckpt_path=last`` is the newest
+def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
+    """The checkpoint to resume from (``ckpt_path``), checked, and where this job writes: ``last`` is the newest
     ``last.ckpt`` of an earlier run with the same overrides, continued in its own folder."""
-    if cfg.ckpt_path is None:
-        return Resume(None, Path(cfg.paths.ckpt_dir))
-    path = _newest_last(cfg) if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).absolute()
+    if ckpt_path is None:
+        return Resume(None, Path(paths.ckpt_dir))
+    path = _newest_last() if ckpt_path == "last" else Path(ckpt_path).absolute()
     run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning
-    if cfg.ckpt_path == "last" or _own_last(path, cfg.paths.root_dir):
+    if ckpt_path == "last" or _own_last(path, paths.root_dir):
         return Resume(str(path), path.resolve().parent, in_place=True, run_id=run_id)
     origin = {"bp.resumed_from": str(path.resolve())}
     if run_id:
         origin["bp.resumed_from_run"] = run_id
-    return Resume(str(path), Path(cfg.paths.ckpt_dir), origin=origin)
+    return Resume(str(path), Path(paths.ckpt_dir), origin=origin)
 
 
-def _newest_last(cfg: DictConfig) -> Path:
+def _newest_last() -> Path:
     wanted = _resumable_overrides(HydraConfig.get().overrides.task)
     runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
     candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,44 +21,23 @@ from bp_service.commands import EXIT_INTERRUPT, full_error_requested
 from bp_service.files import unique_run_dir
 from bp_service.home import project_root
 from bp_service.training import guard
-from bp_service.training.config import ConfigError, register_configs
+from bp_service.training.config import CONF_DIR, ConfigError, register_configs
 
 # Every config Hydra composes is checked before Hydra builds anything from it. At import, not in main():
 # a launcher's worker process imports this module to run its job, and composes that job's config there.
 guard.install()
 
-CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
-
-# Where `make ui` serves the dashboard (its PORT defaults to 5000).
-DASHBOARD = f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"
-
-
-def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
-    """The run's page in MLflow's training-runs view: MLflow 3.x opens experiments in its GenAI view
-    unless the URL (or the sidebar's switch, remembered by the browser) says ``workflowType=machine_learning``."""
-    if experiment_id is None:  # MLflow's direct route finds the experiment itself
-        return f"{base}/#/runs/{run_id}?workflowType=machine_learning"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def summary(cfg: DictConfig, result: dict[str, Any]) -> str:
-    lines = [f"bp-train: {cfg.task_name} finished in {result['wall_time_s']:.1f} s"]
+def summary(task_name: str, result: dict[str, Any]) -> str:
+    """The lines a finished run ends with: metrics, checkpoint, and where it is recorded (the tracker's link)."""
+    lines = [f"bp-train: {task_name} finished in {result['wall_time_s']:.1f} s"]
     lines += [f"  {k:<12} {v:.4f}" for k, v in sorted(result["metrics"].items())]
     lines.append(f"  checkpoint   {result['best_checkpoint'] or result['last_checkpoint']}")
     if result["run_id"]:
-        lines.append(f"  MLflow run   {result['run_id']}  (experiment {cfg.tracking.experiment!r})")
-        uri = result["tracking_uri"]
-        served = uri.startswith(("http:", "https:"))
-        link = run_link(uri.rstrip("/") if served else DASHBOARD, result.get("experiment_id"), result["run_id"])
-        if not served:  # `make ui` serves the home's embedded store; any other store needs its own `mlflow ui`
-            home_store = uri == f"sqlite:///{Path(cfg.paths.root_dir).resolve() / 'mlflow.db'}"
-            link += (
-                f"   (after `make ui`; store: {uri})"
-                if home_store
-                else f"   (after `mlflow ui --backend-store-uri {uri}`)"
-            )
-        lines.append(f"  dashboard    {link}")
+        label = f"{result['tracker']} run"
+        lines.append(f"  {label:<12} {result['run_id']}  (experiment {result['experiment']!r})")
+        if result["dashboard"]:
+            lines.append(f"  dashboard    {result['dashboard']}")
     if result.get("tracking_lost"):
         lines.append(f"  WARNING      MLflow tracking was lost mid-run: {result['tracking_lost']}")
     for lost in result.get("lost_artifacts") or []:
@@ -119,7 +97,7 @@ def _continues(previous: str, line: str) -> bool:
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
     from bp_service.training.recipe import train
-    from bp_service.training.tracking import mark_sweep_failed
+    from bp_service.training.tracking.sweep import mark_sweep_failed
 
     quiet_library_warnings()
     hydra_cfg = HydraConfig.get()
@@ -129,7 +107,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # Hydra records the failed job and runs the others; the sweep then fails as a whole.
             print(f"bp-train: error: job {hydra_cfg.job.num}: {exc}", file=sys.stderr)
-            mark_sweep_failed(cfg, hydra_cfg.sweep.dir)
+            mark_sweep_failed(cfg.tracking, cfg.paths, hydra_cfg.sweep.dir)
             raise
         if full_error_requested():
             raise
@@ -145,7 +123,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:  # DDP: every process returns here; one prints the summary
-        print(summary(cfg, result))
+        print(summary(cfg.task_name, result))
     return result["best_score"]  # what sweepers optimize
 
 
@@ -176,10 +154,10 @@ def main() -> None:
     it raises them instead, and they are shown here as one line (the full trace only when the
     user asked for it with ``HYDRA_FULL_ERROR=1``).
     """
-    if sys.argv[1:2] == ["--stale-runs"]:  # list (and with --close, close) runs left RUNNING by a killed process
-        from bp_service.training.store import close_stale_main
+    if sys.argv[1:2] == ["--stale-runs"]:  # the older spelling of `bp-runs stale [--close]`
+        from bp_service.training.runs import main as runs_main
 
-        sys.exit(close_stale_main(sys.argv[2:]))
+        sys.exit(runs_main(["stale", *sys.argv[2:]]))
     # MLflow's "Downloading artifacts" bars (model logging reads files back) are not the run's progress;
     # a user who sets the variable keeps their choice.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -199,7 +177,7 @@ def main() -> None:
         if full_error_requested():
             raise
         print(f"bp-train: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException | ConfigError) else 1)
+        sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException) else 1)
 
 
 if __name__ == "__main__":

@@ -9,30 +9,72 @@ the network, the optimizer, the scheduler and the callbacks are named by ``_targ
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bp_service.activations import HIDDEN
 from bp_service.training.guard import ConfigError, check_targets
+
+CONF_DIR = Path(os.environ.get("BP_SERVICE_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+
+class Choice(str, Enum):
+    """A closed set of names (a field Hydra checks): each member equals its name as a string and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Task(Choice):
+    """``data.task``: what the target is (auto: inferred from it)."""
+
+    auto = "auto"
+    classification = "classification"
+    regression = "regression"
+
+
+class Missing(Choice):
+    """``data.missing`` (CSV): what an empty cell does: fail naming it, leave its row out, or fill it from train."""
+
+    error = "error"
+    drop = "drop"
+    mean = "mean"
+
+
+# The core's cost names (bp_service.functions.LOSSES), spelled out here so that
+# composing a config never imports torch; tests/test_schema.py keeps them equal.
+class Loss(Choice):
+    """``model.loss``: the worked example's two costs, and cross-entropy (auto: cross_entropy for
+    classification, mse for regression; not a cost of the core, so not in ``LOSSES``)."""
+
+    auto = "auto"
+    mse = "mse"
+    l1 = "l1"
+    cross_entropy = "cross_entropy"
+
+
+# ``model.net.activation``: generated from the activation records, whose module imports no torch.
+Activation = Choice("Activation", {name: name for name in HIDDEN}, module=__name__, qualname="Activation")
+
+
+class Interval(Choice):
+    """``scheduler.interval``: when the learning-rate scheduler steps."""
+
+    epoch = "epoch"
+    step = "step"
 
 
 @dataclass
-class DataConfig:
-    name: str = MISSING
-    task: str = "auto"  # auto | classification | regression (auto: inferred from the target)
-    path: str | None = None  # csv only
-    target: str | None = None  # csv only: the target column
-    features: list[str] | None = None  # csv only: feature columns (default: all but target and id)
-    id_column: str | None = None  # csv only: carried through to predictions, never a feature
-    missing: str = "error"  # csv only: error | drop (leave rows with an empty cell out) | mean (fill from train)
-    n_samples: int = 1000  # generated datasets (blog, xor, moons, synthetic)
-    noise: float = 0.1  # generated datasets (synthetic classification: fraction of labels flipped)
-    n_features: int = 20  # synthetic only
-    n_classes: int = 2  # synthetic classification only
-    n_informative: int | None = None  # synthetic only (default: half the features)
+class DataSettings:
+    """The split and loader settings every ``data=`` option shares (its source's own fields are its schema's)."""
+
     val_size: float = 0.15
     test_size: float = 0.15
     batch_size: int = 64  # per process, as in Lightning
@@ -41,11 +83,69 @@ class DataConfig:
 
 
 @dataclass
+class DataSourceConfig(DataSettings):
+    """What every source takes: the class (``_target_``), the option's name, and what its target is."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    task: Task = Task.auto  # auto: inferred from the target
+
+
+@dataclass
+class BundledDataConfig(DataSourceConfig):
+    """A table that ships with scikit-learn (``sklearn.datasets.load_<name>``)."""
+
+    _target_: str = "bp_service.training.data.sources.BundledSource"
+
+
+@dataclass
+class ToyDataConfig(DataSourceConfig):
+    """A small problem generated from the seed (blog, xor, moons)."""
+
+    _target_: str = "bp_service.training.data.sources.ToySource"
+    n_samples: int = 1000
+    noise: float = 0.1
+
+
+@dataclass
+class SyntheticDataConfig(DataSourceConfig):
+    """scikit-learn's ``make_classification`` / ``make_regression`` of any size."""
+
+    _target_: str = "bp_service.training.data.sources.SyntheticSource"
+    n_samples: int = 10000
+    n_features: int = 20
+    n_classes: int = 2  # classification only
+    n_informative: int | None = None  # default: half the features
+    noise: float = 0.01  # classification: fraction of labels flipped; regression: the target's noise std
+
+
+@dataclass
+class CsvDataConfig(DataSourceConfig):
+    """Your own CSV file."""
+
+    _target_: str = "bp_service.training.data.csv.CsvSource"
+    path: str = MISSING
+    target: str = MISSING  # the target column
+    features: list[str] | None = None  # feature columns (default: all but target and id)
+    id_column: str | None = None  # carried through to predictions, never a feature
+    missing: Missing = Missing.error  # error | drop (leave rows with an empty cell out) | mean (fill from train)
+
+
+# Each data schema under the name conf/data/*.yaml include it by (`/<name>@_here_` in their defaults).
+DATA_SCHEMAS = {
+    "bundled_data_schema": BundledDataConfig,
+    "toy_data_schema": ToyDataConfig,
+    "synthetic_data_schema": SyntheticDataConfig,
+    "csv_data_schema": CsvDataConfig,
+}
+
+
+@dataclass
 class NetConfig:
     _target_: str = "bp_service.layers.MLP"
     hidden: list[int] = field(default_factory=lambda: [16])  # widths between the data's input and output
-    activation: str = "sigmoid"
-    output_activation: str | None = "auto"  # auto: sigmoid for classification, none for regression
+    activation: Activation = Activation.sigmoid
+    output_activation: str | None = "auto"  # auto: softmax (sigmoid: one output, mse, l1); none for regression
     fused: bool = True
     bias: bool = True
 
@@ -54,7 +154,7 @@ class NetConfig:
 class ModelConfig:
     _target_: str = "bp_service.training.module.BPModule"
     net: NetConfig = field(default_factory=NetConfig)
-    loss: str = "mse"
+    loss: Loss = Loss.auto  # auto: cross_entropy for classification, mse for regression
     compile: bool = False  # torch.compile the training cost (forward, cost, hand-written backward)
     capture: bool | None = None  # CUDA-graph training steps: null when possible, true says why not, false off
     gradient_clip_val: float | None = None  # manual optimization: the module clips, not the Trainer
@@ -84,7 +184,7 @@ class SchedulerConfig:
     """Lightning's ``lr_scheduler`` config: the scheduler (a partial: the optimizer comes later) and when it steps."""
 
     scheduler: Any = MISSING
-    interval: str = "epoch"
+    interval: Interval = Interval.epoch
 
 
 @dataclass
@@ -137,7 +237,7 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 42
     ckpt_path: str | None = None  # "last", or a path to a .ckpt, to resume
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSourceConfig = field(default_factory=DataSourceConfig)  # typed by the chosen option's schema
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: Any = MISSING  # SGDConfig | AdamConfig, typed by the group's schema
     scheduler: Any = None
@@ -157,6 +257,8 @@ def register_configs() -> None:
     cs.store(name="sgd_schema", node=SGDConfig)
     cs.store(name="adam_schema", node=AdamConfig)
     cs.store(name="scheduler_schema", node=SchedulerConfig)
+    for name, schema in DATA_SCHEMAS.items():
+        cs.store(name=name, node=schema)
 
 
 def instantiate(node: DictConfig | dict[str, Any], field_name: str, **kwargs: Any) -> Any:
@@ -165,7 +267,7 @@ def instantiate(node: DictConfig | dict[str, Any], field_name: str, **kwargs: An
     ``kwargs`` are what only the run knows (the data's widths, the metric to follow); a wrong argument
     in the config is reported as a ConfigError naming the field.
     """
-    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    container = plain(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node))
     check_targets(container, field_name)
     try:
         # _convert_="all": the built objects get plain lists and dicts, never OmegaConf containers (which a
@@ -173,6 +275,38 @@ def instantiate(node: DictConfig | dict[str, Any], field_name: str, **kwargs: An
         return hydra_instantiate(container, _convert_="all", **kwargs)
     except Exception as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, ConfigError):  # a constructor that checks its own fields already names the field
+            raise cause from None
         if isinstance(cause, TypeError | ValueError):
             raise ConfigError(f"{field_name}: {cause}") from None
         raise
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every enum member (a :class:`Choice`) replaced by its plain value, at any depth.
+
+    What is built from the config gets plain strings: a checkpoint (loaded with ``weights_only=True``)
+    or an MLflow param may never hold an Enum.
+    """
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def data_config(name: str, **fields: Any) -> DictConfig:
+    """The ``data`` node of ``data=<name>`` built in code: ``conf/data/<name>.yaml`` on its schema, ``fields`` on top.
+
+    For callers outside a Hydra run (benchmarks, notebooks); a run composes the same node through Hydra.
+    """
+    file = OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml")
+    schemas = [str(entry).lstrip("/").partition("@")[0] for entry in file.pop("defaults", [])]
+    schema = next((DATA_SCHEMAS[s] for s in schemas if s in DATA_SCHEMAS), DataSourceConfig)
+    return OmegaConf.merge(OmegaConf.structured(schema), file, fields)
+
+
+# The name callers used when one flat dataclass held every source's fields: same call, same node.
+DataConfig = data_config

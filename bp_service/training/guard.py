@@ -47,9 +47,9 @@ _SCHEDULERS = (
     "OneCycleLR PolynomialLR ReduceLROnPlateau StepLR"
 )
 
-# The classes a run's config may name (model, network, callbacks, optimizer, scheduler). Left out on purpose:
-# classes that take a callable (LambdaCallback, LambdaLR, ModelPruning, ThroughputMonitor), bases and
-# abstract classes, and anything that is not a class.
+# The classes a run's config may name (data source, model, network, callbacks, optimizer, scheduler). Left out
+# on purpose: classes that take a callable (LambdaCallback, LambdaLR, ModelPruning, ThroughputMonitor), bases
+# and abstract classes, and anything that is not a class.
 JOB_CLASSES = frozenset(
     {
         "bp_service.training.module.BPModule",
@@ -58,6 +58,10 @@ JOB_CLASSES = frozenset(
         "bp_service.training.callbacks.GradientFlow",
         "bp_service.training.callbacks.ProgressBar",
         "bp_service.training.callbacks.Summary",
+        "bp_service.training.data.sources.BundledSource",
+        "bp_service.training.data.sources.ToySource",
+        "bp_service.training.data.sources.SyntheticSource",
+        "bp_service.training.data.csv.CsvSource",
         *(f"lightning.pytorch.callbacks.{name}" for name in _LIGHTNING_CALLBACKS.split()),
         *(f"torch.optim.{name}" for name in _OPTIMIZERS.split()),
         *(f"torch.optim.lr_scheduler.{name}" for name in _SCHEDULERS.split()),
@@ -65,7 +69,7 @@ JOB_CLASSES = frozenset(
 )
 # hydra.callbacks: the project's own (a sweep's parent MLflow run) and Hydra's job-return log.
 HYDRA_CALLBACKS = frozenset(
-    {"bp_service.training.tracking.MLflowSweepCallback", "hydra.experimental.callbacks.LogJobReturnCallback"}
+    {"bp_service.training.tracking.sweep.MLflowSweepCallback", "hydra.experimental.callbacks.LogJobReturnCallback"}
 )
 # hydra.launcher / hydra.sweeper: Hydra's own and its official plugins; inside them, Optuna's samplers.
 HYDRA_PLUGINS = frozenset(
@@ -312,6 +316,7 @@ def install() -> None:
     that renames it fails ``tests/test_guard.py`` loudly.
     """
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import ConfigCompositionException
 
     load = ConfigLoaderImpl.load_configuration
     if getattr(load, "bp_guarded", False):
@@ -319,9 +324,12 @@ def install() -> None:
 
     @functools.wraps(load)
     def guarded(self: Any, config_name: str | None, overrides: list[str], *args: Any, **kwargs: Any) -> DictConfig:
-        check_removals(overrides)
-        cfg = load(self, config_name, overrides, *args, **kwargs)
-        check_composed(cfg)
+        try:
+            check_removals(overrides)
+            cfg = load(self, config_name, overrides, *args, **kwargs)
+            check_composed(cfg)
+        except ConfigError as exc:  # a composition error like Hydra's own: one line, exit 2
+            raise ConfigCompositionException(str(exc)) from None
         return cfg
 
     guarded.bp_guarded = True  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
-"""A run's lifecycle: its MLflow run opened with signals held, and closed FINISHED, FAILED or KILLED, never
-left RUNNING; SIGTERM, Ctrl-C and SLURM requeues handled the way schedulers and shells expect.
+"""A run's lifecycle: its record (the MLflow run) opened with signals held, and closed FINISHED, FAILED or KILLED,
+never left RUNNING; SIGTERM, Ctrl-C and SLURM requeues handled the way schedulers and shells expect.
 
 The recipe (:mod:`bp_service.training.recipe`) runs inside :func:`open_run` and trains through
 :meth:`Run.fit` and :meth:`Run.test`.
@@ -18,20 +18,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler
-from bp_service.training.store import StoreUnavailable
-from bp_service.training.tracking import Tracker, parent_run_id
+from bp_service.training.tracking import Job, NoTracker, Tracker, open_tracker
 
 
 class Run:
-    """What the recipe holds while a run is open: its tracker (None when untracked) and trainer."""
+    """What the recipe holds while a run is open: its tracker (a :class:`NoTracker` when untracked) and trainer."""
 
     def __init__(self) -> None:
-        self.tracker: Tracker | None = None
+        self.tracker: Tracker = NoTracker()
         self.trainer: pl.Trainer | None = None
         self.last_ckpt: Path | None = None
         self._lightning_has_sigterm = False
@@ -77,28 +75,16 @@ class Run:
 
 
 @contextlib.contextmanager
-def open_run(
-    cfg: DictConfig,
-    overrides: list[str],
-    device: str,
-    resume_id: str | None,
-    sweep_dir: str | None,
-    origin: dict[str, str] | None = None,
-) -> Iterator[Run]:
+def open_run(tracking: DictConfig, paths: DictConfig, job: Job) -> Iterator[Run]:
     """The run, open for the block: FINISHED when it ends, KILLED on SIGTERM (exit 143) or Ctrl-C (exit 130),
-    FAILED on any other exception (re-raised). The SIGTERM handler is installed before the MLflow run is
-    created, and signals are held while it is: a SIGTERM at any moment closes the run. ``origin``: tags of a
-    new run started from another run's checkpoint."""
+    FAILED on any other exception (re-raised). The SIGTERM handler is installed before the run's record is
+    created (:func:`~bp_service.training.tracking.open_tracker`), and signals are held while it is: a SIGTERM
+    at any moment closes the run."""
     run, status = Run(), "FAILED"  # until proven otherwise
     try:
         with sigterm_handler(run.on_sigterm):
-            if tracks(cfg):
-                with signals_deferred(signal.SIGTERM, signal.SIGINT):
-                    try:
-                        run.tracker = Tracker(cfg, overrides, device, resume_id, parent_run_id(sweep_dir), origin)
-                    except StoreUnavailable as exc:  # as for a store lost mid-run: the training is worth more
-                        print(f"bp-train: warning: MLflow tracking is off for this run: {exc}; "
-                              "training goes on without it", file=sys.stderr)  # fmt: skip
+            with signals_deferred(signal.SIGTERM, signal.SIGINT):
+                run.tracker = open_tracker(tracking, paths, job)
             yield run
         status = "FINISHED"
     except SIGTERMException:
@@ -112,25 +98,19 @@ def open_run(
             raise SystemExit(EXIT_INTERRUPT) from None
         raise
     finally:
-        if run.tracker:
-            run.tracker.end(status)
+        run.tracker.end(status)
 
 
-def tracks(cfg: DictConfig) -> bool:
-    """Whether this process records the run in MLflow (under DDP only the first one does)."""
-    return cfg.tracking.enabled and rank_zero_only.rank == 0
-
-
-def slurm_root(cfg: DictConfig) -> tuple[str, Path | None, list[Any]]:
+def slurm_root(slurm: DictConfig, paths: DictConfig, task_name: str) -> tuple[str, Path | None, list[Any]]:
     """(Lightning's root folder, the HPC checkpoint a requeued job resumes from, Trainer plugins).
 
     A requeued SLURM job keeps its id: Lightning finds its HPC checkpoint under that folder and resumes.
     """
     if not SLURMEnvironment.detect():
-        return cfg.paths.output_dir, None, []
-    root = Path(cfg.paths.root_dir) / "outputs" / cfg.task_name / f"slurm-{os.environ['SLURM_JOB_ID']}"
+        return paths.output_dir, None, []
+    root = Path(paths.root_dir) / "outputs" / task_name / f"slurm-{os.environ['SLURM_JOB_ID']}"
     hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
-    plugin = SLURMEnvironment(cfg.slurm.auto_requeue, getattr(signal, cfg.slurm.requeue_signal))
+    plugin = SLURMEnvironment(slurm.auto_requeue, getattr(signal, slurm.requeue_signal))
     return str(root), (hpc[-1] if hpc else None), [plugin]
 
 

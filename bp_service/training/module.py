@@ -43,7 +43,7 @@ class BPModule(pl.LightningModule):
         optimizer: builds the optimizer from the parameters (the config's ``optimizer`` node, a partial).
         scheduler: optional Lightning ``lr_scheduler`` config: ``scheduler`` builds it from the optimizer
             (a partial), ``interval`` (epoch|step) says when it steps.
-        loss: ``mse`` or ``l1``.
+        loss: ``mse``, ``l1`` or ``cross_entropy`` (with a softmax or sigmoid output).
         task: ``classification`` (also logs accuracy) or ``regression`` (also logs ``rmse`` and ``mae`` in the
             target's own units: predictions and targets de-standardised with ``meta``'s target mean and scale).
         meta: preprocessing and labels, saved in every checkpoint so it predicts from raw features.
@@ -216,7 +216,9 @@ class BPModule(pl.LightningModule):
     def _evaluate(self, chunk: tuple[tuple[Tensor, Tensor], ...], split: str) -> None:
         ((x, y),) = chunk
         pred = self.net(x)
-        self.log(f"{split}/loss", self.loss_fn(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
+        # Cross-entropy is taken from the logits, as in training (stable where probabilities round to 0 or 1).
+        loss = self.net.cost(x, y, self.loss) if self.loss == "cross_entropy" else self.loss_fn(pred, y)
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(x), sync_dist=True)
         if self.task == "classification":
             self.log(f"{split}/acc", accuracy(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
         else:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from bp_service.functions import LOSSES
-from bp_service.layers import ACTIVATIONS
+from bp_service.activations import CROSS_ENTROPY_OUTPUTS
+from bp_service.layers import OUTPUT_ACTIVATIONS
 from bp_service.training.config import (
     AdamConfig,
     ConfigError,
@@ -32,7 +32,7 @@ from bp_service.training.config import (
     SGDConfig,
     TrainConfig,
 )
-from bp_service.training.data import DATASETS, GENERATED, MISSING, TASKS
+from bp_service.training.data import build_source
 from bp_service.training.guard import check_targets
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
@@ -60,6 +60,8 @@ def _schema_has(schema: Any, parts: list[str], cfg: DictConfig) -> bool:
     if schema is TrainConfig and name == "optimizer":
         target = str(cfg.optimizer.get("_target_", "")) if cfg.get("optimizer") else ""
         return _schema_has(AdamConfig if target.endswith("Adam") else SGDConfig, parts[1:], cfg)
+    if schema is TrainConfig and name == "data":
+        return _schema_has(OmegaConf.get_type(cfg.data), parts[1:], cfg)  # the chosen option's schema
     if schema is TrainConfig and name == "scheduler":
         return _schema_has(SchedulerConfig, parts[1:], cfg)
     if schema is TrainConfig and name == "callbacks":
@@ -89,8 +91,8 @@ def _finite(value: Any, name: str) -> None:
 
 def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """Everything about the config and this machine that can be known before the data is read."""
+    check_added_keys(overrides, cfg)  # first: validate would build the data source with an added key
     validate(cfg)
-    check_added_keys(overrides, cfg)
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {cfg.seed}")
     for key, value in cfg.optimizer.items():
@@ -113,15 +115,6 @@ def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
         )
     check_cpu_precision(precision, accelerator)
     check_memory(cfg)
-    d = cfg.data
-    if d.features:
-        features = [str(f) for f in d.features]
-        repeated = sorted({f for f in features if features.count(f) > 1})
-        if repeated:
-            raise ConfigError(f"data.features lists {', '.join(map(repr, repeated))} more than once")
-        for name, what in ((d.target, "data.target"), (d.id_column, "data.id_column")):
-            if name is not None and str(name) in features:
-                raise ConfigError(f"data.features includes {name!r}, which is {what}: a model must not see it")
 
 
 # What Lightning runs on the CPU as configured. It turns 16-mixed into bf16-mixed with only a warning (the run's
@@ -176,9 +169,11 @@ def check_rows(cfg: DictConfig, n_train: int, source: str) -> None:
 
 
 def check_data(cfg: DictConfig, data) -> None:
-    """What needs the data: a metric this task logs, and a training row for every process."""
+    """What needs the data: a metric this task logs, a cost for its targets, and a training row for every process."""
     check_monitor(cfg, data.task)
-    check_rows(cfg, len(data.x["train"]), cfg.data.path if cfg.data.name == "csv" else f"data={cfg.data.name}")
+    if str(cfg.model.loss) == "cross_entropy" and data.task != "classification":
+        raise ConfigError(f"model.loss=cross_entropy needs classification data; this data's task is {data.task}")
+    check_rows(cfg, len(data.x["train"]), data.source)
 
 
 # --------------------------------------------------------------------------- memory
@@ -186,27 +181,12 @@ def check_data(cfg: DictConfig, data) -> None:
 PARAM_BYTES = {"64-true": 8, "64": 8, "16-true": 2, "bf16-true": 2}
 
 
-def _outputs(d: DictConfig) -> int:
-    return d.n_classes if d.name == "synthetic" and d.task != "regression" and d.n_classes > 2 else 1
-
-
-def _data_bytes(cfg: DictConfig) -> tuple[str, int, str] | None:
-    """At least what ``data.n_samples`` generated rows take (measured peaks are 1.2-4x this): scikit-learn's
-    float64 matrix beside the float32 copy kept (12 bytes a feature value), and float32 targets."""
-    d = cfg.data
-    if d.name == "synthetic":
-        label = f"data.n_samples={d.n_samples} x data.n_features={d.n_features}"
-        return label, d.n_samples * (12 * d.n_features + 4 * _outputs(d)), "12 bytes a feature value"
-    if d.name in GENERATED:  # two or three features: one is the bound
-        return f"data.n_samples={d.n_samples}", d.n_samples * 16, "16 bytes a row"
-    return None  # a file or a bundled dataset: its size is what it is
-
-
 def _model_bytes(cfg: DictConfig) -> tuple[str, int, str]:
     """At least what the network takes: its weights (inputs and outputs counted as the data's, or 1 where
     only the data knows), their gradients and the optimizer's state, and one batch's activations."""
     d, hidden = cfg.data, [int(w) for w in cfg.model.net.hidden]
-    sizes = [d.n_features if d.name == "synthetic" else 1, *hidden, _outputs(d)]
+    n_inputs, n_outputs = build_source(d).widths()
+    sizes = [n_inputs, *hidden, n_outputs]
     weights = sum(a * b for a, b in pairwise(sizes))
     target = str(cfg.optimizer.get("_target_", ""))
     states = 2 if target.endswith("Adam") else int(cfg.optimizer.get("momentum", 0) > 0)
@@ -265,7 +245,7 @@ def check_memory(cfg: DictConfig) -> None:
     The estimates are lower bounds: a refused run could not have fitted; one let through may still not.
     """
     have = available_memory()
-    parts = [part for part in (_data_bytes(cfg), _model_bytes(cfg)) if part]
+    parts = [part for part in (build_source(cfg.data).memory_need(), _model_bytes(cfg)) if part]
     need = sum(n for _, n, _ in parts)
     if have is None or need <= have:
         return
@@ -280,39 +260,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _validate_synthetic(d: DictConfig) -> None:
-    """make_classification's own limits, checked here so that the error names the field."""
-    _require(d.n_features >= 1, f"data.n_features must be >= 1, got {d.n_features}")
-    _require(d.n_classes >= 2, f"data.n_classes must be >= 2, got {d.n_classes}")
-    informative = d.n_informative
-    if informative is not None:
-        _require(
-            1 <= informative <= d.n_features,
-            f"data.n_informative must be in [1, data.n_features={d.n_features}], got {informative}",
-        )
-    if d.task != "regression":
-        _require(d.noise <= 1, f"data.noise must be <= 1 for synthetic classification (labels flipped), got {d.noise}")
-        n = informative if informative is not None else d.n_features
-        _require(
-            (2 * d.n_classes - 1).bit_length() <= n,  # 2 * n_classes <= 2**n, without computing 2**n
-            f"data.n_informative={n} is too small for data.n_classes={d.n_classes}: "
-            f"needs 2 * n_classes <= 2 ** n_informative",
-        )
-
-
 def _validate_data(d: DictConfig) -> None:
-    for key, value in d.items():  # before the ranges: inf passes "noise >= 0" and reaches scikit-learn
-        _finite(value, f"data.{key}")
-    _require(d.name in DATASETS, f"data.name must be one of {', '.join(DATASETS)}, got {d.name!r}")
-    _require(d.task in TASKS, f"data.task must be one of {', '.join(TASKS)}, got {d.task!r}")
-    if d.name == "csv":
-        _require(bool(d.path), "data.path is required for data=csv")
-        _require(bool(d.target), "data.target is required for data=csv")
-        _require(d.missing in MISSING, f"data.missing must be one of {', '.join(MISSING)}, got {d.missing!r}")
-    _require(d.n_samples >= 20, f"data.n_samples must be >= 20, got {d.n_samples}")
-    _require(d.noise >= 0, f"data.noise must be >= 0, got {d.noise}")
-    if d.name == "synthetic":
-        _validate_synthetic(d)
+    """The split and loader settings; the source's own fields are checked by its constructor."""
+    for key in d:  # before the ranges: inf passes "noise >= 0" and reaches scikit-learn
+        if not OmegaConf.is_missing(d, key):
+            _finite(d[key], f"data.{key}")
+    build_source(d)
     for name in ("val_size", "test_size"):
         value = d[name]
         _require(0 < value < 1, f"data.{name} must be in (0, 1), got {value}")
@@ -332,22 +285,20 @@ def validate(cfg: DictConfig) -> None:
     for width in n.hidden:
         _require(width > 0, f"model.net.hidden widths must be > 0, got {list(n.hidden)}")
     _require(
-        n.activation in ACTIVATIONS,
-        f"model.net.activation must be one of {', '.join(ACTIVATIONS)}, got {n.activation!r}",
-    )
-    _require(
-        n.output_activation in (None, "auto", *ACTIVATIONS),
-        f"model.net.output_activation must be auto, null or one of {', '.join(ACTIVATIONS)}, "
+        n.output_activation in (None, "auto", *OUTPUT_ACTIVATIONS),
+        f"model.net.output_activation must be auto, null or one of {', '.join(OUTPUT_ACTIVATIONS)}, "
         f"got {n.output_activation!r}",
     )
-    _require(m.loss in LOSSES, f"model.loss must be one of {', '.join(LOSSES)}, got {m.loss!r}")
+    _require(
+        str(m.loss) != "cross_entropy" or n.output_activation in ("auto", *CROSS_ENTROPY_OUTPUTS),
+        f"model.loss=cross_entropy needs model.net.output_activation auto or one of "
+        f"{', '.join(CROSS_ENTROPY_OUTPUTS)}, got {n.output_activation!r}",
+    )
     check_targets(cfg)  # before anything is imported or built
     _require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr:g}")
     _require(o.get("weight_decay", 0) >= 0, f"optimizer.weight_decay must be >= 0, got {o.get('weight_decay')}")
     if "momentum" in o:
         _require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
-    if cfg.scheduler is not None:
-        _require(cfg.scheduler.interval in ("epoch", "step"), "scheduler.interval must be epoch or step")
 
     _require(t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
     _require(t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")

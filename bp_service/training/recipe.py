@@ -30,11 +30,11 @@ from bp_service.training.checkpoints import (
 from bp_service.training.config import instantiate
 from bp_service.training.data import BPDataModule, Prepared
 from bp_service.training.guard import check_callback_paths
-from bp_service.training.lifecycle import Run, open_run, slurm_root, tracks
+from bp_service.training.lifecycle import Run, open_run, slurm_root
 from bp_service.training.preflight import check_config, check_data
-from bp_service.training.tracking import Tracker
+from bp_service.training.tracking import Job, Tracker, dataset_name, flat_params
 
-# Callbacks whose only output goes to the tracker (the learning-rate monitor even refuses to run without one).
+# Callbacks whose only output goes to the tracker (the learning-rate monitor even refuses to run without a logger).
 REPORTING_CALLBACKS = ("learning_rate_monitor", "gradient_flow")
 
 
@@ -43,86 +43,116 @@ class GradcheckError(RuntimeError):
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job; returns its metrics, paths and MLflow run id. Raises on any failure."""
+    """Run one job; returns its metrics, paths and tracked run (:func:`tracked`). Raises on any failure."""
     started, hydra = time.perf_counter(), HydraConfig.get()
     check_config(cfg, hydra.overrides.task)  # 1. everything knowable before the data is read
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = BPDataModule(cfg.data, cfg.seed)  # 2. load, split (seeded, stratified), scale on train
     datamodule.setup()
     data = datamodule.data
-    net = build_network(cfg.model.net, data)  # 3. the network, its LightningModule and callbacks
-    monitor, mode = monitored_metric(cfg, data.task)
+    cfg.model.loss = resolve_loss(cfg.model.loss, data.task)  # auto: what the task wants, recorded as such
+    net = build_network(cfg.model.net, data, cfg.model.loss)  # 3. the network, its LightningModule and callbacks
+    monitor, mode = monitored_metric(cfg.callbacks, data.task)
     check_data(cfg, data)
-    module = build_module(cfg, net, data)
-    resume = resolve_resume(cfg)  # 4. what to resume, checked before its run reopens, and where to write
+    module = build_module(cfg.model, cfg.optimizer, cfg.scheduler, net, data)
+    resume = resolve_resume(cfg.ckpt_path, cfg.paths)  # 4. what to resume, checked before its run reopens
     ckpt_path, ckpt_dir = resume.path, resume.ckpt_dir
     if ckpt_path:
         check_resumable(read_checkpoint(ckpt_path), net, data.meta, ckpt_path)
-    root_dir, hpc_ckpt, plugins = slurm_root(cfg)
-    sweep_dir = hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else None
-    resume_id = resume.run_id if ckpt_path else resume_run_id(str(hpc_ckpt) if hpc_ckpt else None)
-    callbacks = build_callbacks(cfg, monitor, mode, ckpt_dir, tracked=tracks(cfg))
-    # 5. the MLflow run, opened (or reopened) while this job alone writes into its checkpoint folder
-    overrides = list(hydra.overrides.task)
-    with folder_held(ckpt_dir), open_run(cfg, overrides, device_of(cfg), resume_id, sweep_dir, resume.origin) as run:
-        module.meta["mlflow_run_id"] = run.tracker.run_id if run.tracker else None  # travels in checkpoints
-        trainer = build_trainer(cfg, run, callbacks, root_dir, plugins)
-        gradient_check(cfg, trainer, net, run.tracker)  # 6. the hand-written backward vs finite differences
+    root_dir, hpc_ckpt, plugins = slurm_root(cfg.slurm, cfg.paths, cfg.task_name)
+    job = Job(
+        cfg.task_name,
+        dataset_name(cfg.data),
+        list(hydra.overrides.task),
+        device_of(cfg.trainer),
+        resume_id=resume.run_id if ckpt_path else resume_run_id(str(hpc_ckpt) if hpc_ckpt else None),
+        sweep_dir=hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else None,
+        origin=resume.origin,
+    )
+    callbacks = build_callbacks(cfg.callbacks, monitor, mode, ckpt_dir, cfg.paths.output_dir)
+    # 5. the run's record (MLflow), opened (or reopened) while this job alone writes into its checkpoint folder
+    with folder_held(ckpt_dir), open_run(cfg.tracking, cfg.paths, job) as run:
+        run.tracker.log_params(flat_params(cfg))  # the whole config, secrets left out
+        module.meta["mlflow_run_id"] = run.tracker.run_id  # travels in checkpoints
+        trainer = build_trainer(cfg.trainer, run.tracker, callbacks, root_dir, plugins)
+        gradient_check(trainer, net, cfg.model.loss, run.tracker, cfg.tracking.gradcheck)  # 6. backward vs differences
         run.fit(trainer, module, datamodule, ckpt_path, ckpt_dir)  # 7. fit
         result = test_best(run, trainer, module, datamodule, ckpt_dir, monitor)  # 8. test the best checkpoint
-        if run.tracker:  # 9. config, pictures, checkpoint pointer and the servable model
-            record_artifacts(cfg, run.tracker, module, data, result, callbacks.get("gradient_flow"))
-    result["output_dir"] = cfg.paths.output_dir
-    result["wall_time_s"] = time.perf_counter() - started
-    result["tracking_lost"] = run.tracker.logger.lost if run.tracker else None
-    return result
+        # 9. config, pictures, checkpoint pointer and the servable model
+        record_artifacts(cfg, run.tracker, module, data, result, callbacks.get("gradient_flow"))
+    return {
+        **result,
+        **tracked(run.tracker),
+        "output_dir": cfg.paths.output_dir,
+        "wall_time_s": time.perf_counter() - started,
+    }
 
 
-def build_network(net: DictConfig, data: Prepared) -> MLP:
+def resolve_loss(loss: str, task: str) -> str:
+    """``model.loss``: ``auto`` is cross-entropy for classification, squared error for regression."""
+    loss = str(loss)
+    if loss == "auto":
+        return "cross_entropy" if task == "classification" else "mse"
+    return loss
+
+
+def build_network(net: DictConfig, data: Prepared, loss: str = "auto") -> MLP:
     """``model.net`` for this data: sizes ``[n_features, *hidden, n_outputs]``, and an ``auto`` output
-    activation chosen by task (sigmoid scores for classification, linear for regression)."""
+    activation chosen by task and cost: for classification softmax probabilities with cross-entropy
+    (a sigmoid for one output), sigmoid scores with mse or l1 (the worked example's); linear for regression."""
     args = OmegaConf.to_container(net, resolve=True)
     hidden = args.pop("hidden")
     if args.get("output_activation") == "auto":
-        args["output_activation"] = "sigmoid" if data.task == "classification" else None
+        loss = resolve_loss(loss, data.task)
+        if data.task != "classification":
+            args["output_activation"] = None
+        else:
+            several = data.n_outputs > 1 and loss == "cross_entropy"
+            args["output_activation"] = "softmax" if several else "sigmoid"
     return instantiate({**args, "sizes": [data.n_features, *hidden, data.n_outputs]}, "model.net")
 
 
-def monitored_metric(cfg: DictConfig, task: str) -> tuple[str, str]:
+def monitored_metric(callbacks: DictConfig, task: str) -> tuple[str, str]:
     """(metric, mode) that checkpoints and early stopping follow; ``auto``: val/acc or val/loss by task."""
-    monitor = cfg.callbacks.model_checkpoint.monitor if "model_checkpoint" in cfg.callbacks else "auto"
+    monitor = callbacks.model_checkpoint.monitor if "model_checkpoint" in callbacks else "auto"
     if monitor == "auto":
         monitor = "val/acc" if task == "classification" else "val/loss"
     return monitor, "max" if monitor.endswith("acc") else "min"
 
 
-def device_of(cfg: DictConfig) -> str:
-    accelerator = cfg.trainer.accelerator
+def device_of(trainer: DictConfig) -> str:
+    """What ``trainer`` trains on: ``cuda`` or ``cpu``."""
+    accelerator = trainer.accelerator
     cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "cuda" if cuda else "cpu"
 
 
-def build_module(cfg: DictConfig, net: MLP, data: Prepared) -> pl.LightningModule:
+def build_module(
+    model: DictConfig, optimizer: DictConfig, scheduler: DictConfig | None, net: MLP, data: Prepared
+) -> pl.LightningModule:
     """``model`` (the LightningModule) around ``net``, with ``optimizer`` and ``scheduler`` as factories."""
-    model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "net"}
-    scheduler = None
-    if cfg.scheduler is not None:
-        scheduler = {
-            "scheduler": instantiate(cfg.scheduler.scheduler, "scheduler.scheduler"),
-            "interval": cfg.scheduler.interval,
+    args = {k: v for k, v in OmegaConf.to_container(model, resolve=True).items() if k != "net"}
+    args["loss"] = resolve_loss(args.get("loss", "auto"), data.task)
+    schedule = None
+    if scheduler is not None:
+        schedule = {
+            "scheduler": instantiate(scheduler.scheduler, "scheduler.scheduler"),
+            "interval": scheduler.interval,
         }
     return instantiate(
-        model,
+        args,
         "model",
         net=net,
-        optimizer=instantiate(cfg.optimizer, "optimizer"),
-        scheduler=scheduler,
+        optimizer=instantiate(optimizer, "optimizer"),
+        scheduler=schedule,
         task=data.task,
         meta=data.meta,
     )
 
 
-def build_callbacks(cfg: DictConfig, monitor: str, mode: str, ckpt_dir: Path, tracked: bool) -> dict[str, pl.Callback]:
+def build_callbacks(
+    callbacks: DictConfig, monitor: str, mode: str, ckpt_dir: Path, output_dir: str
+) -> dict[str, pl.Callback]:
     """``callbacks``, each instantiated with what only the run knows: the metric to follow and where
     checkpoints go (a resumed run keeps writing to its own folder)."""
     runtime = {
@@ -130,45 +160,53 @@ def build_callbacks(cfg: DictConfig, monitor: str, mode: str, ckpt_dir: Path, tr
         "last_checkpoint": {"dirpath": str(ckpt_dir)},
         "early_stopping": {"monitor": monitor, "mode": mode},
     }
-    callbacks = {}
-    for name, node in cfg.callbacks.items():
-        if node is None or (name in REPORTING_CALLBACKS and not tracked):
+    built = {}
+    for name, node in callbacks.items():
+        if node is None:
             continue
         args = {**OmegaConf.to_container(node, resolve=True), **runtime.get(name, {})}
-        check_callback_paths(args, f"callbacks.{name}", (cfg.paths.output_dir, ckpt_dir))
-        callbacks[name] = instantiate(args, f"callbacks.{name}")
-    # The Trainer's switches still turn the configured bar and summary off (Lightning refuses a bar with the flag off).
-    switched_off = []
-    if not cfg.trainer.enable_progress_bar:
-        switched_off.append(pl.callbacks.ProgressBar)
-    if not cfg.trainer.enable_model_summary:
-        switched_off.append(pl.callbacks.ModelSummary)
-    return {name: c for name, c in callbacks.items() if not isinstance(c, tuple(switched_off))}
+        check_callback_paths(args, f"callbacks.{name}", (output_dir, ckpt_dir))
+        built[name] = instantiate(args, f"callbacks.{name}")
+    return built
 
 
 def build_trainer(
-    cfg: DictConfig, run: Run, callbacks: dict[str, pl.Callback], root_dir: str, plugins: list[Any]
+    trainer: DictConfig, tracker: Tracker, callbacks: dict[str, pl.Callback], root_dir: str, plugins: list[Any]
 ) -> pl.Trainer:
-    trainer_args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    trainer_args.setdefault("deterministic", device_of(cfg) == "cpu")
+    """``trainer``, with the run's callbacks and the tracker's logger and callbacks."""
+    trainer_args = {k: v for k, v in OmegaConf.to_container(trainer, resolve=True).items() if v is not None}
+    trainer_args.setdefault("deterministic", device_of(trainer) == "cpu")
     return pl.Trainer(
         **trainer_args,
-        logger=run.tracker.logger if run.tracker else False,
-        # Untracked after all (the store could not be created): the reporting callbacks have no logger to use.
-        callbacks=[c for name, c in callbacks.items() if run.tracker or name not in REPORTING_CALLBACKS]
-        + (run.tracker.callbacks if run.tracker else []),
+        logger=tracker.trainer_logger,
+        callbacks=trainer_callbacks(trainer, tracker, callbacks) + tracker.trainer_callbacks,
         plugins=[AtomicCheckpointIO(), *plugins],
         default_root_dir=root_dir,
     )
 
 
-def gradient_check(cfg: DictConfig, trainer: pl.Trainer, net: MLP, tracker: Tracker | None) -> None:
-    """Before training: the hand-written backward of every layer type this network uses, on float64 slices."""
-    if not (trainer.is_global_zero and cfg.tracking.gradcheck):
+def trainer_callbacks(trainer: DictConfig, tracker: Tracker, callbacks: dict[str, pl.Callback]) -> list[pl.Callback]:
+    """The callbacks the Trainer runs: those that only report need a tracker that keeps what they log, and the
+    Trainer's switches still turn the configured bar and summary off (Lightning refuses a bar with the flag off)."""
+    switched_off = []
+    if not trainer.enable_progress_bar:
+        switched_off.append(pl.callbacks.ProgressBar)
+    if not trainer.enable_model_summary:
+        switched_off.append(pl.callbacks.ModelSummary)
+    return [
+        c
+        for name, c in callbacks.items()
+        if (tracker.records or name not in REPORTING_CALLBACKS) and not isinstance(c, tuple(switched_off))
+    ]
+
+
+def gradient_check(trainer: pl.Trainer, net: MLP, loss: str, tracker: Tracker, enabled: bool = True) -> None:
+    """Before training (when ``enabled``: ``tracking.gradcheck``): the hand-written backward of every layer type
+    this network uses with ``loss``, on float64 slices."""
+    if not (trainer.is_global_zero and enabled):
         return
-    report = check_model(net, cfg.model.loss)
-    if tracker:
-        tracker.log_dict(report, "gradcheck.json")
+    report = check_model(net, loss)
+    tracker.log_dict(report, "gradcheck.json")
     if not report["passed"]:
         bad = [e["layer"] + ":" + e["function"] for e in report["layers"] if not e["passed"]]
         raise GradcheckError(f"gradient check failed before training for {', '.join(bad)}")
@@ -189,7 +227,16 @@ def test_best(run: Run, trainer: pl.Trainer, module, datamodule, ckpt_dir: Path,
         "last_checkpoint": str(last) if last.is_file() else None,
         "monitor": monitor,
         "best_score": float(best_score) if best_score is not None else None,
-        "run_id": run.tracker.run_id if run.tracker else None,
-        "experiment_id": run.tracker.logger.experiment_id if run.tracker else None,  # the summary's dashboard link
-        "tracking_uri": run.tracker.uri if run.tracker else None,
+    }
+
+
+def tracked(tracker: Tracker) -> dict[str, Any]:
+    """Where the run is recorded, for the summary: each None when untracked."""
+    return {
+        "tracker": tracker.name,
+        "run_id": tracker.run_id,
+        "experiment": tracker.experiment,
+        "tracking_uri": tracker.uri,
+        "dashboard": tracker.link(),
+        "tracking_lost": tracker.lost,  # read after the run closed: its last write may have failed too
     }

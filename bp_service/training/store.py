@@ -10,7 +10,6 @@ import contextlib
 import errno
 import os
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -23,7 +22,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from bp_service.commands import first_line
-from bp_service.home import project_root, store_file, tracking_uri
+from bp_service.home import store_file
 
 
 class TrackingError(RuntimeError):
@@ -268,52 +267,3 @@ def stale_runs(uri: str) -> list[tuple[Any, str, str]]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=10_000) if experiments else []
     return [(run, *owner_state(run.data.tags)) for run in runs]
-
-
-_LEFT = {
-    "alive": "running ({}): left as it is",
-    "elsewhere": "{}: left as it is",
-    "cannot tell": "cannot tell ({}): left as it is",
-}
-
-
-def close_stale_main(argv: list[str]) -> int:
-    """``bp-train --stale-runs [--close]``: list runs left RUNNING by a killed process; close them KILLED.
-
-    Only runs whose process is proven gone are closed (:func:`owner_state`): recorded on this host, in this
-    boot and PID namespace, and its pid no longer runs (or now belongs to a process started later); or
-    recorded in an earlier boot of this host. Runs of other hosts, and those it cannot tell, are listed, never
-    touched. The store is ``MLFLOW_TRACKING_URI``, else the embedded one under ``BP_SERVICE_HOME``.
-    """
-    close = "--close" in argv
-    unknown = [a for a in argv if a != "--close"]
-    if unknown:
-        print(
-            f"bp-train: error: unknown option {unknown[0]!r}; usage: bp-train --stale-runs [--close]", file=sys.stderr
-        )
-        return 2
-    uri = tracking_uri(None, project_root())
-    db = store_file(uri)
-    if db is not None and not db.is_file():
-        print(f"no store at {db}: no runs")
-        return 0
-    with quick_http():
-        found = stale_runs(uri)
-    closed = 0
-    for run, state, why in found:
-        name = run.info.run_name or ""
-        where = f"{run.data.tags.get('bp.host', '?')} pid {run.data.tags.get('bp.pid', '?')}"
-        if state == "gone" and close:
-            client = MlflowClient(uri)
-            client.set_tag(run.info.run_id, "bp.closed_as_stale", why)
-            client.set_terminated(run.info.run_id, "KILLED")
-            closed += 1
-            line = f"closed KILLED ({why})"
-        elif state == "gone":
-            line = f"stale ({why}): close with --close"
-        else:
-            line = _LEFT[state].format(why)
-        print(f"{run.info.run_id}  {name[:40]:<40}  {where:<28}  {line}")
-    untold = sum(state == "cannot tell" for _, state, _ in found)
-    print(f"{len(found)} RUNNING run(s) in {uri}; {closed} closed; {untold} cannot tell")
-    return 0

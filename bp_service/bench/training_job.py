@@ -1,8 +1,9 @@
-"""bp-bench items 4 and 5: the training job as a whole, against a plain loop and against scikit-learn.
+"""bp-bench's Lightning overhead and peer job: the training job as a whole, against a plain loop and against
+scikit-learn.
 
-Kept apart from :mod:`bp_service.bench.items` because they import Lightning (item 4) and start whole
-processes (item 5), which items 1-3 need not pay for: ``bp_service.bench.cli`` imports this module only
-when one of them runs.
+Kept apart from :mod:`bp_service.bench.training_step` because they import Lightning (the Lightning overhead)
+and start whole processes (the peer job), which the step items need not pay for: ``bp_service.bench.cli``
+imports this module only when one of them runs.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from bp_service import functions as F
+from bp_service.activations import ACTIVATIONS
 from bp_service.bench.harness import BenchConfig, Row, make_row, time_round_robin
 from bp_service.layers import MLP
 
 # The training service these items drive: its imports, all in one place.
-from bp_service.training.config import DataConfig, instantiate
+from bp_service.training.cli import CONF_DIR
+from bp_service.training.config import instantiate, register_configs
 from bp_service.training.data import BPDataModule
 from bp_service.training.guard import check_target
 from bp_service.training.loader import InMemoryLoader
@@ -37,10 +42,21 @@ DIGITS_SIZES = (64, 64, 10)
 OPTIMIZER = {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
 
 
-# --------------------------------------------------------------------------- item 4
+def compose_train(*overrides: str) -> DictConfig:
+    """``conf/train.yaml`` with ``overrides``, composed through Hydra's compose API as bp-train composes it."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# --------------------------------------------------------------------------- Lightning overhead
 def _digits(steps_per_execution: int = 1) -> BPDataModule:
-    cfg = OmegaConf.structured(DataConfig(name="digits", batch_size=64, steps_per_execution=steps_per_execution))
-    datamodule = BPDataModule(cfg, seed=0)
+    cfg = compose_train("data=digits", "data.batch_size=64", f"data.steps_per_execution={steps_per_execution}")
+    datamodule = BPDataModule(cfg.data, seed=0)
     datamodule.setup()
     return datamodule
 
@@ -111,7 +127,7 @@ def lightning_loop(
 
 
 def item_lightning_overhead(cfg: BenchConfig) -> list[Row]:
-    """4. One epoch of the Lightning loop vs a plain loop: digits, batch 64, 64-64-10, SGD with momentum.
+    """One epoch of the Lightning loop vs a plain loop: digits, batch 64, 64-64-10, SGD with momentum.
 
     Start-up (Trainer construction, the first iteration) is excluded by timing ``n2`` and ``n1``
     epochs and dividing the difference by ``n2 - n1``. Rows: one optimizer step per Lightning
@@ -149,7 +165,7 @@ def item_lightning_cpu(cfg: BenchConfig) -> list[Row]:
         light = (med["light_n2"] - med["light_n1"]) / (n2 - n1)
         rows.append(
             make_row(
-                "4",
+                "lightning-overhead",
                 f"epoch time, Lightning loop (steps_per_execution={k}) vs plain loop, digits b64, 64-64-10",
                 light,
                 plain,
@@ -166,27 +182,29 @@ def item_lightning_cpu(cfg: BenchConfig) -> list[Row]:
     return rows
 
 
-# --------------------------------------------------------------------------- item 4 on CUDA: the synthetic preset
-# conf/experiment/synthetic.yaml's workload (tests/test_synthetic.py checks that these agree with it).
-SYNTHETIC_DATA = {
-    "n_samples": 1_000_000,
-    "n_features": 128,
-    "n_classes": 10,
-    "n_informative": 32,
-    "noise": 0.01,
-    "batch_size": 4096,
-}
-SYNTHETIC_HIDDEN = (1024, 1024)
-SYNTHETIC_ACTIVATION = "relu"
-SYNTHETIC_OUTPUT_ACTIVATION = None
-SYNTHETIC_OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 1e-3}
-NATIVE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+# --------------------------------------------------------------------------- Lightning overhead on CUDA
+NATIVE_ACTIVATIONS = {name: rule.native_op() for name, rule in ACTIVATIONS.items()}  # torch's own ops
 
 
-def synthetic_datamodule(n_samples: int = SYNTHETIC_DATA["n_samples"], seed: int = 0) -> BPDataModule:
-    """The synthetic preset's data (``n_samples`` rows), prepared once; Lightning keeps a CUDA copy of it."""
-    cfg = OmegaConf.structured(DataConfig(name="synthetic", **{**SYNTHETIC_DATA, "n_samples": n_samples}))
-    datamodule = BPDataModule(cfg, seed=seed)
+def synthetic_preset(n_samples: int | None = None) -> DictConfig:
+    """``bp-train experiment=synthetic`` as composed from ``conf/`` (with ``n_samples`` rows when given)."""
+    return compose_train("experiment=synthetic", *([f"data.n_samples={n_samples}"] if n_samples else []))
+
+
+def synthetic_workload(preset: DictConfig) -> dict[str, Any]:
+    """The network and optimizer of the preset, as :func:`lightning_loop` and :func:`native_loop` take them."""
+    net = preset.model.net
+    return {
+        "hidden": tuple(net.hidden),
+        "activation": net.activation,
+        "output_activation": net.output_activation,
+        "optimizer": OmegaConf.to_container(preset.optimizer, resolve=True),
+    }
+
+
+def synthetic_datamodule(preset: DictConfig, seed: int = 0) -> BPDataModule:
+    """The preset's data, prepared once; Lightning keeps a CUDA copy of it."""
+    datamodule = BPDataModule(preset.data, seed=seed)
     datamodule.setup()
     return datamodule
 
@@ -230,7 +248,7 @@ def native_loop(
     net = NativeNet(sizes, activation, output_activation)
     net.load_state_dict(initial)
     net.to(device)
-    kwargs = {k: v for k, v in optimizer.items() if k != "_target_"}
+    kwargs = {k: v for k, v in optimizer.items() if not k.startswith("_")}  # _target_, _partial_
     opt = check_target(optimizer["_target_"], "optimizer")(net.parameters(), **kwargs)
     x_train, y_train = data.x["train"].to(device), data.y["train"].to(device)
     x_val, y_val = data.x["val"].to(device), data.y["val"].to(device)
@@ -260,7 +278,10 @@ def lightning_variants() -> dict[str, dict[str, Any]]:
     """
     if "capture" in inspect.signature(BPModule.__init__).parameters:
         return {"eager": {"capture": False}, "captured": {"capture": True}}
-    print("bp-bench: item 4: BPModule has no capture switch: the captured CUDA row is left out", file=sys.stderr)
+    print(
+        "bp-bench: lightning-overhead: BPModule has no capture switch: the captured CUDA row is left out",
+        file=sys.stderr,
+    )
     return {"eager": {}}
 
 
@@ -270,25 +291,29 @@ def item_lightning_cuda(
     n_samples: int | None = None,
     device: str = "cuda",
 ) -> list[Row]:
-    """4 on CUDA: an epoch of bp-train's Lightning loop (each of ``variants``) vs a plain native eager loop.
+    """The Lightning overhead on CUDA: an epoch of bp-train's Lightning loop (each of ``variants``) vs a plain
+    native eager loop.
 
-    The synthetic preset's workload (1M x 128, 128-1024-1024-10 relu with linear outputs, MSE, Adam, batch 4096),
-    float32, one device. As on the CPU, ``n2 - n1`` epochs' difference over ``n2 - n1`` cancels start-up;
-    every timed call ends with ``torch.cuda.synchronize``. The peer is native autograd in a loop a user
-    would write (:func:`native_loop`); each side's validation accuracy after ``n2`` epochs is in ``details``.
+    The synthetic preset's workload (``experiment=synthetic`` composed from ``conf/``: 1M x 128,
+    128-1024-1024-10 relu with linear outputs, MSE, Adam, batch 4096), float32, one device. As on the CPU,
+    ``n2 - n1`` epochs' difference over ``n2 - n1`` cancels start-up; every timed call ends with
+    ``torch.cuda.synchronize``. The peer is native autograd in a loop a user would write
+    (:func:`native_loop`); each side's validation accuracy after ``n2`` epochs is in ``details``.
     ``device="cpu"`` and a small ``n_samples`` run the same harness without a GPU (its test).
     """
     epochs = (1, 3) if cfg.quick else (2, 6)
     reps = 3 if cfg.quick else 7
     variants = lightning_variants() if variants is None else variants
-    datamodule = synthetic_datamodule(n_samples or SYNTHETIC_DATA["n_samples"], seed=cfg.seed)
-    sizes = (datamodule.data.n_features, *SYNTHETIC_HIDDEN, datamodule.data.n_outputs)
+    preset = synthetic_preset(n_samples)
+    workload = synthetic_workload(preset)
+    datamodule = synthetic_datamodule(preset, seed=cfg.seed)
+    sizes = (datamodule.data.n_features, *workload["hidden"], datamodule.data.n_outputs)
     common = {
         "device": device,
         "sizes": sizes,
-        "activation": SYNTHETIC_ACTIVATION,
-        "output_activation": SYNTHETIC_OUTPUT_ACTIVATION,
-        "optimizer": SYNTHETIC_OPTIMIZER,
+        "activation": workload["activation"],
+        "output_activation": workload["output_activation"],
+        "optimizer": workload["optimizer"],
     }
     epoch_s, nets = _time_synthetic_loops(datamodule, variants, epochs, reps, common)
     peer_acc = _val_acc(nets["native"], datamodule, device)
@@ -342,8 +367,8 @@ def _lightning_cuda_row(
     device = run["device"]
     x_train, y_train = datamodule.data.x["train"], datamodule.data.y["train"]
     return make_row(
-        "4",
-        f"epoch time, Lightning loop ({name}) vs native eager loop, synthetic b4096 "
+        "lightning-overhead",
+        f"epoch time, Lightning loop ({name}) vs native eager loop, synthetic b{datamodule.cfg.batch_size} "
         f"{'-'.join(map(str, run['sizes']))} [{device} float32]",
         epoch_s[name],
         epoch_s["native"],
@@ -358,7 +383,7 @@ def _lightning_cuda_row(
         module_kwargs=module_kwargs,
         rows=x_train.shape[0],
         batch=datamodule.cfg.batch_size,
-        steps_per_epoch=InMemoryLoader(x_train, y_train, 4096).n_batches,
+        steps_per_epoch=InMemoryLoader(x_train, y_train, datamodule.cfg.batch_size).n_batches,
         epochs=run["epochs"],
         reps=run["reps"],
         ours_val_acc=ours_acc,
@@ -367,7 +392,7 @@ def _lightning_cuda_row(
     )
 
 
-# --------------------------------------------------------------------------- item 5
+# --------------------------------------------------------------------------- peer job
 SKLEARN_JOB = """
 import sys, time
 t0 = time.perf_counter()
@@ -409,7 +434,7 @@ def _test_acc(stdout: str) -> float:
 
 
 def item_peer_job(cfg: BenchConfig) -> list[Row]:
-    """5. Cold process to a tested model on digits: ``bp-train experiment=digits`` vs scikit-learn's MLPClassifier.
+    """Cold process to a tested model on digits: ``bp-train experiment=digits`` vs scikit-learn's MLPClassifier.
 
     Both from a fresh interpreter (imports included), both on the same split; each side's test
     accuracy is reported next to its wall time (the target is reaching >= 0.97 in less time).
@@ -438,7 +463,7 @@ def item_peer_job(cfg: BenchConfig) -> list[Row]:
         wall = statistics.median(w for w, _ in results[name])
         acc = statistics.median(a for _, a in results[name])
         row: dict[str, Any] = make_row(
-            "5",
+            "peer-job",
             f"cold process to a tested model on digits: bp-train ({name}) vs MLPClassifier(logistic)",
             wall,
             sk_wall,

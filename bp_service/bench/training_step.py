@@ -1,4 +1,4 @@
-"""Items 1-3: a training step's time, peak memory and roofline, bp-train's path vs native autograd.
+"""A training step's time, peak memory and roofline, bp-train's path vs native autograd.
 
 Each item is a function ``(BenchConfig) -> list[Row]`` (registered in :data:`bp_service.bench.cli.ITEMS`).
 """
@@ -19,10 +19,10 @@ from bp_service.bench.stats import paired_ratio_stats, percentile
 from bp_service.bench.steps import BATCH, GPU_SHAPE, SIDES, SIZES, Shape, TrainStep, build_steps, shapes_for
 
 MEMORY_TARGET = 1.10
-# Item 1 on CUDA (issue 12): captured >= 3x faster than native eager, within 1.05x of native captured.
-CAPTURED_PEERS = (("native", "1g", 1 / 3), ("native_captured", "1h", 1.05))
-STEP_SIDES = (("cost", "1"), ("custom", "1l"), ("compiled", "1c"))
-MEMORY_SIDES = (("cost", "2"), ("custom", "2l"))
+# Step time on CUDA: captured >= 3x faster than native eager, within 1.05x of native captured.
+CAPTURED_PEERS = (("native", "step-time-captured", 1 / 3), ("native_captured", "step-time-both-captured", 1.05))
+STEP_SIDES = (("cost", "step-time"), ("custom", "step-time-layers"), ("compiled", "step-time-compiled"))
+MEMORY_SIDES = (("cost", "peak-memory"), ("custom", "peak-memory-layers"))
 
 
 def step_common(device: str, dtype: torch.dtype, sizes: Sequence[int] = SIZES, batch: int = BATCH) -> dict[str, Any]:
@@ -40,15 +40,17 @@ def shape_name(label: str, sizes: Sequence[int], batch: int) -> str:
     return f"{label} {'-'.join(map(str, sizes))}, batch {batch}"
 
 
-# --------------------------------------------------------------------------- item 1
+# --------------------------------------------------------------------------- step time
 def item_step_time(cfg: BenchConfig) -> list[Row]:
-    """Item 1: median training-step time over native autograd's, at every shape users run.
+    """Median training-step time over native autograd's, at every shape users run.
 
     For each shape of :func:`~bp_service.bench.steps.shapes_for` (the digits job's network, the
-    worked example's, the MNIST-sized one, and on CUDA a GPU-sized one): row ``1`` is bp-train's
-    path (``MLP.cost``), ``1l`` the per-layer Functions (fused), ``1c`` (with ``--compile``) the
-    cost path under ``torch.compile``. All sides of a shape are timed in the same rounds; small
-    steps are timed in groups of calls so that the clock's resolution does not matter.
+    worked example's, the MNIST-sized one, and on CUDA a GPU-sized one): row ``step-time`` is
+    bp-train's path (``MLP.cost``), ``step-time-layers`` the per-layer Functions (fused),
+    ``step-time-compiled`` (with ``--compile``) the cost path under ``torch.compile``; on CUDA
+    ``step-time-captured`` (the captured step vs native eager) and ``step-time-both-captured`` (vs
+    native captured). All sides of a shape are timed in the same rounds; small steps are timed in
+    groups of calls so that the clock's resolution does not matter.
     """
     rows = []
     for device, dtype in cfg.targets():
@@ -61,7 +63,7 @@ def item_step_time(cfg: BenchConfig) -> list[Row]:
 
 
 def _step_time_rows(cfg: BenchConfig, device: str, dtype: torch.dtype, sides: list[str], shape: Shape) -> list[Row]:
-    """Item 1 at one shape: every side timed in the same rounds, then one row per side against its peer."""
+    """Step time at one shape: every side timed in the same rounds, then one row per side against its peer."""
     label, sizes, batch, cpu_target, cuda_target = shape
     t0 = time.perf_counter()
     steps = build_steps(cfg, device, dtype, sides, sizes, batch)
@@ -112,9 +114,9 @@ def _step_row(
     )
 
 
-# --------------------------------------------------------------------------- item 2
+# --------------------------------------------------------------------------- peak memory
 def item_peak_memory(cfg: BenchConfig) -> list[Row]:
-    """Item 2: peak live tensor bytes of one training step, bp-train's path (and per-layer) / native.
+    """Peak live tensor bytes of one training step, bp-train's path (and per-layer) / native.
 
     ``ours`` and ``peer`` are the bytes that live across steps (weights, gradients, batch,
     optimizer state; measured from the tensors) plus the step's own peak on top of them
@@ -171,9 +173,9 @@ def _memory_row(
     )
 
 
-# --------------------------------------------------------------------------- item 3
+# --------------------------------------------------------------------------- roofline
 def item_roofline(cfg: BenchConfig) -> list[Row]:
-    """Item 3: FLOP/s of the custom step over the best torch.mm FLOP/s on the step's own GEMMs.
+    """FLOP/s of the custom step over the best torch.mm FLOP/s on the step's own GEMMs.
 
     The step's FLOPs are :func:`~bp_service.bench.flops.mlp_step_flops` (GEMMs only), cross-checked
     against ``torch.utils.flop_counter`` in ``details``. The peer is the fastest, by median, of
@@ -223,7 +225,7 @@ def _roofline_row(
     mm_rate_p10 = max(f / percentile(samples[label], 0.1) for label, f in gemm_flops.items())
     ratio_p10 = flops / percentile(samples["cost"], 0.1) / mm_rate_p10
     return make_row(
-        "3",
+        "roofline",
         f"roofline: step FLOP/s / torch.mm FLOP/s [{common['device']} {common['dtype']}]",
         flops / step_s,
         mm_rate[best],

@@ -1,4 +1,4 @@
-"""bp-bench item 6: what MLflow tracking adds to a training run (target: at most 1 s per run).
+"""bp-bench's tracking overhead: what MLflow tracking adds to a training run (target: at most 1 s per run).
 
 Both sides are whole fresh ``bp-train experiment=digits`` processes, the same command but for
 ``tracking.enabled=false``, alternating (A B, B A, ...) in one home whose store a first, untimed
@@ -43,14 +43,15 @@ def _children_cpu() -> float:
 
 
 def overhead_row(tracked: list[float], untracked: list[float], cpu: dict[str, list[float]] | None = None) -> Row:
-    """Row 6 from paired wall times: ours = the tracked run, peer = the untracked run plus the 1 s budget,
-    so the ratio is at most 1.0 exactly when tracking adds at most 1 s. ``cpu``: each side's CPU seconds."""
+    """The tracking-overhead row from paired wall times: ours = the tracked run, peer = the untracked run plus
+    the 1 s budget, so the ratio is at most 1.0 exactly when tracking adds at most 1 s. ``cpu``: each side's
+    CPU seconds."""
     paired = [t - u for t, u in zip(tracked, untracked, strict=True)]
     cpu = cpu or {"tracked": [], "untracked": []}
     cpu_paired = [t - u for t, u in zip(cpu["tracked"], cpu["untracked"], strict=True)]
     untracked_s, overhead = statistics.median(untracked), statistics.median(paired)
     return make_row(
-        "6",
+        "tracking-overhead",
         "tracking overhead per run, digits job: tracked run vs untracked run + 1 s",
         untracked_s + overhead,
         untracked_s + BUDGET_S,
@@ -73,7 +74,7 @@ def overhead_row(tracked: list[float], untracked: list[float], cpu: dict[str, li
 
 
 def item_tracking_overhead(cfg: BenchConfig) -> list[Row]:
-    """6. ``bp-train experiment=digits`` with MLflow tracking (embedded SQLite store, model logged) vs without."""
+    """``bp-train experiment=digits`` with MLflow tracking (embedded SQLite store, model logged) vs without."""
     reps = 1 if cfg.quick else 3
     command = [str(Path(sys.executable).parent / "bp-train"), *JOB]
     sides = {"tracked": command, "untracked": [*command, "tracking.enabled=false"]}

@@ -1,0 +1,119 @@
+"""How a call reaches a hand-written Function: the plumbing around the math of :mod:`bp_service.functions`.
+
+* each Function's ``forward`` signature, built once (:func:`cache_signature`);
+* its twin without ``jvp``, which ``torch.compile`` can trace (:func:`caller`);
+* the casts autocast would make for a native op (:func:`layer_inputs`, :func:`cost_inputs`);
+* the private torch probes, each read here and nowhere else (:func:`transforms_active`,
+  :func:`graph_kept`); ``tests/test_private_apis.py`` fails by name when an upgrade removes one.
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function, forward_ad
+
+__all__ = [
+    "autocast_dtype",
+    "cache_signature",
+    "caller",
+    "cast",
+    "cost_dtype",
+    "cost_inputs",
+    "graph_kept",
+    "layer_inputs",
+    "no_jvp_twin",
+    "transforms_active",
+]
+
+
+def caller(function: type[Function]) -> Callable[..., Any]:
+    """``function.apply``, made ready once: its signature built (:func:`cache_signature`), and under
+    ``torch.compile`` its twin without ``jvp`` (:func:`no_jvp_twin`) applied instead.
+
+    The two classes are held by the closure: Dynamo traces a class read from a closure or a module
+    global, not one read off another class's attribute.
+    """
+    cache_signature(function)
+    twin = no_jvp_twin(function) if "jvp" in vars(function) else function
+
+    def apply(*args: Any) -> Any:
+        return (twin if torch.compiler.is_compiling() else function).apply(*args)
+
+    apply.__qualname__ = apply.__name__ = f"{function.__name__}.apply"
+    return apply
+
+
+# --------------------------------------------------------------------------- call overhead
+def cache_signature(function: type[Function]) -> None:
+    """Build the Function's ``forward`` signature once.
+
+    ``Function.apply`` binds every call's arguments to ``forward``'s signature, and
+    ``inspect.signature`` rebuilds that signature each time: about 10 µs a call, as much as a
+    small layer's arithmetic. It honours a precomputed ``__signature__`` (PEP 362). A subclass
+    shares its parent's ``forward`` and so its signature.
+    """
+    function.forward.__signature__ = inspect.signature(function.forward)
+
+
+# --------------------------------------------------------------------------- torch.compile
+def no_jvp_twin(function: type[Function]) -> type[Function]:
+    """The same Function without ``jvp``, which Dynamo refuses to trace; used only under compile.
+
+    Dynamo re-imports the class it traces by module and name, so the twin is a global of this module.
+    """
+    twin = type(f"_{function.__name__}NoJvp", (function,), {"jvp": staticmethod(Function.jvp), "__module__": __name__})
+    globals()[twin.__name__] = twin
+    return twin
+
+
+# --------------------------------------------------------------------------- autocast
+def autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``t``'s device, or None outside autocast."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cost_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The cost is summed in at least float32, as native losses are under autocast."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Casts recorded by autograd: each input's gradient comes back in that input's own dtype."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def layer_inputs(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``(x, *tensors)``, under autocast all in its dtype, as ``F.linear`` casts them."""
+    dtype = autocast_dtype(x)
+    return (x, *tensors) if dtype is None else cast(dtype, x, *tensors)
+
+
+def cost_inputs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(pred, target)``, under autocast both in at least float32, as native losses take them."""
+    return (pred, target) if autocast_dtype(pred) is None else cast(cost_dtype(pred.dtype), pred, target)
+
+
+# --------------------------------------------------------------------------- private torch probes
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform or a forward-mode level is active around this call.
+
+    What ``Function.apply`` itself checks to route a call through torch.func; forward mode's level
+    is the one ``forward_ad.dual_level()`` sets. Neither has a public reader.
+    """
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def graph_kept() -> bool:
+    """Whether the running backward keeps its graph for another one (``retain_graph``, ``create_graph``).
+
+    The engine's own flag, which AOTAutograd reads too; it has no public reader.
+    """
+    return torch._C._autograd._get_current_graph_task_keep_graph()

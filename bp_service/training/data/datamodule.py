@@ -1,0 +1,66 @@
+"""The Lightning DataModule: :func:`.prepare`'s splits, batched in memory (``data.batch_size`` per process)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from bp_service.training.data.prepare import Prepared, prepare
+from bp_service.training.loader import InMemoryLoader
+
+
+class BPDataModule(pl.LightningDataModule):
+    """Wraps :func:`prepare` for Lightning; evaluation splits are small, so they go in large batches."""
+
+    def __init__(self, cfg, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.data: Prepared | None = None
+        self._train: InMemoryLoader | None = None
+        self._resident: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = prepare(self.cfg, self.seed)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """The split's ``(x, y)``: on a CUDA training device a copy kept there (``data.on_device``), else ``data``'s.
+
+        One copy per run instead of one host-to-device copy (and a CPU gather) per batch: at 1M x 128
+        that is 0.5 GB of GPU memory, and a step no longer waits on the host. ``data`` stays on the CPU.
+        """
+        x, y = self.data.x[name], self.data.y[name]
+        device = self.trainer.strategy.root_device if self.trainer else None
+        if device is None or device.type != "cuda" or not self.cfg.get("on_device", True):
+            return x, y
+        key = (name, str(device))
+        if key not in self._resident:
+            self._resident[key] = (x.to(device), y.to(device))
+        return self._resident[key]
+
+    def train_dataloader(self) -> InMemoryLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+        def position() -> tuple[int, int]:
+            return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+        self._train = InMemoryLoader(
+            *self.split("train"),
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            steps_per_execution=self.cfg.steps_per_execution,
+            position=position if self.trainer else None,
+        )
+        return self._train
+
+    def _eval_loader(self, split: str) -> InMemoryLoader:
+        return InMemoryLoader(*self.split(split), batch_size=4096)
+
+    def val_dataloader(self) -> InMemoryLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> InMemoryLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,29 @@
+"""Experiment tracking: the :class:`Tracker` interface a run records through, and its backends.
+
+- :mod:`.interface`: :class:`Tracker`, :class:`NoTracker` (tracking off), :class:`Job`;
+- :mod:`.backends`: :func:`open_tracker`, the one place that names a backend;
+- :mod:`.params` and :mod:`.names`: what of the config a run records, and the names it goes by;
+- MLflow's backend: :mod:`.run` (the run), :mod:`.logger` (Lightning's side), :mod:`.sweep` (multiruns).
+
+Only the interface is imported here: MLflow loads when a tracked run opens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bp_service.training.tracking.backends import open_tracker
+from bp_service.training.tracking.interface import Job, NoTracker, Tracker
+from bp_service.training.tracking.names import dataset_name
+from bp_service.training.tracking.params import flat_params, recordable_config
+
+__all__ = ["Job", "NoTracker", "Tracker", "dataset_name", "flat_params", "open_tracker", "recordable_config"]
+
+
+def __getattr__(name: str) -> Any:
+    # The sweep callback's older address, bp_service.training.tracking.MLflowSweepCallback, still imports.
+    if name == "MLflowSweepCallback":
+        from bp_service.training.tracking.sweep import MLflowSweepCallback
+
+        return MLflowSweepCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

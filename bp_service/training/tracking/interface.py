@@ -1,0 +1,152 @@
+"""What the recipe records a run through: :class:`Tracker`, and :class:`NoTracker`, its twin that records nothing.
+
+The recipe, the lifecycle and the artifacts call these methods whether tracking is on or not; a tracking
+backend is a subclass (MLflow's is :class:`bp_service.training.tracking.run.MLflowTracker`), chosen in
+:mod:`.backends`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a tracker is told about its job besides the ``tracking`` and ``paths`` config."""
+
+    task_name: str
+    dataset: str  # the data's name, for CSV data the file's stem: the experiment of tracking.experiment=auto
+    overrides: list[str]  # Hydra's override strings: the run's name and a tag
+    device: str  # what trains, a tag
+    resume_id: str | None = None  # the run to continue (read from the checkpoint being resumed)
+    sweep_dir: str | None = None  # a multirun's folder: the job's run is a child of the sweep's parent run
+    origin: dict[str, str] = field(default_factory=dict)  # tags of a new run started from another's checkpoint
+
+
+class Tracker(ABC):
+    """One job's record: params, metrics (through the Trainer's logger), artifacts, figures, the model,
+    a link to it, and its end with a status (FINISHED, FAILED or KILLED).
+
+    A backend never lets a failed call stop the training: it reports the loss once (:attr:`lost`) and goes on.
+    """
+
+    name: str = ""  # shown in the summary: "<name> run <id>"
+    run_id: str | None = None
+    experiment: str | None = None  # where the run is filed
+    uri: str | None = None  # the store it is recorded in
+
+    @property
+    def records(self) -> bool:
+        """Whether anything logged is kept. Without it, what only reports (the learning-rate monitor, the
+        gradient flow, the pictures and the model) is not computed at all."""
+        return True
+
+    @property
+    def lost(self) -> str | None:
+        """Why tracking stopped mid-run (the first failed call), or None."""
+        return None
+
+    @property
+    @abstractmethod
+    def trainer_logger(self) -> Logger | bool:
+        """The Trainer's logger: metrics reach the record through it (False: no logger)."""
+
+    @property
+    @abstractmethod
+    def trainer_callbacks(self) -> list[pl.Callback]:
+        """Callbacks the Trainer needs for this record (such as metrics that travel in checkpoints)."""
+
+    @abstractmethod
+    def log_params(self, params: Mapping[str, str]) -> None:
+        """The run's params (a continued run keeps those it started with)."""
+
+    @abstractmethod
+    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+
+    @abstractmethod
+    def log_text(self, text: str, name: str) -> None: ...
+
+    @abstractmethod
+    def log_figure(self, figure: Any, name: str) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...
+
+    @abstractmethod
+    def set_tag(self, key: str, value: str) -> None: ...
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write the metrics held so far."""
+
+    @abstractmethod
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """Each metric's (step, value) pairs, the whole run's (a continued run's too)."""
+
+    @abstractmethod
+    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None) -> None:
+        """The servable model around the bundle at ``bundle_path``; registered as ``register_as`` if given."""
+
+    @abstractmethod
+    def link(self) -> str | None:
+        """Where to see the run (the summary's dashboard line), or None."""
+
+    @abstractmethod
+    def end(self, status: str) -> None:
+        """Close the record as FINISHED, FAILED or KILLED; never raises."""
+
+
+class NoTracker(Tracker):
+    """``tracking.enabled=false`` (and every DDP process but the first): every call is answered with nothing."""
+
+    @property
+    def records(self) -> bool:
+        return False
+
+    @property
+    def trainer_logger(self) -> bool:
+        return False
+
+    @property
+    def trainer_callbacks(self) -> list[pl.Callback]:
+        return []
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        pass
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        pass
+
+    def log_text(self, text: str, name: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, name: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        return {}
+
+    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None) -> None:
+        pass
+
+    def link(self) -> str | None:
+        return None
+
+    def end(self, status: str) -> None:
+        pass

@@ -1,0 +1,82 @@
+"""The private torch and Lightning names the package reads, each at one site: an upgrade that removes or
+changes one fails here, by name, rather than somewhere deep in a training run.
+
+torch's probes live in bp_service/dispatch.py; Lightning's precision names in training/preflight.py
+(``_precisions``), its summary table in training/callbacks.py, the profiler's device type in bench/memory.py.
+"""
+
+import inspect
+
+import torch
+from torch.autograd import Function, forward_ad
+from torch.func import vmap
+
+from bp_service import dispatch
+
+
+def test_transforms_active_sees_vmap_and_forward_mode():
+    """``torch._C._are_functorch_transforms_active`` and ``forward_ad._current_level``."""
+    assert dispatch.transforms_active() is False
+    seen = []
+    vmap(lambda row: seen.append(dispatch.transforms_active()) or row)(torch.zeros(2, 3))
+    assert seen and all(seen)
+    with forward_ad.dual_level():
+        assert dispatch.transforms_active()
+    assert dispatch.transforms_active() is False
+
+
+def test_graph_kept_is_the_engines_retain_graph_flag():
+    """``torch._C._autograd._get_current_graph_task_keep_graph``, read inside a backward."""
+    seen = []
+
+    class Probe(Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(dispatch.graph_kept())
+            return grad * 2
+
+    x = torch.ones(3, requires_grad=True)
+    y = Probe.apply(x).sum()
+    y.backward(retain_graph=True)
+    y.backward()
+    assert seen == [True, False]
+
+
+def test_lightning_precision_names():
+    """``lightning.fabric.plugins.precision.precision._PRECISION_INPUT_*``: what trainer.precision accepts."""
+    from bp_service.training.preflight import _precisions
+
+    names = _precisions()
+    assert {"32-true", "bf16-mixed", "16-mixed", "64-true"} <= set(names), names
+
+
+def test_lightning_summary_table():
+    """``lightning.pytorch.utilities.model_summary.model_summary._format_summary_table``, as callbacks.py calls it."""
+    from bp_service.training import callbacks
+
+    params = list(inspect.signature(callbacks._format_summary_table).parameters)
+    assert params[:5] == [
+        "total_parameters",
+        "trainable_parameters",
+        "model_size",
+        "total_training_modes",
+        "total_flops",
+    ]
+    table = callbacks._format_summary_table(10, 10, 0.001, {"train": 1, "eval": 0}, 0, ("Name", ["net"]))
+    assert "Total params" in table
+
+
+def test_profiler_device_type():
+    """``torch._C._autograd.DeviceType.CPU``: how bench/memory.py tells CPU allocations apart."""
+    from bp_service.bench.memory import peak_memory_bytes
+
+    assert torch._C._autograd.DeviceType.CPU is not None
+    assert peak_memory_bytes(lambda: torch.empty(1 << 20)) >= 4 << 20
