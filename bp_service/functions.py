@@ -154,6 +154,11 @@ class LinearFunction(Function):
         return _affine_jvp(x, weight, dx, dw, db)
 
 
+# Elements of f' alive at once in the in-place backward (256 KiB in float32): a layer's f' taken whole
+# would sit beside its activation and gradient, one more activation-sized buffer at the step's peak.
+_DERIVATIVE_BLOCK = 1 << 16
+
+
 def _times_derivative(grad_a: Tensor, saved: Tensor, activation: str | None, inplace: bool) -> Tensor:
     """delta = dL/dz = dL/da * f'(z), f' from the activation's record (:mod:`bp_service.activations`).
 
@@ -166,8 +171,15 @@ def _times_derivative(grad_a: Tensor, saved: Tensor, activation: str | None, inp
     rule = ACTIVATIONS[activation]
     if rule.jacobian_product is not None:  # f not elementwise (softmax): delta = J dL/da
         return rule.jacobian_product(grad_a, saved)
-    f_prime = rule.derivative(saved)  # (*, H)
-    return grad_a.mul_(f_prime) if inplace else grad_a * f_prime
+    if not inplace:
+        return grad_a * rule.derivative(saved)  # (*, H) * (*, H)
+    if grad_a.numel() <= _DERIVATIVE_BLOCK:
+        return grad_a.mul_(rule.derivative(saved))
+    # f' is a new tensor: a block of rows at a time, it never takes a whole layer's worth of memory
+    rows = max(1, _DERIVATIVE_BLOCK // grad_a.shape[-1])
+    for grad_rows, saved_rows in zip(grad_a.split(rows), saved.split(rows)):
+        grad_rows.mul_(rule.derivative(saved_rows))
+    return grad_a
 
 
 def _activation_function(name: str) -> type[Function]:
@@ -603,8 +615,10 @@ def backprop(
     for layer in reversed(range(n_layers)):
         weight, bias = params[2 * layer], params[2 * layer + 1]
         a_prev = x if layer == 0 else acts[layer - 1]
-        f_reads = _derivative_reads(layer, x, params, acts, activations[layer])  # a_l, or z_l
-        delta = _times_derivative(grad_a, f_reads, activations[layer], inplace)  # (N, H_out)
+        # f' is read off a_l (or z_l), held by no name here: released below, its memory goes at once
+        delta = _times_derivative(
+            grad_a, _derivative_reads(layer, x, params, acts, activations[layer]), activations[layer], inplace
+        )  # (N, H_out)
         if release:
             acts[layer] = None  # a_l was needed for f' and dC/dW_{l+1} only: both are done
         if deltas is not None:

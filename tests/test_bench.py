@@ -35,7 +35,14 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
         "peak-memory",
         "peak-memory-layers",
         "roofline",
+        "step-time-cross-entropy",
+        "peak-memory-cross-entropy",
     }
+    # The classification default against F.cross_entropy (class indices), at the digits job's shape, within 5%.
+    for item in ("step-time-cross-entropy", "peak-memory-cross-entropy"):
+        (row,) = [r for r in rows if r["item"] == item]
+        assert row["peer_label"] == "nn.Linear+torch.sigmoid+F.cross_entropy" and row["target"] == 1.05
+        assert (tuple(row["details"]["sizes"]), row["details"]["batch"]) == ((64, 64, 10), 64)
     # Step time and peak memory run at every shape users train, each with its own target.
     step_rows = {(tuple(r["details"]["sizes"]), r["details"]["batch"]): r for r in rows if r["item"] == "step-time"}
     assert set(step_rows) == {(sizes, batch) for _, sizes, batch, _, _ in steps.SHAPES}

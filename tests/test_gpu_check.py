@@ -106,6 +106,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     rows = json.loads((out / "bench-gpu.json").read_text())["rows"]
     assert rows and all(r["ours"] > 0 and r["peer"] > 0 for r in rows)
     train_log = (out / "train.log").read_text()
-    for precision in ("32-true", "bf16-mixed", "16-mixed"):
+    for precision in ("32-true", "bf16-mixed"):  # 16-mixed needs CUDA: the dry run leaves it out
         assert f"gpu_check_{precision.replace('-', '_')} finished" in train_log
-    assert train_log.count("test/acc") == 3
+    assert train_log.count("test/acc") == 2 and "gpu_check_16_mixed" not in train_log

@@ -24,6 +24,8 @@ SHAPES: tuple[Shape, ...] = (
     ("MNIST-sized", SIZES, BATCH, 1.02, 1.05),
 )
 GPU_SHAPE: Shape = ("GPU-sized", (4096, 4096, 4096, 10), 4096, 1.00, 1.00)  # not launch-bound: CUDA only
+# Classification as bp-train trains it by default, against native's idiom: time and memory within 5%.
+CROSS_ENTROPY_SHAPE: Shape = ("digits job, cross-entropy", (64, 64, 10), 64, 1.05, 1.05)
 LR = 0.1
 
 
@@ -43,6 +45,16 @@ class NativeMLP(nn.Module):
         return x
 
 
+class NativeLogits(NativeMLP):
+    """The cross-entropy peer: sigmoid hidden layers, the output's logits left to ``F.cross_entropy``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = torch.sigmoid(layer(x))
+        return last(x)
+
+
 def build_models(
     device: str, dtype: torch.dtype, seed: int = 0, sizes: Sequence[int] = SIZES, fused: bool = True
 ) -> tuple[MLP, NativeMLP]:
@@ -52,6 +64,25 @@ def build_models(
     native = NativeMLP(sizes).to(device=device, dtype=dtype)
     native.load_state_dict(ours.state_dict())
     return ours, native
+
+
+def build_cross_entropy_steps(cfg: BenchConfig, device: str, dtype: torch.dtype) -> dict[str, TrainStep]:
+    """bp-train's classification step (a softmax output, ``MLP.cost(loss="cross_entropy")``) and native's idiom
+    (``F.cross_entropy`` on the logits, class indices), same weights, checked to give the same first loss."""
+    _, sizes, batch, _, _ = CROSS_ENTROPY_SHAPE
+    x, onehot = build_batch(device, dtype, cfg.seed, sizes, batch)
+    torch.manual_seed(cfg.seed)
+    ours = MLP(sizes, activation="sigmoid", output_activation="softmax").to(device=device, dtype=dtype)
+    native = NativeLogits(sizes).to(device=device, dtype=dtype)
+    native.load_state_dict(ours.state_dict())
+    steps = {
+        "cost_ce": CostStep(ours, x, onehot, lambda x, y: ours.cost(x, y, loss="cross_entropy")),
+        "native_ce": TrainStep(native, TF.cross_entropy, x, onehot.argmax(-1)),
+    }
+    first = {side: step() for side, step in steps.items()}
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(first["cost_ce"], first["native_ce"], **tol)
+    return steps
 
 
 def build_batch(
@@ -123,6 +154,8 @@ SIDES = {
     "native": "nn.Linear+torch.sigmoid",
     "captured": "bp_service.MLP.cost, CUDA graph",
     "native_captured": "nn.Linear+torch.sigmoid, CUDA graph",
+    "cost_ce": "bp_service.MLP.cost(loss=cross_entropy)",
+    "native_ce": "nn.Linear+torch.sigmoid+F.cross_entropy",
 }
 
 

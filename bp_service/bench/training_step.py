@@ -16,7 +16,18 @@ from bp_service.bench.flops import counted_step_flops, mlp_step_flops, step_gemm
 from bp_service.bench.harness import BenchConfig, Row, device_sync, dtype_name, make_row, time_round_robin
 from bp_service.bench.memory import peak_memory_bytes
 from bp_service.bench.stats import paired_ratio_stats, percentile
-from bp_service.bench.steps import BATCH, GPU_SHAPE, SIDES, SIZES, Shape, TrainStep, build_steps, shapes_for
+from bp_service.bench.steps import (
+    BATCH,
+    CROSS_ENTROPY_SHAPE,
+    GPU_SHAPE,
+    SIDES,
+    SIZES,
+    Shape,
+    TrainStep,
+    build_cross_entropy_steps,
+    build_steps,
+    shapes_for,
+)
 
 MEMORY_TARGET = 1.10
 # Step time on CUDA: captured >= 3x faster than native eager, within 1.05x of native captured.
@@ -59,7 +70,21 @@ def item_step_time(cfg: BenchConfig) -> list[Row]:
         sides += ["captured", "native_captured"] if cuda else []
         for shape in shapes_for(device):
             rows += _step_time_rows(cfg, device, dtype, sides, shape)
+        rows.append(_cross_entropy_time_row(cfg, device, dtype))
     return rows
+
+
+def _cross_entropy_time_row(cfg: BenchConfig, device: str, dtype: torch.dtype) -> Row:
+    """Row ``step-time-cross-entropy``: bp-train's default classification step vs ``F.cross_entropy``'s."""
+    label, sizes, batch, cpu_target, cuda_target = CROSS_ENTROPY_SHAPE
+    steps = build_cross_entropy_steps(cfg, device, dtype)
+    inner = 20 if device == "cpu" else 10
+    samples = time_round_robin(steps, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=device_sync(device))
+    med = {side: statistics.median(v) for side, v in samples.items()}
+    where = f"{shape_name(label, sizes, batch)} [{device} {dtype_name(dtype)}]"
+    common = {"reps": cfg.reps, "inner": inner, **step_common(device, dtype, sizes, batch)}
+    target = cpu_target if device == "cpu" else cuda_target
+    return _step_row("step-time-cross-entropy", "cost_ce", "native_ce", where, med, samples, target, common)
 
 
 def _step_time_rows(cfg: BenchConfig, device: str, dtype: torch.dtype, sides: list[str], shape: Shape) -> list[Row]:
@@ -133,6 +158,13 @@ def item_peak_memory(cfg: BenchConfig) -> list[Row]:
             where = f"{shape_name(label, sizes, batch)} [{device} {dtype_name(dtype)}]"
             for side, item in MEMORY_SIDES:
                 rows.append(_memory_row(item, side, where, state, nets, step_common(device, dtype, sizes, batch)))
+        label, sizes, batch, cpu_target, cuda_target = CROSS_ENTROPY_SHAPE
+        target = cpu_target if device == "cpu" else cuda_target
+        state, nets = _measure_memory(build_cross_entropy_steps(cfg, device, dtype), device, cfg.memory_reps)
+        where = f"{shape_name(label, sizes, batch)} [{device} {dtype_name(dtype)}]"
+        common = step_common(device, dtype, sizes, batch)
+        item = "peak-memory-cross-entropy"
+        rows.append(_memory_row(item, "cost_ce", where, state, nets, common, peer="native_ce", target=target))
     return rows
 
 
@@ -150,25 +182,32 @@ def _measure_memory(steps: dict[str, TrainStep], device: str, reps: int) -> tupl
 
 
 def _memory_row(
-    item: str, side: str, where: str, state: dict[str, int], nets: dict[str, list[int]], common: dict[str, Any]
+    item: str,
+    side: str,
+    where: str,
+    state: dict[str, int],
+    nets: dict[str, list[int]],
+    common: dict[str, Any],
+    peer: str = "native",
+    target: float = MEMORY_TARGET,
 ) -> Row:
     net = {s: statistics.median(v) for s, v in nets.items()}
     return make_row(
         item,
         f"training step peak memory, {SIDES[side]}, {where}",
         state[side] + net[side],
-        state["native"] + net["native"],
-        target=MEMORY_TARGET,
+        state[peer] + net[peer],
+        target=target,
         cmp="<=",
         unit="B",
         ours_label=SIDES[side],
-        peer_label=SIDES["native"],
+        peer_label=SIDES[peer],
         measured="bytes live across steps + the step's peak of live tensor bytes above them",
         measured_by="torch.profiler memory events" if common["device"] == "cpu" else "CUDA caching allocator",
-        state_bytes={"ours": state[side], "peer": state["native"]},
-        net_peak_bytes={"ours": net[side], "peer": net["native"]},
-        net_ratio=net[side] / net["native"] if net["native"] else None,
-        net_samples={"ours": nets[side], "peer": nets["native"]},
+        state_bytes={"ours": state[side], "peer": state[peer]},
+        net_peak_bytes={"ours": net[side], "peer": net[peer]},
+        net_ratio=net[side] / net[peer] if net[peer] else None,
+        net_samples={"ours": nets[side], "peer": nets[peer]},
         **common,
     )
 
