@@ -287,3 +287,24 @@ def test_hydras_wrapped_refusals_stay_whole_sentences():
         instantiate({"_target_": "os.remove", "path": "/nonexistent"})
     line = one_line(caught.value)
     assert "from config to prevent" in line and "set env var HYDRA_INSTANTIATE_ALLOWLIST_OVERRIDE=" in line, line
+
+
+class _Payload:
+    """A pickle that runs a command when loaded, as a downloaded ``.hydra/config.pickle`` could."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+@pytest.mark.parametrize("flag", ["--experimental-rerun", "--exp"])
+def test_hydras_rerun_of_a_pickle_is_refused_before_it_is_read(tmp_path, flag):
+    import pickle
+
+    payload = tmp_path / "config.pickle"
+    payload.write_bytes(pickle.dumps(_Payload(tmp_path / "marker")))
+    result, starts, writes, _ = run_audited(tmp_path, flag, str(payload))
+    assert result.returncode == 2 and "--experimental-rerun is not supported" in result.stderr, result.stderr
+    assert (starts, writes) == ([], []) and not (tmp_path / "marker").exists()

@@ -147,6 +147,12 @@ def quiet_library_warnings() -> None:
     )
 
 
+def _is_rerun_flag(arg: str) -> bool:
+    """``--experimental-rerun``, or a prefix argparse would take for it (``--exp``, ``--e=...``)."""
+    flag = arg.partition("=")[0]
+    return len(flag) >= 3 and "--experimental-rerun".startswith(flag)
+
+
 def main() -> None:
     """Console entry point of ``bp-train`` (Hydra parses the command line).
 
@@ -154,6 +160,12 @@ def main() -> None:
     it raises them instead, and they are shown here as one line (the full trace only when the
     user asked for it with ``HYDRA_FULL_ERROR=1``).
     """
+    if any(_is_rerun_flag(arg) for arg in sys.argv[1:]):
+        # Hydra's rerun unpickles the file it is given (code, from anywhere) and skips composition, so
+        # none of the config's checks would run: rerun a job with its overrides (.hydra/overrides.yaml).
+        print("bp-train: error: --experimental-rerun is not supported: it loads a pickle, which can run code; "
+              "rerun a job with the overrides in its .hydra/overrides.yaml", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
     if sys.argv[1:2] == ["--stale-runs"]:  # the older spelling of `bp-runs stale [--close]`
         from bp_service.training.runs import main as runs_main
 
