@@ -53,7 +53,12 @@ def run_audited(tmp_path: Path, *argv: str, call: str = "from bp_service.cli imp
     scratch = tmp_path / "tmp"  # tempfile's own probe of its folder (a write and a delete) lands here
     scratch.mkdir()
     env = clean_env(BP_SERVICE_HOME=str(tmp_path / "home"), PYTHONDONTWRITEBYTECODE="1", TMPDIR=str(scratch))
-    argv = [a.replace("SECRET", str(secret)).replace("MARKER", str(tmp_path / "marker")) for a in argv]
+    argv = [
+        a.replace("SECRET_DIR", str(tmp_path))
+        .replace("SECRET", str(secret))
+        .replace("MARKER", str(tmp_path / "marker"))
+        for a in argv
+    ]
     result = subprocess.run(
         [sys.executable, str(script), str(log), str(secret), "bp-train", *argv],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
@@ -75,11 +80,8 @@ HOSTILE = {
         "callbacks.gradient_flow.extra[0]._target_='shutil.copyfile' is not allowed",
     ),
     "a target in _args_": (
-        [
-            "+callbacks.t._target_=lightning.pytorch.callbacks.Timer",
-            "+callbacks.t._args_=[{_target_:shutil.copyfile,_args_:[SECRET,MARKER]}]",
-        ],
-        "callbacks.t._args_[0]._target_='shutil.copyfile' is not allowed",
+        ["+optimizer._args_=[{_target_:shutil.copyfile,_args_:[SECRET,MARKER]}]"],
+        "optimizer._args_[0]._target_='shutil.copyfile' is not allowed",
     ),
     "a Hydra callback": (
         [
@@ -104,6 +106,25 @@ HOSTILE = {
     "a target inside the launcher": (
         ["-m", "hydra/launcher=joblib", "+hydra.launcher.x={_target_:shutil.copyfile,src:SECRET,dst:MARKER}"],
         "hydra.launcher.x._target_='shutil.copyfile' is not allowed",
+    ),
+    "a Hydra callback built from text only when Hydra builds it": (
+        [
+            "+hydra.job.env_set.OMP_NUM_THREADS='{_target_: logging.FileHandler, filename: MARKER, mode: w}'",
+            "+hydra.callbacks.x='${oc.create:${hydra:job.env_set.OMP_NUM_THREADS}}'",
+        ],
+        "the resolver 'oc.create' is not allowed here",
+    ),
+    "a run folder given as text": (
+        [
+            "hydra.run.dir='{_target_: logging.FileHandler, filename: MARKER}'",
+            "+hydra.callbacks.x='${oc.create:${hydra.run.dir}}'",
+        ],
+        "hydra.run.dir='{_target_: logging.FileHandler",
+    ),
+    "a run folder that already exists": (["hydra.run.dir=SECRET_DIR"], "a run claims a new folder of its own"),
+    "a callback's folder as a positional argument": (
+        ["+callbacks.ck={_target_:lightning.pytorch.callbacks.ModelCheckpoint,_args_:[MARKER]}"],
+        "callbacks.ck._args_ is not allowed",
     ),
     "the loader's variables": (["+hydra.job.env_set.LD_PRELOAD=MARKER"], "hydra.job.env_set.LD_PRELOAD is not allowed"),
     "a task name that climbs out": (
@@ -140,7 +161,7 @@ DOWNLOADED = {
     ),
     "a Hydra callback made by a resolver": (
         "hydra:\n  callbacks:\n    speedup: '${oc.create:{_target_: shutil.copyfile, src: SECRET, dst: MARKER}}'\n",
-        "hydra.callbacks.speedup._target_='shutil.copyfile' is not allowed",
+        "the resolver 'oc.create' is not allowed here",
     ),
     "a log formatter factory": (
         "hydra:\n  job_logging:\n    formatters:\n      simple:\n        (): shutil.copyfile\n        src: SECRET\n",

@@ -184,20 +184,22 @@ def test_checkpoints_on_a_full_disk_leave_no_partial_file_and_name_the_folder(tm
 @pytest.mark.slow
 def test_a_bundle_lost_to_a_full_disk_after_training_keeps_the_run_finished(tmp_path, small_disk):
     disk = small_disk("run", "64k")  # Hydra's few files fit; a bundle of 2 -> 16384 -> 1 (~200 KB) does not
-    result = _train(tmp_path, "model.net.hidden=[16384]", f"hydra.run.dir={disk}", f"paths.ckpt_dir={tmp_path / 'ck'}")
+    run_on_disk = f"hydra.run.dir=${{bp_run_dir:{disk}}}"  # the run's own new folder, on that disk
+    result = _train(tmp_path, "model.net.hidden=[16384]", run_on_disk, f"paths.ckpt_dir={tmp_path / 'ck'}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"not written: model_bundle.pt and the MLflow model (no space left on {disk}" in result.stdout
-    assert not (disk / "model_bundle.pt").exists() and not list(disk.glob(".model_bundle.pt*"))
+    (run_dir,) = disk.iterdir()
+    assert f"not written: model_bundle.pt and the MLflow model (no space left on {run_dir}" in result.stdout
+    assert not (run_dir / "model_bundle.pt").exists() and not list(run_dir.glob(".model_bundle.pt*"))
     run = _run_record(tmp_path)
     assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
-    assert run.data.tags["bp.lost_artifacts"].startswith(f"no space left on {disk}")
+    assert run.data.tags["bp.lost_artifacts"].startswith(f"no space left on {run_dir}")
 
 
 @pytest.mark.slow
 def test_a_store_that_a_full_disk_keeps_from_being_created_stops_tracking_not_training(tmp_path, small_disk):
     home = small_disk("home", "64k")  # an empty MLflow store (its migrations) takes about 400 KB
     env = clean_env(BP_SERVICE_HOME=str(home))
-    args = [*TINY_TRAIN, f"hydra.run.dir={tmp_path / 'run'}", f"paths.ckpt_dir={tmp_path / 'ck'}"]
+    args = [*TINY_TRAIN, f"hydra.run.dir=${{bp_run_dir:{tmp_path / 'run'}}}", f"paths.ckpt_dir={tmp_path / 'ck'}"]
     result = subprocess.run([str(BIN / "bp-train"), *args], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     db = home / "mlflow.db"

@@ -103,6 +103,7 @@ LOG_CLASSES = frozenset(
 LOG_STREAMS = frozenset({"ext://sys.stdout", "ext://sys.stderr"})
 # What the run's folder reads as while a config is checked (it is claimed only when the run starts).
 RUN_MARK = "<the run's folder>"
+RUN_FOLDERS = ("${hydra:runtime.output_dir}/", "${hydra.runtime.output_dir}/")  # a log file's folder, as written
 # hydra.job.env_set: variables that tune the libraries a run uses. Not the loader's or an interpreter's
 # (LD_PRELOAD, PYTHONPATH, BASH_ENV, GIT_*...), which a subprocess would act on.
 ENV_PREFIXES = (
@@ -173,11 +174,16 @@ def _resolved(node: DictConfig | ListConfig, key: Any, raw: Any) -> Any:
 # --------------------------------------------------------------------------- hydra.*
 def check_composed(cfg: DictConfig) -> None:
     """Everything in a composed config (``hydra.*`` included) that could run code or write outside the run."""
+    if "hydra" in cfg:
+        check_hydra_raw(OmegaConf.to_container(cfg.hydra, resolve=False))
     cfg = copy.deepcopy(cfg)
     if "hydra" in cfg:  # not claimed here: their resolver creates the run's folder
         with read_write(cfg), open_dict(cfg):
             cfg.hydra.run.dir = cfg.hydra.sweep.dir = cfg.hydra.runtime.output_dir = RUN_MARK
     plain = _plain(cfg)
+    for name, node in (plain.get("callbacks") or {}).items():
+        if isinstance(node, dict) and "_args_" in node:  # the folder check reads arguments by name
+            raise ConfigError(f"callbacks.{name}._args_ is not allowed: give a callback's arguments by name")
     hydra = plain.pop("hydra", None) or {}
     check_targets(plain)
     check_folder_name(plain.get("task_name", "train"), "task_name")
@@ -195,6 +201,45 @@ def check_composed(cfg: DictConfig) -> None:
         check_logging(hydra.get(key), f"hydra.{key}")
     check_folder_name(hydra.get("output_subdir"), "hydra.output_subdir", optional=True)
     check_relative_path((hydra.get("sweep") or {}).get("subdir"), "hydra.sweep.subdir")
+
+
+# Where Hydra builds or runs what a config holds. An interpolation there is resolved only when Hydra
+# builds it, later than this check: a resolver could then turn text into a node with a _target_.
+EXECUTED = ("callbacks", "launcher", "sweeper", "job_logging", "hydra_logging")
+_INTERPOLATION = re.compile(r"(?<!\\)\$\{\s*([^:}\s]*)(:?)")
+SAFE_RESOLVERS = ("now", "oc.env")  # text in, text out
+
+
+def check_hydra_raw(hydra: dict[str, Any]) -> None:
+    """``hydra.*`` as written: the run's folders claimed fresh, and no resolver that could build a node where
+    Hydra builds things (node references and ``now``/``oc.env`` only; ``${hydra:runtime.output_dir}`` as a
+    log file's folder)."""
+    for key in ("run", "sweep"):
+        folder = str((hydra.get(key) or {}).get("dir", ""))
+        if not folder.startswith("${bp_run_dir:") or not folder.endswith("}"):
+            raise ConfigError(
+                f"hydra.{key}.dir={folder[:120]!r} is not allowed: a run claims a new folder of its own; "
+                f"write it as ${{bp_run_dir:<parent folder>}}"
+            )
+    for key in EXECUTED:
+        _check_interpolations(hydra.get(key), f"hydra.{key}")
+
+
+def _check_interpolations(node: Any, field_name: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_interpolations(value, f"{field_name}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_interpolations(value, f"{field_name}[{i}]")
+    elif isinstance(node, str):
+        for name, colon in _INTERPOLATION.findall(node):
+            log_folder = field_name.endswith(".filename") and name == "hydra" and node.startswith(RUN_FOLDERS)
+            if colon and name not in SAFE_RESOLVERS and not log_folder:
+                raise ConfigError(
+                    f"{field_name}={node[:120]!r}: the resolver {name!r} is not allowed here (only node "
+                    f"references and {', '.join(SAFE_RESOLVERS)}): it could build what Hydra then runs"
+                )
 
 
 def check_logging(conf: Any, field_name: str) -> None:
