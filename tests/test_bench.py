@@ -64,7 +64,8 @@ def test_quick_run_with_compile_adds_its_row(tmp_path):
     assert cli.main(["--quick", "--compile", "--items", "step-time", "--reps", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    assert [r["item"] for r in rows] == ["step-time", "step-time-layers", "step-time-compiled"] * len(steps.SHAPES)
+    per_shape = ["step-time", "step-time-layers", "step-time-compiled"] * len(steps.SHAPES)
+    assert [r["item"] for r in rows] == [*per_shape, "step-time-cross-entropy"]
 
 
 def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):

@@ -329,3 +329,14 @@ def test_hydras_rerun_of_a_pickle_is_refused_before_it_is_read(tmp_path, flag):
     result, starts, writes, _ = run_audited(tmp_path, flag, str(payload))
     assert result.returncode == 2 and "--experimental-rerun is not supported" in result.stderr, result.stderr
     assert (starts, writes) == ([], []) and not (tmp_path / "marker").exists()
+
+
+def test_only_a_ddp_rank_may_be_handed_its_run_folder(tmp_path, monkeypatch):
+    """Lightning starts DDP's other ranks with ``hydra.run.dir=<rank 0's folder>``: allowed there alone."""
+    hydra = {"run": {"dir": str(tmp_path)}, "sweep": {"dir": "${bp_run_dir:/x}"}}
+    with pytest.raises(ConfigError, match="a run claims a new folder of its own"):
+        guard.check_hydra_raw(hydra)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    guard.check_hydra_raw(hydra)  # rank 1, rank 0's existing folder
+    with pytest.raises(ConfigError, match="a run claims a new folder of its own"):
+        guard.check_hydra_raw({**hydra, "run": {"dir": str(tmp_path / "not-made-by-rank-0")}})

@@ -216,6 +216,8 @@ def check_hydra_raw(hydra: dict[str, Any]) -> None:
     log file's folder)."""
     for key in ("run", "sweep"):
         folder = str((hydra.get(key) or {}).get("dir", ""))
+        if key == "run" and _ddp_rank_of(folder):
+            continue
         if not folder.startswith("${bp_run_dir:") or not folder.endswith("}"):
             raise ConfigError(
                 f"hydra.{key}.dir={folder[:120]!r} is not allowed: a run claims a new folder of its own; "
@@ -223,6 +225,12 @@ def check_hydra_raw(hydra: dict[str, Any]) -> None:
             )
     for key in EXECUTED:
         _check_interpolations(hydra.get(key), f"hydra.{key}")
+
+
+def _ddp_rank_of(folder: str) -> bool:
+    """Whether this process is another rank Lightning's DDP started, given rank 0's run folder, which exists:
+    Lightning passes it as ``hydra.run.dir=<folder>`` (and the rank as ``LOCAL_RANK`` in the environment)."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0") and os.path.isdir(folder)
 
 
 def _check_interpolations(node: Any, field_name: str) -> None:
