@@ -16,11 +16,21 @@ from bp_service.bench import cli, flops, harness, memory, steps, training_step
 def _check_rows(rows):
     for row in rows:
         assert {"item", "name", "ours", "peer", "ratio", "target", "cmp", "met", "unit"} <= row.keys()
+        if row["details"].get("unmeasured"):  # a busy machine: said so, and never met
+            assert row["met"] is False and row["ratio"] != row["ratio"], row  # NaN
+            continue
         assert isinstance(row["ours"], float) and row["ours"] > 0, row
         assert isinstance(row["peer"], float) and row["peer"] > 0, row
         assert isinstance(row["ratio"], float) and row["ratio"] > 0, row
         assert isinstance(row["target"], float)
         assert row["cmp"] in ("<=", ">=") and isinstance(row["met"], bool), row
+
+
+def test_a_timing_at_or_below_zero_is_unmeasured_never_met():
+    row = harness.make_row("lightning-overhead", "epoch time", -0.01, 0.03, target=1.3, cmp="<=", unit="s")
+    assert row["met"] is False and row["ratio"] != row["ratio"] and "unmeasured" in row["details"]
+    row = harness.make_row("lightning-overhead", "epoch time", 0.02, 0.03, target=1.3, cmp="<=", unit="s")
+    assert row["met"] is True and "unmeasured" not in row["details"]
 
 
 def test_quick_run_writes_every_row(tmp_path, capsys):

@@ -60,8 +60,13 @@ def make_row(
     """One table row. ``ratio = ours / peer``; ``met`` says whether ``ratio cmp target`` holds."""
     if cmp not in ("<=", ">="):
         raise ValueError(f"make_row: cmp must be '<=' or '>=', got {cmp!r}")
-    ratio = ours / peer
-    met = ratio <= target if cmp == "<=" else ratio >= target
+    # A difference of medians (an epoch's share of two runs) can come out at or below 0 on a busy machine:
+    # that is no measurement, and it is never reported as met.
+    measured = ours > 0 and peer > 0
+    ratio = ours / peer if measured else float("nan")
+    met = measured and (ratio <= target if cmp == "<=" else ratio >= target)
+    if not measured:
+        details = {**details, "unmeasured": "a timing came out at or below 0 (a busy machine): not a measurement"}
     return {
         "item": item,
         "name": name,
