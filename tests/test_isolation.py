@@ -19,7 +19,7 @@ from urllib.request import url2pathname
 
 import pytest
 import torch
-from conftest import clean_env
+from conftest import clean_env, store_statuses
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -148,27 +148,18 @@ LONG = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu",
         "trainer.enable_progress_bar=false", "tracking.log_model=false"]  # fmt: skip
 
 
-def _statuses(home: Path) -> list[tuple[str, str]]:
-    """(run id, status) straight from the store's table, without MLflow's client, as fast as it can be polled."""
-    try:
-        with sqlite3.connect(f"file:{home / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
-            return list(con.execute("SELECT run_uuid, status FROM runs"))
-    except sqlite3.Error:  # not created yet, or busy
-        return []
-
-
 @pytest.mark.slow
 def test_sigterm_the_moment_the_run_row_exists_closes_it_killed(tmp_path):
     home = tmp_path / "home"
     proc = _start(home, *LONG)
     deadline = time.monotonic() + 120
-    while not _statuses(home):
+    while not store_statuses(home):
         assert proc.poll() is None and time.monotonic() < deadline, "no run was created"
     proc.send_signal(signal.SIGTERM)
     code, _, err = _finish(proc, timeout=120)
     assert code == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
-    assert [status for _, status in _statuses(home)] == ["KILLED"]
+    assert [status for _, status in store_statuses(home)] == ["KILLED"]
 
 
 @pytest.mark.slow
@@ -176,13 +167,13 @@ def test_stale_runs_left_by_kill_9_are_listed_and_closed_but_live_runs_are_not(t
     home = tmp_path / "home"
     killed = _start(home, *LONG, "task_name=killed")
     deadline = time.monotonic() + 120
-    while not any(s == "RUNNING" for _, s in _statuses(home)):
+    while not any(s == "RUNNING" for _, s in store_statuses(home)):
         assert killed.poll() is None and time.monotonic() < deadline, "no run was created"
-    (killed_id, _), *_ = _statuses(home)
+    (killed_id, _), *_ = store_statuses(home)
     killed.kill()
     killed.wait()
     alive = _start(home, *LONG, "task_name=alive")
-    while len(_statuses(home)) < 2:
+    while len(store_statuses(home)) < 2:
         assert alive.poll() is None and time.monotonic() < deadline, "the second run was not created"
     try:
         listed = subprocess.run(
@@ -193,7 +184,7 @@ def test_stale_runs_left_by_kill_9_are_listed_and_closed_but_live_runs_are_not(t
         (alive_id,) = set(lines) - {killed_id}
         assert f"process {killed.pid} is gone" in lines[killed_id] and "--close" in lines[killed_id]
         assert "left as it is" in lines[alive_id]
-        assert dict(_statuses(home)) == {killed_id: "RUNNING", alive_id: "RUNNING"}  # listing changes nothing
+        assert dict(store_statuses(home)) == {killed_id: "RUNNING", alive_id: "RUNNING"}  # listing changes nothing
 
         closed = subprocess.run(
             [str(BIN / "bp-train"), "--stale-runs", "--close"],
@@ -204,9 +195,9 @@ def test_stale_runs_left_by_kill_9_are_listed_and_closed_but_live_runs_are_not(t
         )
         assert closed.returncode == 0, closed.stderr[-2000:]
         assert "1 closed" in closed.stdout
-        assert dict(_statuses(home)) == {killed_id: "KILLED", alive_id: "RUNNING"}
+        assert dict(store_statuses(home)) == {killed_id: "KILLED", alive_id: "RUNNING"}
         assert _store(home).get_run(killed_id).data.tags["bp.closed_as_stale"] == f"process {killed.pid} is gone"
     finally:
         alive.send_signal(signal.SIGTERM)
         _finish(alive, timeout=120)
-    assert dict(_statuses(home))[alive_id] == "KILLED"
+    assert dict(store_statuses(home))[alive_id] == "KILLED"

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clean_env
+from conftest import clean_env, store_statuses
 from mlflow import MlflowClient
 
 from bp_service.training.tracking.run import owner_tags
@@ -70,15 +69,6 @@ def _client(home: Path) -> MlflowClient:
 def _all_runs(home: Path) -> list:
     client = _client(home)
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-def _statuses(home: Path) -> list[tuple[str, str]]:
-    """(run id, status) straight from the store's table, as fast as it can be polled."""
-    try:
-        with sqlite3.connect(f"file:{home / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
-            return list(con.execute("SELECT run_uuid, status FROM runs"))
-    except sqlite3.Error:  # not created yet, or busy
-        return []
 
 
 def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180):
@@ -158,7 +148,7 @@ def test_ckpt_path_last_refuses_a_run_that_is_still_training(tmp_path):
     owner = _start(home, *LONG)
     try:
         last = _wait_for(lambda: next(_runs_dir(home).glob("*/checkpoints/last.ckpt"), None), owner, "a last.ckpt")
-        (run_id, _), *_ = _statuses(home)
+        (run_id, _), *_ = store_statuses(home)
         second = _train(home, *LONG, "ckpt_path=last")
         assert second.returncode != 0, second.stderr[-3000:]
         line = _last_line(second)
@@ -167,11 +157,11 @@ def test_ckpt_path_last_refuses_a_run_that_is_still_training(tmp_path):
         run = _client(home).get_run(run_id)
         assert run.info.status == "RUNNING" and run.data.tags["bp.pid"] == str(owner.pid)
         assert "bp.resumed" not in run.data.tags
-        assert len(_statuses(home)) == 1  # the refused resume opened no run of its own
+        assert len(store_statuses(home)) == 1  # the refused resume opened no run of its own
     finally:
         code, err = _stop(owner)
     assert code == 143, err[-3000:]
-    assert dict(_statuses(home)) == {run_id: "KILLED"}
+    assert dict(store_statuses(home)) == {run_id: "KILLED"}
 
 
 # --------------------------------------------------------------------------- runs of another PID namespace
@@ -197,8 +187,8 @@ def test_stale_runs_close_leaves_a_live_run_of_another_pid_namespace_and_says_ca
     home = tmp_path / "home"
     owner = _start(home, *LONG, prefix=("unshare", "--pid", "--fork", "--mount-proc"))
     try:
-        _wait_for(lambda: any(s == "RUNNING" for _, s in _statuses(home)), owner, "a RUNNING run")
-        (run_id, _), *_ = _statuses(home)
+        _wait_for(lambda: any(s == "RUNNING" for _, s in store_statuses(home)), owner, "a RUNNING run")
+        (run_id, _), *_ = store_statuses(home)
         tags = _client(home).get_run(run_id).data.tags
         assert tags["bp.host"] == socket.gethostname() and tags["bp.pid"] != str(_child_of(owner.pid))
         closed = subprocess.run(
@@ -208,11 +198,11 @@ def test_stale_runs_close_leaves_a_live_run_of_another_pid_namespace_and_says_ca
         (line,) = [line for line in closed.stdout.splitlines() if line.startswith(run_id)]
         assert "cannot tell" in line and "left as it is" in line, line
         assert "0 closed" in closed.stdout
-        assert dict(_statuses(home)) == {run_id: "RUNNING"}
+        assert dict(store_statuses(home)) == {run_id: "RUNNING"}
     finally:
         code, err = _stop(owner, _child_of(owner.pid))
     assert code == 143, err[-3000:]
-    assert dict(_statuses(home)) == {run_id: "KILLED"}
+    assert dict(store_statuses(home)) == {run_id: "KILLED"}
 
 
 def test_only_an_owner_proven_gone_is_stale():
@@ -260,12 +250,12 @@ def test_resuming_after_the_store_was_deleted_says_so_in_one_clean_line(tmp_path
     first = _train(home, *TINY, "trainer.max_epochs=1")
     assert first.returncode == 0, first.stderr[-3000:]
     # Read without MLflow's client: it would keep the deleted file open and go on reading it.
-    ((old_id, _),) = _statuses(home)
+    ((old_id, _),) = store_statuses(home)
     (home / "mlflow.db").unlink()
     resumed = _train(home, *TINY, "trainer.max_epochs=2", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     notes = [line for line in resumed.stderr.splitlines() if old_id in line]
     assert len(notes) == 1 and notes[0].startswith("bp-train: note: "), resumed.stderr[-3000:]
     assert "Warning" not in resumed.stderr and "warnings.warn" not in resumed.stderr, resumed.stderr[-3000:]
-    ((new_id, status),) = _statuses(home)
+    ((new_id, status),) = store_statuses(home)
     assert new_id != old_id and status == "FINISHED"
