@@ -11,10 +11,11 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(STAMP): pyproject.toml requirements.lock
+# The optional extras the tests cover (hpo, slurm) come from their own lock, on top of the main one.
+$(STAMP): pyproject.toml requirements.lock requirements-extras.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-extras.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e '.[dev,hpo,slurm]'
 	touch $@
 
 install: $(STAMP) ## Create .venv and install the package (editable, dev extras) from the lock; no-op when up to date
@@ -27,7 +28,8 @@ train: $(STAMP) ## Train the digits experiment end to end (CPU or CUDA), recorde
 UI_WORKERS ?= 1
 UI_JOBS    ?= false
 ui: $(STAMP) ## Open the MLflow dashboard over the store every command uses, on its training-runs view (http://127.0.0.1:5000)
-	@echo "MLflow dashboard, training runs: http://127.0.0.1:$(or $(PORT),5000)/#/experiments?workflowType=machine_learning"
+	@echo "MLflow dashboard, each experiment's runs with their metrics (all experiments: http://127.0.0.1:$(or $(PORT),5000)/#/experiments?workflowType=machine_learning):"
+	@PORT=$(or $(PORT),5000) $(BIN)/bp-runs dashboard
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(UI_JOBS) $(BIN)/mlflow ui --workers $(UI_WORKERS) \
 	  --backend-store-uri "$$($(BIN)/bp-runs uri)" --host 127.0.0.1 --port $(or $(PORT),5000)
 
@@ -62,7 +64,8 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 
 lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
 	{ head -n 2 requirements.lock; echo "setuptools==$$($(PY) -c 'import setuptools; print(setuptools.__version__)')"; \
-	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > requirements.lock.new && mv requirements.lock.new requirements.lock
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' | grep -vxFf <(grep -E '^[A-Za-z0-9_.-]+==' requirements-extras.lock); \
+	} > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean: ## Remove caches and run outputs (keeps .venv and mlflow.db)
 	rm -rf .pytest_cache .ruff_cache outputs multirun site

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,25 @@ def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
         else:
             raise FileExistsError(errno.EEXIST, "no free run folder name", str(Path(key) / stamp))
     return _RUN_DIRS[key]
+
+
+def discard_unused_run_dir(run_dir: str | Path) -> bool:
+    """Remove ``run_dir`` when the run it was claimed for never started: it holds Hydra's ``.hydra/`` (the
+    composed config) and at most empty files (a log nothing was written to). Anything else, a checkpoint, a log
+    with lines, a link, keeps the folder. Returns whether it was removed."""
+    root = Path(run_dir)
+    if root.is_symlink() or not root.is_dir():
+        return False
+    for folder, dirs, files in os.walk(root):
+        inside = Path(folder).relative_to(root).parts
+        for name in dirs:
+            if (Path(folder) / name).is_symlink() or (not inside and name != ".hydra"):
+                return False
+        for name in files:
+            path = Path(folder) / name
+            if path.is_symlink() or not (inside[:1] == (".hydra",) or os.path.getsize(path) == 0):
+                return False
+    shutil.rmtree(root)
+    for key in [k for k, v in _RUN_DIRS.items() if v == str(root)]:  # a later claim in this process starts afresh
+        del _RUN_DIRS[key]
+    return True

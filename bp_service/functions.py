@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torch.autograd import Function
+from torch.nn.functional import linear as _linear_forward  # values only: every derivative here is written out
 
 from bp_service import dispatch
 from bp_service.activations import ACTIVATIONS, CROSS_ENTROPY_OUTPUTS
@@ -453,14 +454,6 @@ class BinaryCrossEntropyFunction(Function):
 # One Function for the forward pass, the cost and backpropagation through every layer: the
 # algorithm the worked example teaches, and one autograd node per training step instead of
 # one per layer (each ``Function.apply`` costs tens of microseconds of Python).
-def _activate(z: Tensor, activation: str | None, inplace: bool) -> Tensor:
-    """a = f(z); ``inplace``: written into z, a buffer of the forward pass never needed again."""
-    if activation is None:
-        return z
-    rule = ACTIVATIONS[activation]
-    return rule.forward_(z) if inplace and rule.forward_ is not None else rule.forward(z)
-
-
 def _derivative_reads(layer: int, x: Tensor, params: tuple, acts: list, activation: str | None) -> Tensor:
     """What layer l's f' is read off: its output a_l, or z_l = a_{l-1} W_l^T + b_l recomputed (not kept)."""
     if activation is None or ACTIVATIONS[activation].reads == "output":
@@ -475,13 +468,17 @@ def _network_forward(
     acts, a = [], x
     for layer, activation in enumerate(activations):
         weight, bias = params[2 * layer], params[2 * layer + 1]
-        if bias is None:
-            z = a @ weight.T  # (N, H_in) @ (H_in, H_out) -> (N, H_out)
-        else:
-            z = torch.addmm(bias, a, weight.T)  # b + (N, H_in) @ (H_in, H_out) -> (N, H_out)
-        a = _activate(z, activation, inplace)
+        # z = a W^T + b: (N, H_in) @ (H_in, H_out) + (H_out,) -> (N, H_out). One call that takes W as it is
+        # stored: torch.addmm(b, a, W.T) makes the transposed view in Python first, 0.4 µs a layer more.
+        a = _linear_forward(a, weight, bias)
+        if activation is not None:  # a = f(z), written into z (a buffer never read again) when it can
+            rule = ACTIVATIONS[activation]
+            a = rule.forward_(a) if inplace and rule.forward_ is not None else rule.forward(a)
         acts.append(a)
     return acts
+
+
+_HALF = (torch.float16, torch.bfloat16)  # a cost is summed in float32 from these (dispatch.cost_dtype)
 
 
 def _difference(pred: Tensor, target: Tensor) -> Tensor:
@@ -515,8 +512,15 @@ def _network_cost(
     """
     if cost != "cross_entropy":
         acts = _network_forward(x, params, activations, inplace)  # [a_1, ..., a_L]
-        _check_target(target, acts[-1])
-        diff = _difference(acts[-1], target)  # (N, H_L)
+        pred = acts[-1]
+        if target.shape != pred.shape:
+            _check_target(target, pred)
+        if pred.dtype == target.dtype and pred.dtype not in _HALF:
+            diff = pred - target  # (N, H_L)
+        else:
+            diff = _difference(pred, target)
+        if cost == "mse":  # the common case first: a call less per step
+            return acts, diff, diff.square().mean()
         return acts, diff, _cost(diff, cost)
     output = activations[-1]
     if output not in _CROSS_ENTROPY_OUTPUTS:
@@ -612,23 +616,34 @@ def backprop(
     if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not
         grad_a = grad_a.to(acts[-1].dtype)
     grads: list[Tensor | None] = [None] * (2 * n_layers)
-    for layer in reversed(range(n_layers)):
+    for layer in range(n_layers - 1, -1, -1):
         weight, bias = params[2 * layer], params[2 * layer + 1]
         a_prev = x if layer == 0 else acts[layer - 1]
-        # f' is read off a_l (or z_l), held by no name here: released below, its memory goes at once
-        delta = _times_derivative(
-            grad_a, _derivative_reads(layer, x, params, acts, activations[layer]), activations[layer], inplace
-        )  # (N, H_out)
+        activation = activations[layer]
+        if activation is None:  # a linear layer: f' = 1
+            delta = grad_a
+        elif (
+            inplace
+            and (rule := ACTIVATIONS[activation]).jacobian_product is None
+            and rule.reads == "output"
+            and grad_a.numel() <= _DERIVATIVE_BLOCK
+        ):  # _times_derivative's case of a training step, inline: f' off a_l, into our own buffer
+            delta = grad_a.mul_(rule.derivative(acts[layer]))
+        else:
+            # f' is read off a_l (or z_l), held by no name here: released below, its memory goes at once
+            delta = _times_derivative(
+                grad_a, _derivative_reads(layer, x, params, acts, activation), activation, inplace
+            )  # (N, H_out)
         if release:
             acts[layer] = None  # a_l was needed for f' and dC/dW_{l+1} only: both are done
         if deltas is not None:
             deltas.append(delta)  # never written again: the next layer's grad_a is a new buffer
         if needs_grad[2 + 2 * layer]:
-            grads[2 * layer] = delta.T @ a_prev  # (H_out, N) @ (N, H_in) -> (H_out, H_in)
+            grads[2 * layer] = torch.mm(delta.T, a_prev)  # (H_out, N) @ (N, H_in) -> (H_out, H_in)
         if bias is not None and needs_grad[3 + 2 * layer]:
             grads[2 * layer + 1] = delta.sum(0)  # (N, H_out) -> (H_out,)
         if layer > 0 or needs_grad[0]:
-            grad_a = delta @ weight  # (N, H_out) @ (H_out, H_in) -> (N, H_in): dC/da_{l-1}
+            grad_a = torch.mm(delta, weight)  # (N, H_out) @ (H_out, H_in) -> (N, H_in): dC/da_{l-1}
     grad_x = grad_a if needs_grad[0] else None
     return (grad_x, grad_y, *grads)
 
@@ -670,7 +685,18 @@ class MLPCostFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_cost: Tensor) -> tuple[Tensor | None, ...]:
-        return _network_backward(ctx, grad_cost)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or dispatch.graph_kept():
+            return _network_backward(ctx, grad_cost)
+        # A training step's backward, the one that runs every step: :func:`_network_backward`'s case
+        # with nothing kept, written out (inside the autograd engine each Python call costs more still).
+        x, _, *params = ctx.saved_tensors  # the target: dC/dy is read off a_L - y
+        acts, diff = ctx.acts, ctx.diff
+        ctx.acts = ctx.diff = None  # each activation goes once the recursion has used it
+        needs = ctx.needs_input_grad
+        grad_x, grad_y, *grads = backprop(
+            grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, needs[:2] + needs[4:], release=True
+        )
+        return (grad_x, grad_y, None, None, *grads)
 
 
 def _saved(ctx) -> tuple[Tensor, Tensor, tuple, list[Tensor], Tensor]:
@@ -759,6 +785,7 @@ class MLPCostTransformsFunction(Function):
 # ``jvp`` under torch.compile), with autocast's casts where the native op makes them.
 dispatch.cache_signature(MLPCostFunction)
 dispatch.cache_signature(MLPCostTransformsFunction)
+_apply_network = dispatch.direct_apply(MLPCostFunction)  # once per training step: its Python layer skipped
 _linear, _linear_sigmoid = dispatch.caller(LinearFunction), dispatch.caller(LinearSigmoidFunction)
 _mse_loss, _l1_loss = dispatch.caller(MSELossFunction), dispatch.caller(L1LossFunction)
 _cross_entropy = dispatch.caller(CrossEntropyFunction)
@@ -839,9 +866,13 @@ def mlp_cost(
     ``F.linear`` and ``F.mse_loss`` do; each input's gradient comes back in its own dtype.
     """
     try:  # checked only when something failed: the check costs as much as a small layer
-        x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
+        x2, target2 = x, target
+        if x.dim() != 2 or target.dim() != 2:
+            x2, target2 = _flat(x, x.shape[-1]), _flat(target, target.shape[-1])  # (*, H) -> (N, H)
         if (dtype := dispatch.autocast_dtype(x)) is None:
-            return _apply_cost(x2, target2, activations, cost, params)
+            if dispatch.transforms_active():  # torch.func or forward mode: the setup_context style
+                return MLPCostTransformsFunction.apply(x2, target2, activations, cost, *params)[0]
+            return _apply_network(x2, target2, activations, cost, *params)  # a training step: straight in
         x2, *cast_params = dispatch.cast(dtype, x2, *params)
         with torch.autocast(x.device.type, enabled=False):  # already cast: the cost stays in float32
             return _apply_cost(x2, target2, activations, cost, cast_params)
@@ -853,7 +884,7 @@ def mlp_cost(
 def _apply_cost(x: Tensor, target: Tensor, activations: Sequence, cost: str, params: Sequence[Tensor | None]) -> Tensor:
     if dispatch.transforms_active():  # torch.func or forward mode: the setup_context style
         return MLPCostTransformsFunction.apply(x, target, activations, cost, *params)[0]
-    return MLPCostFunction.apply(x, target, activations, cost, *params)
+    return _apply_network(x, target, activations, cost, *params)
 
 
 def _check_network(

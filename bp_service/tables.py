@@ -58,6 +58,19 @@ def _cell(value: object) -> str:
     return f"{shown(value)!r}{hint}"
 
 
+def several(problems: list[str], source: str | None = None) -> str:
+    """One line for ``problems`` (each a whole one-line message), so that a file with three mistakes costs one
+    run, not three: the one itself, or all of them numbered, ``<source>: 2 problems: (1) ...; (2) ...`` where
+    each is about ``source`` (said once), else ``2 problems: (1) <source>: ...; (2) optimizer.lr ...``."""
+    if len(problems) == 1:
+        return problems[0]
+    prefix = f"{source}: " if source else None
+    if prefix and all(p.startswith(prefix) for p in problems):
+        numbered = "; ".join(f"({i}) {p[len(prefix) :]}" for i, p in enumerate(problems, 1))
+        return f"{prefix}{len(problems)} problems: {numbered}"
+    return f"{len(problems)} problems: " + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+
+
 def shown_names(names: list, limit: int = 8, width: int = SHOWN_CHARS) -> str:
     """``a, b, c, ... (40 in all)``: at most ``limit`` names, each :func:`shown` (at most ``width`` characters)."""
     names = [shown(n, width) for n in names]

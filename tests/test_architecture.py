@@ -165,8 +165,8 @@ def test_every_data_option_names_its_schema_and_no_code_branches_on_its_name():
 # --------------------------------------------------------------------------- the tracker behind its interface
 TRACKING = "bp_service.training.tracking"
 # The interface (and its no-op twin), the one place that names a backend, and backend-neutral records; then
-# MLflow's backend: its run, its Lightning logger, its sweeps.
-TRACKING_MODULES = {"interface", "backends", "names", "params", "run", "logger", "sweep"}
+# MLflow's backend: its run, its Lightning logger, its sweeps, its dashboard views.
+TRACKING_MODULES = {"interface", "backends", "names", "params", "run", "logger", "sweep", "dashboard"}
 # What records a run through the interface alone: adding a tracking backend leaves these as they are.
 TRACKED_THROUGH_INTERFACE = ("recipe", "lifecycle", "artifacts")
 

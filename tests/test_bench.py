@@ -16,7 +16,7 @@ from bp_service.bench import cli, flops, harness, memory, steps, training_step
 def _check_rows(rows):
     for row in rows:
         assert {"item", "name", "ours", "peer", "ratio", "target", "cmp", "met", "unit"} <= row.keys()
-        if row["details"].get("unmeasured"):  # a busy machine: said so, and never met
+        if row["details"].get("unmeasured") or row["details"].get("skipped"):  # said so, and never met
             assert row["met"] is False and row["ratio"] != row["ratio"], row  # NaN
             continue
         assert isinstance(row["ours"], float) and row["ours"] > 0, row
@@ -69,13 +69,17 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quick_run_with_compile_adds_its_row(tmp_path):
+def test_quick_run_with_compile_adds_its_rows(tmp_path):
     out = tmp_path / "b.json"
     assert cli.main(["--quick", "--compile", "--items", "step-time", "--reps", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    per_shape = ["step-time", "step-time-layers", "step-time-compiled"] * len(steps.SHAPES)
-    assert [r["item"] for r in rows] == [*per_shape, "step-time-cross-entropy"]
+    per_shape = ["step-time", "step-time-layers", "step-time-compiled", "step-time-compiled-vs-compiled"]
+    assert [r["item"] for r in rows] == [*per_shape * len(steps.SHAPES), "step-time-cross-entropy"]
+    # model.compile=true against native eager, and against native compiled the same way
+    both = [r for r in rows if r["item"] == "step-time-compiled-vs-compiled"]
+    assert {r["peer_label"] for r in both} == {steps.SIDES["native_compiled"]}
+    assert all(steps.SIDES["native_compiled"] in r["name"] for r in both)
 
 
 def test_a_new_item_is_one_entry(tmp_path, monkeypatch, capsys):
@@ -114,6 +118,71 @@ def test_unknown_item_is_a_usage_error(items, capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: bp-bench")
     assert "choose from step-time, peak-memory, roofline, lightning-overhead, peer-job, tracking-overhead" in err
+
+
+def test_unmeasured_and_skipped_rows_say_so_in_the_table_never_a_number_or_met():
+    """A negative difference of medians (a busy machine) and an item --quick leaves out: the ratio and met
+    columns say which, in every row type (a plain ratio, a ratio of differences, a skipped item)."""
+    from bp_service.bench.report import format_table
+
+    unmeasured = harness.make_row("lightning-overhead", "epoch", -0.292, 0.206, target=1.3, cmp="<=", unit="s")
+    ratio_of_zero = harness.make_row("roofline", "flops", 1.0, 0.0, target=0.75, cmp=">=", unit="FLOP/s")
+    skipped = harness.skipped_row("tracking-overhead", "tracking", "whole processes", target=1.0)
+    measured = harness.make_row("step-time", "step", 2.0, 4.0, target=1.0, cmp="<=", unit="s")
+    lines = [line.split() for line in format_table([unmeasured, ratio_of_zero, skipped, measured]).splitlines()[2:]]
+    assert lines[0][-5:] == ["unmeasured", "<=", "1.30", "no", "(unmeasured)"]
+    assert lines[1][-5:] == ["unmeasured", ">=", "0.75", "no", "(unmeasured)"]
+    assert lines[2][-6:] == ["-", "-", "skipped", "<=", "1.00", "skipped"]
+    assert lines[3][-3:] == ["<=", "1.00", "yes"] and lines[3][-4] == "0.500"
+    _check_rows([unmeasured, ratio_of_zero, skipped, measured])
+
+
+def test_quick_lists_tracking_overhead_as_skipped_without_starting_a_process(tmp_path, monkeypatch, capsys):
+    from bp_service.bench import tracking_overhead
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("--quick started a bp-train process")
+
+    monkeypatch.setattr(tracking_overhead, "_wall", no_process)
+    out = tmp_path / "b.json"
+    assert cli.main(["--quick", "--items", "tracking-overhead", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    _check_rows([row])
+    assert row["item"] == "tracking-overhead" and "bp-bench --items tracking-overhead" in row["details"]["skipped"]
+    assert row["met"] is False and row["target"] == 1.0
+    table = capsys.readouterr().out
+    assert "tracking-overhead" in table and "skipped" in table and " yes" not in table
+
+
+def test_other_load_counts_our_own_child_processes_as_ours():
+    """bp-bench's bp-train processes are its own work: their CPU time is not "other processes"."""
+    import subprocess
+
+    from bp_service.bench.report import OtherLoad
+
+    before = OtherLoad._sample()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    after = OtherLoad._sample()
+    assert after[2] - before[2] >= 0.5  # the child's half second of CPU is counted as our own
+
+
+@pytest.mark.slow  # a bp-bench process: its imports take seconds
+def test_bp_bench_prints_no_native_log_noise(tmp_path):
+    """The CPU peak-memory item runs torch.profiler: no USDT lines, no CPUAllocator warning on the terminal."""
+    import subprocess
+
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("KINETO_LOG_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "bp-bench"), "--quick", "--items", "peak-memory"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "peak-memory" in run.stdout
+    assert "USDT" not in run.stderr and "CPUAllocator" not in run.stderr, run.stderr[-2000:]
 
 
 def test_make_row_ratio_and_direction():

@@ -117,6 +117,24 @@ def test_missing_cells_end_bp_train_with_one_line(cli, with_gaps):
     assert "data.missing=drop" in line and "data.missing=mean" in line
 
 
+def test_every_problem_of_a_file_is_named_in_one_error(compose_cfg, with_gaps):
+    """Text columns, an infinite cell and missing cells: all three in one line, each naming its columns and row,
+    from the loader the run itself uses (bp-train's check before torch reads the file with the same rules)."""
+    _, frame = with_gaps
+    frame = frame.assign(Origin=cars()["Origin"], Displacement=frame["Displacement"].astype(object))
+    frame.loc[6, "Displacement"] = "inf"
+    path = write(frame, with_gaps[0].replace("gaps.csv", "three.csv"))
+    cfg = compose_cfg("data=csv", f"data.path={path}", "data.target=Miles_per_Gallon", *QUICK)
+    with pytest.raises(DataError) as info:
+        prepare(cfg.data, cfg.seed)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: 3 problems: (1) not numeric: column(s) ")
+    assert "(1) not numeric: column(s) 'Origin' (row 2: " in message
+    assert "(2) row 8, column 'Displacement': not a finite number: 'inf'" in message
+    assert "(3) missing values: column 'Horsepower': 6 rows missing (first: row 40); " in message
+    assert "column 'Miles_per_Gallon': 1 row missing (first: row 12)" in message
+
+
 def test_missing_drop_leaves_those_rows_out(compose_cfg, with_gaps):
     path, frame = with_gaps
     cfg = compose_cfg("data=csv", f"data.path={path}", "data.target=Miles_per_Gallon", "data.missing=drop", *QUICK)

@@ -10,7 +10,7 @@ A command is a line of a ```bash block, comments and `\\` continuations folded. 
   rest must get past the arguments to the model or input that is not there (exit 2, not an argument error);
 - ``bp-bench``: parsed by its own parser (measuring takes minutes), ``--quick`` also run (slow);
 - ``make``: ``make -n`` (the target exists and expands);
-- ``source`` and ``export``: run by bash;
+- ``source`` and ``export``: run by bash; ``mkdir`` and ``python`` too, in the empty folder as home;
 - anything else must be in NEEDS, with the reason the test machine cannot run it.
 """
 
@@ -34,6 +34,9 @@ USER_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NEEDS = {
     "docker ": "a Docker engine (CI runs the images in docker/ci-check.sh)",
     "mlflow models serve ": "a model in the store and a long-running server",
+    "RAY_ADDRESS=": "a Ray cluster and hydra-ray-launcher, not in the lock (tests/test_scaling.py, where installed)",
+    "srun ": "a SLURM allocation (SLURM's variables: tests/test_scaling.py's stand-ins)",
+    "torchrun ": "several machines (ran on loopback by hand; tests/test_scaling.py starts 2 nodes by NODE_RANK)",
 }
 
 
@@ -106,6 +109,9 @@ def check(cmd: str, cwd: Path, env: dict[str, str]) -> None:
     elif tool in ("source", "export"):
         proc = run(["bash", "-c", f"set -e; cd {shlex.quote(str(ROOT))}; {cmd}; bp-runs uri"], cwd, env)
         assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    elif tool in ("mkdir", "python"):  # the user's own folder and file: run by bash, in the empty folder as home
+        proc = run(["bash", "-c", cmd], cwd, {**env, "HOME": str(cwd)})
+        assert proc.returncode == 0, proc.stderr
     elif tool.endswith("bp-explain") or tool == "bp-runs":
         proc = run([str(BIN / Path(tool).name), *words[1:]], cwd, env)
         assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,7 @@ have called ``mlflow.set_tracking_uri``, which would win over ``MLFLOW_TRACKING_
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -200,19 +201,24 @@ def test_chunked_output_is_byte_identical_to_one_chunk(model, rows, tmp_path, ca
     assert chunked.read_bytes() == one.read_bytes()
 
 
-def test_named_id_column_is_carried_and_not_a_feature(model, rows, tmp_path, capsys):
+def test_named_id_column_is_the_one_kept_when_passthrough_is_off(model, rows, tmp_path, capsys):
     frame = pd.read_csv(rows, dtype={"id": str}).rename(columns={"id": "customer"})
     frame["customer"] = frame["customer"].str.replace("r", "c-")
+    frame.insert(30, "note", "seen")
     src, out = tmp_path / "customers.csv", tmp_path / "out.csv"
     frame.to_csv(src, index=False)
+    args = [f"model={model['checkpoint']}", f"input={src}", f"output={out}"]
 
-    code, err = predict_in_process(capsys, f"model={model['checkpoint']}", f"input={src}", f"output={out}")
-    assert code == 2 and "unexpected column(s) customer" in err  # not auto-detected: only "id" is
+    assert predict_in_process(capsys, *args)[0] == 0  # by default every other column is carried
+    assert list(pd.read_csv(out).columns) == ["customer", "note", *_expected_columns()[1:]]
 
-    args = [f"model={model['checkpoint']}", f"input={src}", f"output={out}", "id_column=customer"]
-    assert predict_in_process(capsys, *args)[0] == 0
+    assert predict_in_process(capsys, *args, "passthrough=false")[0] == 0
+    assert list(pd.read_csv(out).columns) == _expected_columns()[1:]  # not auto-detected: only "id" is
+
+    assert predict_in_process(capsys, *args, "passthrough=false", "id_column=customer")[0] == 0
     got = pd.read_csv(out, dtype={"customer": str})
-    assert got.columns[0] == "customer" and got["customer"].tolist() == frame["customer"].tolist()
+    assert list(got.columns) == ["customer", *_expected_columns()[1:]]
+    assert got["customer"].tolist() == frame["customer"].tolist()
 
 
 def test_without_an_id_column_the_output_starts_with_the_prediction(model, rows, tmp_path, capsys):
@@ -230,9 +236,9 @@ def _bad_csv(rows: Path, tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     if case == "missing_column":
         frame.drop(columns=["pixel_3_4", "pixel_0_0"]).to_csv(path, index=False)
         return path, ["missing column(s) pixel_0_0, pixel_3_4"]
-    if case == "extra_column":
-        frame.assign(colour="red").to_csv(path, index=False)
-        return path, ["unexpected column(s) colour"]
+    if case == "missing_column_beside_a_misspelt_one":  # the file's other columns are named: one may be meant
+        frame.rename(columns={"pixel_3_4": "pixel_3_4 "}).assign(colour="red").to_csv(path, index=False)
+        return path, ["missing column(s) pixel_3_4;", "unexpected column(s) pixel_3_4 , colour"]
     if case == "text_cell":
         frame = frame.astype({"pixel_2_5": object})
         frame.loc[41, "pixel_2_5"] = "seven"  # data row 42: line 43 of the file, after the header
@@ -255,7 +261,7 @@ def _bad_csv(rows: Path, tmp_path: Path, case: str) -> tuple[Path, list[str]]:
 
 BAD_CASES = [
     "missing_column",
-    "extra_column",
+    "missing_column_beside_a_misspelt_one",
     "text_cell",
     "empty_cell_in_a_later_chunk",
     "empty_file",
@@ -311,6 +317,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(model, rows, tmp_path,
     [
         ("runs:/0123456789abcdef0123456789abcdef/model", "not found"),
         (f"models:/{MODEL_NAME}/99", "not found"),
+        ("0123456789abcdef0123456789abcdef", "no run with this id in sqlite:///"),  # a bare run id
     ],
 )
 def test_unknown_mlflow_model_is_one_line(model, rows, tmp_path, model_ref, needle):
@@ -356,6 +363,8 @@ def test_arguments_parse_into_the_typed_config():
         "chunk_size=10",
         "id_column=key",
         "keep_target=1",
+        "passthrough=false",
+        "overwrite=true",
     ]
     cfg = parse_args(argv)
     assert (cfg.model, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target) == (
@@ -366,14 +375,17 @@ def test_arguments_parse_into_the_typed_config():
         "key",
         True,
     )
+    assert (cfg.passthrough, cfg.overwrite) == (False, True)
     defaults = parse_args(["model=m", "input=i", "output=o"])
     assert defaults.chunk_size == 50_000 and defaults.keep_target is False
+    assert defaults.passthrough is True and defaults.overwrite is False
 
 
 def test_help_exits_zero(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "chunk_size" in out and "keep_target" in out and "--tracking-uri" in out
+    assert "passthrough" in out and "overwrite" in out and "run id" in out
 
 
 # --------------------------------------------------------------------------- one store, by one rule, from anywhere
@@ -446,9 +458,15 @@ def labelled(model, rows, tmp_path_factory) -> dict:
 
 def test_a_labelled_file_is_scored_as_the_unlabelled_one(labelled, tmp_path, capsys):
     out = tmp_path / "out.csv"
-    code, err = predict_in_process(capsys, f"model={labelled['bundle']}", f"input={labelled['csv']}", f"output={out}")
+    args = [f"model={labelled['bundle']}", f"input={labelled['csv']}", f"output={out}"]
+    code, err = predict_in_process(capsys, *args, "passthrough=false")
     assert code == 0, err
     assert out.read_bytes() == labelled["out"].read_bytes()  # the target column ignored: not in the output
+    assert predict_in_process(capsys, *args)[0] == 0  # by default carried, where the input has it
+    got = pd.read_csv(out, dtype={"id": str})
+    assert list(got.columns[:3]) == ["id", TARGET, "prediction"]
+    assert got[TARGET].tolist() == labelled["frame"][TARGET].tolist()
+    pd.testing.assert_frame_equal(got.drop(columns=TARGET), pd.read_csv(labelled["out"], dtype={"id": str}))
 
 
 def test_keep_target_copies_the_target_next_to_the_prediction(labelled, tmp_path, capsys):
@@ -462,20 +480,21 @@ def test_keep_target_copies_the_target_next_to_the_prediction(labelled, tmp_path
     pd.testing.assert_frame_equal(got.drop(columns=TARGET), pd.read_csv(labelled["out"], dtype={"id": str}))
 
 
-def test_an_unknown_column_is_still_refused_beside_the_target(labelled, tmp_path, capsys):
+def test_a_missing_feature_beside_the_target_names_the_other_columns(labelled, tmp_path, capsys):
     src, out = tmp_path / "extra.csv", tmp_path / "out.csv"
-    labelled["frame"].assign(colour="red").to_csv(src, index=False)
+    labelled["frame"].assign(colour="red").drop(columns="pixel_0_3").to_csv(src, index=False)
     code, err = predict_in_process(capsys, f"model={labelled['bundle']}", f"input={src}", f"output={out}")
     assert code == 2 and err.count("\n") == 1, err
-    assert "unexpected column(s) colour (" in err and f"its target {TARGET} is also accepted" in err
-    assert not out.exists()
+    assert "missing column(s) pixel_0_3; unexpected column(s) colour (" in err
+    assert f"its target {TARGET} is also accepted" in err and not out.exists()
 
 
-def test_a_bundle_without_a_recorded_target_refuses_the_label_as_before(model, labelled, tmp_path, capsys):
+def test_a_bundle_without_a_recorded_target_carries_the_label_as_any_column(model, labelled, tmp_path, capsys):
     old = _bundle_with_target(model, tmp_path / "old.pt", None)
     out = tmp_path / "out.csv"
     code, err = predict_in_process(capsys, f"model={old}", f"input={labelled['csv']}", f"output={out}")
-    assert code == 2 and f"unexpected column(s) {TARGET} (" in err
+    assert code == 0, err
+    assert list(pd.read_csv(out).columns[:3]) == ["id", TARGET, "prediction"]
     code, err = predict_in_process(capsys, f"model={old}", f"input={labelled['csv']}", f"output={out}", "keep_target=1")
     assert code == 2 and "keep_target=true: this model does not record its target column" in err
 
@@ -643,3 +662,229 @@ def test_a_file_name_is_taken_as_written(value, kept):
     parsed = parse_args([f"model={value}", f"input={value}", f"output={value}", "chunk_size=7", "keep_target=true"])
     assert (parsed.model, parsed.input, parsed.output) == (kept, kept, kept)
     assert (parsed.chunk_size, parsed.keep_target, parsed.id_column) == (7, True, None)
+
+
+# --------------------------------------------------------------------------- the training file: other columns carried
+# pandas' index column (no name), quotes and a comma, a newline, a formula
+ODD_HEADERS = ["", 'say "hi", twice', "two\nlines", "=HYPERLINK(1)"]
+
+
+def _training_like(rows: Path, path: Path) -> pd.DataFrame:
+    """``rows`` as a training table looks: text, a target and oddly named columns among the features."""
+    frame = pd.read_csv(rows, dtype={"id": str})
+    frame.insert(10, "island", ["Biscoe", "=1+1", "-cmd", "@SUM(A1)", "-1.5"] * (N_ROWS // 5))
+    frame.insert(0, ODD_HEADERS[0], range(N_ROWS))
+    frame.insert(40, ODD_HEADERS[1], "x")
+    frame.insert(50, ODD_HEADERS[2], "NA")  # kept as written: only an empty cell is missing
+    frame[ODD_HEADERS[3]] = ""
+    frame["target"] = load_digits().target[:N_ROWS]
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def _as_written(path: Path) -> pd.DataFrame:
+    """Every cell and column name as text, as the file has it (pandas would rename an empty name)."""
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh))
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.columns = header
+    return frame
+
+
+def test_the_training_file_itself_is_scored_with_its_other_columns_carried(model, rows, tmp_path, capsys):
+    src, plain, out, raw = tmp_path / "train.csv", tmp_path / "plain.csv", tmp_path / "out.csv", tmp_path / "raw.csv"
+    frame = _training_like(rows, src)
+    ckpt = f"model={model['checkpoint']}"
+    assert predict_in_process(capsys, ckpt, f"input={rows}", f"output={plain}")[0] == 0
+    code, err = predict_in_process(capsys, ckpt, f"input={src}", f"output={out}", "chunk_size=64")
+    assert code == 0, err
+
+    got = _as_written(out)
+    carried = ["", "id", "island", ODD_HEADERS[1], ODD_HEADERS[2], "'" + ODD_HEADERS[3], "target"]  # input order
+    assert list(got.columns) == [*carried, *_expected_columns()[1:]]
+    assert got["island"].tolist() == ["Biscoe", "'=1+1", "'-cmd", "'@SUM(A1)", "-1.5"] * (N_ROWS // 5)
+    assert got[""].tolist() == [str(i) for i in range(N_ROWS)] and set(got[ODD_HEADERS[2]]) == {"NA"}
+    assert got["target"].tolist() == [str(t) for t in load_digits().target[:N_ROWS]]
+    # row for row the same predictions as the file of features and ids alone
+    expected = pd.read_csv(plain, dtype=str, keep_default_na=False)
+    pd.testing.assert_frame_equal(got[expected.columns], expected)
+
+    # whatever the chunking; and escape_formulas=false writes every carried cell and name as read
+    code, _ = predict_in_process(capsys, ckpt, f"input={src}", f"output={raw}", "escape_formulas=false")
+    assert code == 0
+    written = _as_written(raw)
+    assert list(written.columns[:7]) == ["", "id", "island", *ODD_HEADERS[1:], "target"]
+    assert written["island"].tolist() == frame["island"].tolist()
+    assert predict_in_process(capsys, ckpt, f"input={src}", f"output={raw}")[0] == 0
+    assert raw.read_bytes() == out.read_bytes()
+
+    # passthrough=false: only the id, as before
+    assert predict_in_process(capsys, ckpt, f"input={src}", f"output={out}", "passthrough=false")[0] == 0
+    assert out.read_bytes() == plain.read_bytes()
+
+
+def test_a_carried_column_named_like_an_output_column_is_one_line(model, rows, tmp_path, capsys):
+    src, out = tmp_path / "scored_before.csv", tmp_path / "out.csv"
+    pd.read_csv(rows, dtype={"id": str}).assign(prediction=3).to_csv(src, index=False)  # a file scored before
+    args = [f"model={model['checkpoint']}", f"input={src}", f"output={out}"]
+    code, err = predict_in_process(capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and not out.exists()
+    assert f"{src}: passed-through column 'prediction' clashes with an output column; rename it, or leave it out" in err
+    assert predict_in_process(capsys, *args, "passthrough=false")[0] == 0
+    assert list(pd.read_csv(out).columns) == _expected_columns()
+
+
+# --------------------------------------------------------------------------- a bare run id; folders and globs
+def _shards(rows: Path, folder: Path) -> list[Path]:
+    """``rows`` split into a CSV and a gzipped TSV, beside files a folder input must pass over."""
+    folder.mkdir()
+    frame = pd.read_csv(rows, dtype={"id": str})
+    frame.iloc[:200].to_csv(folder / "part-0.csv", index=False)
+    frame.iloc[200:].to_csv(folder / "part-1.tsv.gz", sep="\t", index=False)
+    (folder / "_SUCCESS").write_text("")  # what Spark leaves in its output folders
+    (folder / "notes.txt").write_text("not a table\n")
+    (folder / ".part-2.csv.crc").write_text("")
+    return [folder / "part-0.csv", folder / "part-1.tsv.gz"]
+
+
+def test_a_bare_run_id_scores_a_folder_file_by_file(model, rows, tmp_path, capsys):
+    """The run id exactly as bp-train printed it, and a folder in, a folder out, through the real command."""
+    whole = tmp_path / "whole.csv"
+    assert predict_in_process(capsys, f"model={model['checkpoint']}", f"input={rows}", f"output={whole}")[0] == 0
+    _shards(rows, tmp_path / "in")
+    proc = bp_predict(model, f"model={model['run_id']}", f"input={tmp_path / 'in'}", f"output={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"bp-predict: 2 files, {N_ROWS} rows -> {tmp_path / 'out'}" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0.csv", "part-1.csv"]
+    parts = [pd.read_csv(tmp_path / "out" / f"part-{i}.csv", dtype={"id": str}) for i in (0, 1)]
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), pd.read_csv(whole, dtype={"id": str}))
+    assert list(model["cwd"].iterdir()) == []
+
+
+def test_a_run_id_without_a_model_is_one_line(model, rows, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{model['home'] / 'mlflow.db'}")  # not the global tracking URI
+    run = client.create_run(client.get_experiment_by_name("digits").experiment_id)
+    client.set_terminated(run.info.run_id, "FAILED")  # as a run that failed before logging its model
+    out = tmp_path / "o.csv"
+    proc = bp_predict(model, f"model={run.info.run_id}", f"input={rows}", f"output={out}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"bp-predict: error: model {run.info.run_id}: run {run.info.run_id} (failed) has no model "
+        f"runs:/{run.info.run_id}/model ("
+    )
+    assert not out.exists()
+
+
+def test_a_glob_is_scored_and_existing_outputs_are_replaced_only_when_asked(model, rows, tmp_path, capsys):
+    _shards(rows, tmp_path / "in")
+    out = tmp_path / "out"
+    args = [f"model={model['checkpoint']}", f"input={tmp_path / 'in' / 'part-*'}", f"output={out}"]
+    assert predict_in_process(capsys, *args)[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["part-0.csv", "part-1.csv"]
+    (out / "part-1.csv").write_text("earlier results\n")
+
+    code, err = predict_in_process(capsys, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out / 'part-0.csv'}: already exists (2 of the 2 outputs do); " in err and "overwrite=true" in err
+    assert (out / "part-1.csv").read_text() == "earlier results\n"
+
+    assert predict_in_process(capsys, *args, "overwrite=true", "chunk_size=64")[0] == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+
+def test_a_bad_cell_in_a_later_file_leaves_no_output_at_all(model, rows, tmp_path, capsys):
+    shards = _shards(rows, tmp_path / "in")
+    frame = pd.read_csv(shards[1], sep="\t", dtype={"id": str}).astype({"pixel_2_5": object})
+    frame.loc[250, "pixel_2_5"] = "seven"
+    frame.to_csv(shards[1], sep="\t", index=False)
+    out = tmp_path / "new" / "out"
+    args = [f"model={model['checkpoint']}", f"input={tmp_path / 'in'}", f"output={out}", "chunk_size=100"]
+    code, err = predict_in_process(capsys, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{shards[1]}: row 252, column 'pixel_2_5'" in err
+    assert not out.exists() and [p for p in tmp_path.rglob("*.tmp")] == []
+
+
+@pytest.mark.parametrize(
+    ("given", "output", "needle"),
+    [
+        ("nothing-*.csv", "out", "input={tmp}/nothing-*.csv: the pattern matches no file"),
+        ("empty", "out", "{tmp}/empty: a folder without .csv or .tsv files"),
+        ("in", "out.csv", "output={tmp}/out.csv: input={tmp}/in names 2 file(s), so output= is the folder"),
+        ("in", "in", "{tmp}/in/part-0.csv: output would overwrite an input"),
+        ("clash", "out", "{tmp}/clash/a.csv and {tmp}/clash/a.tsv would both be written to {tmp}/out/a.csv"),
+    ],
+)
+def test_a_folder_or_glob_that_cannot_be_scored_is_one_line(model, rows, tmp_path, capsys, given, output, needle):
+    _shards(rows, tmp_path / "in")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "clash").mkdir()
+    for name in ("a.csv", "a.tsv"):
+        (tmp_path / "clash" / name).write_bytes((tmp_path / "in" / "part-0.csv").read_bytes())
+    before = sorted(tmp_path.rglob("*"))
+    code, err = predict_in_process(
+        capsys, f"model={model['checkpoint']}", f"input={tmp_path / given}", f"output={tmp_path / output}"
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert needle.format(tmp=tmp_path) in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, no folder created
+
+
+# --------------------------------------------------------------------------- the cluster paths the docs give (optional)
+def _docs_example(marker: str) -> str:
+    """The Python block of docs/predicting.md that contains ``marker``: the test runs what the page shows."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "predicting.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if marker in b]
+    return block
+
+
+@pytest.mark.slow
+def test_the_ray_data_example_scores_a_folder_like_bp_predict(model, rows, tmp_path):
+    pytest.importorskip("ray")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("needs unshare --net: Ray binds every interface it sees, and nothing may leave loopback")
+    _shards(rows, tmp_path / "in")
+    (tmp_path / "in" / "part-1.tsv.gz").unlink()  # Ray's read_csv reads comma-separated files
+    script = _docs_example("map_batches").replace("<run id>", model["run_id"])
+    script = script.replace('"data/"', repr(str(tmp_path / "in"))).replace('"scored/"', repr(str(tmp_path / "out")))
+    (tmp_path / "score.py").write_text(script)
+    env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{model['home'] / 'mlflow.db'}", RAY_ADDRESS="local")
+    proc = subprocess.run(
+        ["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} score.py"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in (tmp_path / "out").glob("*.csv")])
+    expected = tmp_path / "expected.csv"
+    assert main([f"model={model['checkpoint']}", f"input={tmp_path / 'in' / 'part-0.csv'}", f"output={expected}"]) == 0
+    want = pd.read_csv(expected, dtype={"id": str})
+    got = got.set_index("id").loc[want["id"]].reset_index()
+    assert got["prediction"].tolist() == want["prediction"].tolist()
+
+
+@pytest.mark.slow
+def test_the_spark_udf_example_gives_every_probability_column(model, rows, tmp_path):
+    pytest.importorskip("pyspark")
+    script = _docs_example("spark_udf").replace("<run id>", model["run_id"])
+    script = script.replace('"data/"', repr(str(rows))).replace('"scored/"', repr(str(tmp_path / "out")))
+    (tmp_path / "score.py").write_text(script)
+    env = clean_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{model['home'] / 'mlflow.db'}",
+        PYSPARK_PYTHON=sys.executable,
+        PYSPARK_DRIVER_PYTHON=sys.executable,
+        SPARK_LOCAL_IP="127.0.0.1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "score.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in (tmp_path / "out").glob("*.csv")])
+    expected = tmp_path / "expected.csv"
+    assert main([f"model={model['checkpoint']}", f"input={rows}", f"output={expected}"]) == 0
+    want = pd.read_csv(expected, dtype={"id": str})
+    got = got.set_index("id").loc[want["id"]].reset_index()
+    assert got["prediction"].tolist() == want["prediction"].tolist()
+    np.testing.assert_allclose(got[want.columns[2:]].to_numpy(), want.iloc[:, 2:].to_numpy(), atol=1e-6)

@@ -21,7 +21,7 @@ from bp_service.bundle import build_net
 from bp_service.serving.predict import main as bp_predict
 from bp_service.training.config import ConfigError
 from bp_service.training.data import build_source, prepare
-from bp_service.training.preflight import available_memory, check_cpu_precision, check_memory
+from bp_service.training.preflight import available_memory, check_cpu_precision, check_memory, validate
 
 BIN = Path(sys.executable).parent
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -201,6 +201,86 @@ def test_ctrl_c_during_training_says_interrupted_exits_130_and_ends_the_run_kill
     assert proc.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "bp-train: interrupted" and "Traceback" not in err
     assert [status for _, status in _runs(home)] == ["KILLED"]
+
+
+# --------------------------------------------------------------------------- before the heavy imports
+HEAVY = ("torch", "lightning", "mlflow", "sklearn")
+
+
+def _penguins(tmp_path: Path) -> Path:
+    """Shaped like seaborn's penguins: text columns (island, sex) and empty cells beside the numbers."""
+    rng = np.random.default_rng(0)
+    n = 120
+    frame = pd.DataFrame(
+        {
+            "species": rng.choice(["Adelie", "Gentoo", "Chinstrap"], n),
+            "island": rng.choice(["Biscoe", "Dream", "Torgersen"], n),
+            "bill_length_mm": rng.normal(44, 5, n).round(1),
+            "flipper_length_mm": rng.normal(200, 10, n).round(0),
+            "body_mass_g": rng.normal(4200, 500, n).round(0),
+            "sex": rng.choice(["male", "female"], n),
+        }
+    )
+    frame.loc[[3, 71], "bill_length_mm"] = np.nan  # spreadsheet rows 5 and 73
+    frame.loc[[3, 8], "sex"] = np.nan
+    return _csv(tmp_path, "penguins.csv", frame)
+
+
+def _imported(stderr: str) -> set[str]:
+    """Top-level packages that ``python -X importtime`` saw imported."""
+    found = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            found.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return found
+
+
+def test_every_problem_of_the_data_and_config_in_one_run_before_torch_is_imported(tmp_path):
+    """The real bp-train, under ``-X importtime``: text columns, missing cells and a bad range come back together,
+    exit 2, one line, with nothing of torch, Lightning, MLflow or scikit-learn imported and no run folder left."""
+    home, path = tmp_path / "home", _penguins(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "bp-train"), "data=csv", f"data.path={path}",
+         "data.target=species", "optimizer.lr=-1"],
+        capture_output=True, text=True, env=_env(home), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert not _imported(result.stderr) & set(HEAVY), sorted(_imported(result.stderr) & set(HEAVY))
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("bp-train: error: 3 problems: (1) "), line
+    assert f"{path}: not numeric: column(s) 'island' (row 2: " in line and "'sex' (row 2: " in line
+    assert "train on the numeric ones with 'data.features=[bill_length_mm,flipper_length_mm,body_mass_g]'" in line
+    # the text column's own empty cells are not repeated: it cannot be a feature as it is
+    assert f"{path}: missing values: column 'bill_length_mm': 2 rows missing (first: row 5); data.missing=drop" in line
+    assert "column 'sex'" not in line.split("missing values")[1]
+    assert line.endswith("(3) optimizer.lr must be > 0, got -1")
+    assert not (home / "mlflow.db").exists() and _runs(home) == []
+
+
+def test_a_wrong_or_missing_target_lists_the_columns(tmp_path):
+    home, path = tmp_path / "home", _penguins(tmp_path)
+    columns = "species, island, bill_length_mm, flipper_length_mm, body_mass_g, sex"
+    wrong = _bp_train(home, "data=csv", f"data.path={path}", "data.target=specie", "data.features=[body_mass_g]")
+    assert wrong.returncode == 2, wrong.stderr[-3000:]
+    assert wrong.stderr.strip() == (
+        f"bp-train: error: {path}: target column 'specie' not found; did you mean 'species'? (columns: {columns})"
+    )
+    missing = _bp_train(home, "data=csv", f"data.path={path}")
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    assert missing.stderr.strip() == (
+        f"bp-train: error: data.target is required for data=csv; the columns of {path}: {columns}"
+    )
+    assert _runs(home) == []
+
+
+def test_validate_names_every_bad_field_at_once(compose_cfg):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg("data=xor", "optimizer.lr=0", "trainer.max_epochs=0", "data.batch_size=0"))
+    message = str(info.value)
+    assert message.startswith("3 problems: (1) ") and "\n" not in message
+    for needle in ("data.batch_size must be >= 1, got 0", "optimizer.lr must be > 0, got 0",
+                   "trainer.max_epochs must be >= 1, got 0"):  # fmt: skip
+        assert needle in message
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "16-true", "16", "transformer-engine"])

@@ -80,3 +80,32 @@ def test_profiler_device_type():
 
     assert torch._C._autograd.DeviceType.CPU is not None
     assert peak_memory_bytes(lambda: torch.empty(1 << 20)) >= 4 << 20
+
+
+def test_direct_apply_is_function_apply_without_its_python_layer():
+    """``torch._C._FunctionBase.apply`` (what ``Function.apply`` calls after its Python checks) and
+    ``torch._C._functorch.unwrap_if_dead``, as ``dispatch.direct_apply`` calls them for ``MLP.cost``."""
+    from bp_service import functions as F
+    from bp_service.layers import MLP
+
+    assert "apply" in vars(torch._C._FunctionBase)
+    torch.manual_seed(0)
+    net = MLP([4, 3, 2])
+    x, y = torch.rand(5, 4), torch.rand(5, 2)
+    direct = dispatch.direct_apply(F.MLPCostFunction)
+    grads = []
+    for apply in (direct, F.MLPCostFunction.apply):
+        net.zero_grad()
+        cost = apply(x, y, tuple(net.activations), "mse", *net.params())
+        assert type(cost.grad_fn).__name__ == "MLPCostFunctionBackward"
+        cost.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for ours, public in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, public, rtol=0, atol=0)
+
+    leaked = []  # a tensor kept from inside a transform that has ended: a dead functorch wrapper
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(x.clone())
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    net.zero_grad()
+    direct(leaked[0], y, tuple(net.activations), "mse", *net.params()).backward()
+    torch.testing.assert_close([p.grad for p in net.parameters()], grads[0], rtol=0, atol=0)

@@ -57,6 +57,8 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert metrics["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
     epochs = client.get_metric_history(run.info.run_id, "val/acc")
     assert len(epochs) == 3
+    # the tested checkpoint's score under its own name: val/acc is the last epoch's
+    assert metrics["best/val/acc"] == pytest.approx(result["best_score"]) == pytest.approx(max(e.value for e in epochs))
 
     tags = run.data.tags
     assert tags["version.torch"] == torch.__version__
@@ -88,6 +90,46 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert client.get_experiment(run.info.experiment_id).artifact_location.startswith(
         (tmp_path / "mlartifacts").as_uri()
     )
+
+
+@pytest.mark.slow
+def test_pictures_are_whole_files_and_leave_no_temporary_ones(tracked_run):
+    """Pictures are written to a temporary name and renamed: each is a complete PNG, and nothing else is left."""
+    _, result, uri = tracked_run
+    run = MlflowClient(uri).get_run(result["run_id"])
+    folder = Path(run.info.artifact_uri.removeprefix("file://"))
+    pictures = sorted(folder.glob("*.png"))
+    assert {p.name for p in pictures} >= {"curves.png", "confusion_matrix.png", "gradient_flow.png"}
+    for png in pictures:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[-8:-4] == b"IEND", png.name
+    assert not [p.name for p in folder.rglob(".*")]
+
+
+def test_pictures_drawn_apart_report_what_failed_and_keep_what_was_written(compose_cfg, tmp_path):
+    """The forked drawer: a picture that cannot be drawn fails the call with its name, after the pictures before
+    it were written whole; none is left half-written and the run's page names only those written."""
+    from matplotlib.figure import Figure
+
+    from bp_service.training.tracking import Job
+    from bp_service.training.tracking.dashboard import NOTE_TAG
+    from bp_service.training.tracking.run import MLflowTracker, local_artifact_dir
+
+    cfg = compose_cfg(*SHORT)
+    tracker = MLflowTracker(cfg.tracking, cfg.paths, Job("train", "iris", [], "cpu"))
+
+    def broken() -> Figure:
+        raise ValueError("no data to draw")
+
+    wait = tracker.log_figures({"fine.png": lambda: Figure(figsize=(2, 2)), "broken.png": broken})
+    with pytest.raises(RuntimeError, match=r"drawing broken\.png: ValueError: no data to draw"):
+        wait()
+    tracker.end("FINISHED")
+    run = MlflowClient(tracker.uri).get_run(tracker.run_id)
+    folder = local_artifact_dir(run.info.artifact_uri)
+    assert sorted(p.name for p in folder.iterdir()) == ["fine.png"]
+    assert (folder / "fine.png").read_bytes()[-8:-4] == b"IEND"
+    assert "fine.png" in run.data.tags[NOTE_TAG] and "broken.png" not in run.data.tags[NOTE_TAG]
 
 
 def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
@@ -236,7 +278,7 @@ def test_sweep_groups_jobs_under_one_parent_run(cli, tmp_path):
         "-m",
         "data=iris",
         "trainer=cpu",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=2",
         "optimizer.lr=0.1,0.5",
         "tracking.log_model=false",
     )
@@ -250,8 +292,9 @@ def test_sweep_groups_jobs_under_one_parent_run(cli, tmp_path):
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.1", "0.5"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
-    # The summary: the parent run, each job's monitored metric with its MLflow run, the best job, and the
-    # best value recorded on the parent.
+    # The summary: the parent run, each job's best monitored value with its MLflow run, the best job, and the
+    # best value recorded on the parent. Each under one name, best/val/acc, in the table and in every run: val/acc
+    # itself is the last epoch's in MLflow.
     parent = parents[0]
     out = result.stdout[result.stdout.index("bp-train: sweep of 2 job(s) finished") :]
     assert f"MLflow parent run {parent.info.run_id}  (experiment 'iris')" in out
@@ -259,15 +302,15 @@ def test_sweep_groups_jobs_under_one_parent_run(cli, tmp_path):
     scores = {}
     for lr, child in by_lr.items():
         (line,) = [row for row in out.splitlines() if child.info.run_id in row]
-        assert "val/acc" in line and line.rstrip().endswith(f"optimizer.lr={lr}"), line
+        assert line.split()[1] == "best/val/acc" and line.rstrip().endswith(f"optimizer.lr={lr}"), line
         scores[lr] = float(line.split()[2])
-        assert scores[lr] == pytest.approx(
-            max(m.value for m in client.get_metric_history(child.info.run_id, "val/acc")), abs=1e-4
-        )
+        assert child.data.metrics["best/val/acc"] == pytest.approx(scores[lr], abs=5e-5)
+        history = [m.value for m in client.get_metric_history(child.info.run_id, "val/acc")]
+        assert len(history) == 2 and scores[lr] == pytest.approx(max(history), abs=5e-5)
     best_lr = max(scores, key=scores.get)
-    assert parent.data.metrics["best/val/acc"] == pytest.approx(scores[best_lr], abs=1e-4)
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(scores[best_lr], abs=5e-5)
     assert parent.data.tags["bp.best_run"] == by_lr[best_lr].info.run_id
-    assert f"best: job {parent.data.tags['bp.best_job'].split(':')[0]}, val/acc" in out
+    assert f"best: job {parent.data.tags['bp.best_job'].split(':')[0]}, best/val/acc" in out
 
 
 def test_an_untracked_sweep_ends_with_its_summary(cli, tmp_path):
@@ -278,10 +321,10 @@ def test_an_untracked_sweep_ends_with_its_summary(cli, tmp_path):
     assert not [line for line in out if "MLflow" in line and "parent" in line]
     rows = {line.split()[-1]: line.split() for line in out if line.strip().startswith(("0 ", "1 "))}
     assert set(rows) == {"seed=1", "seed=2"}
-    assert all(row[1] == "val/acc" and row[3] == "-" for row in rows.values())  # no MLflow run without tracking
+    assert all(row[1] == "best/val/acc" and row[3] == "-" for row in rows.values())  # no MLflow run untracked
     scores = {seed: float(row[2]) for seed, row in rows.items()}
     best = max(scores, key=scores.get)
-    assert out[-1].strip().startswith(f"best: job {rows[best][0]}, val/acc {scores[best]:.4f}"), out
+    assert out[-1].strip().startswith(f"best: job {rows[best][0]}, best/val/acc {scores[best]:.4f}"), out
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -30,7 +30,7 @@ DATASETS = [name for name in _options("data") if name != "csv"]  # csv needs a f
 
 def test_every_group_option_has_a_test():
     assert _options("optimizer") == sorted(OPTIMIZERS)
-    assert _options("trainer") == ["cpu", "ddp", "default", "gpu"]
+    assert _options("trainer") == ["cpu", "ddp", "default", "gpu", "slurm"]  # slurm: tests/test_scaling.py
 
 
 # What each option builds: the class and its settings (as conf/optimizer/*.yaml and conf/scheduler/*.yaml give them).

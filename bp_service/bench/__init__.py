@@ -15,7 +15,8 @@ Items (``--items`` selects them by name; :data:`bp_service.bench.cli.ITEMS` list
    digits job's 64-64-10 at batch 64, the worked example's 3-2-1 at batch 1, 784-1024-1024-10
    at batch 512; on CUDA also 4096 wide at batch 4096). Row ``step-time`` is ``MLP.cost`` (the
    whole-network Function bp-train trains through), ``step-time-layers`` the per-layer Functions;
-   ``--compile`` adds the cost path under ``torch.compile`` as ``step-time-compiled``.
+   ``--compile`` adds the cost path under ``torch.compile`` (``model.compile=true``) as ``step-time-compiled``
+   (vs native eager) and ``step-time-compiled-vs-compiled`` (vs native's forward and loss under ``torch.compile``).
 ``peak-memory``
    Peak memory of the same steps, ``peak-memory`` for ``MLP.cost`` and ``peak-memory-layers``
    per-layer (see ``training_step.item_peak_memory`` and ``memory.peak_memory_bytes`` for what is
@@ -44,6 +45,20 @@ The modules, imports pointing one way (``cli`` -> ``training_step``, ``training_
 round-robin timing), ``stats``, ``steps`` (the networks and training steps), ``memory``, ``flops``,
 ``training_step`` (step time, peak memory, roofline), ``training_job`` (Lightning overhead and peer job:
 Lightning and whole processes, imported only when run), ``tracking_overhead``, ``report`` (the table, the
-other processes' load, run metadata), ``cli``. This file imports nothing, so
+other processes' load, run metadata), ``cli``. This file imports only ``os``, so
 ``bp-bench``'s entry point can answer a Ctrl-C during the heavy imports.
 """
+
+import os
+
+
+def quiet_native_logs() -> None:
+    """Silence two lines of native noise per ``bp-bench`` run, each by its own switch; call before torch loads.
+
+    The CPU peak-memory measurement runs torch.profiler, whose libkineto logs "USDT: ... profiler_start/stop"
+    at its highest level (5) every session: above it, kineto says nothing. Its first session also frees blocks
+    allocated before it began, which c10 reports once as a C++ warning; ``TORCH_CPP_LOG_LEVEL`` is read when
+    torch loads. A user's own setting wins. The command's entry points call this; importing the package does not.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")

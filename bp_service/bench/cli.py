@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bp_service.bench.harness import BenchConfig, Row
+from bp_service.bench.harness import BenchConfig, Row, skipped_row
 from bp_service.bench.report import OtherLoad, format_table, run_meta
 from bp_service.bench.tracking_overhead import item_tracking_overhead
 from bp_service.bench.training_step import item_peak_memory, item_roofline, item_step_time
@@ -44,6 +44,13 @@ ITEMS: dict[str, tuple[str, Callable[[BenchConfig], list[Row]]]] = {
         item_tracking_overhead,
     ),
 }
+# Items ``--quick`` lists as skipped rather than run: why, and the target the full run holds them to.
+QUICK_SKIPS: dict[str, tuple[str, float]] = {
+    "tracking-overhead": (
+        "whole bp-train processes with and without MLflow, about a minute: bp-bench --items tracking-overhead",
+        1.0,
+    ),
+}
 # The numbers the items once had, still accepted by ``--items`` (``--items 1,2`` is ``--items step-time,peak-memory``).
 NUMBERED = dict(zip("123456", ITEMS))
 
@@ -69,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(ITEMS),
         help="comma list, e.g. step-time,roofline (the numbers 1-6 still work; default: all)",
     )
-    p.add_argument("--quick", action="store_true", help="few repetitions: everything in well under a minute")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="few repetitions, the job items reduced and tracking-overhead skipped: under a minute on 2 idle cores",
+    )
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 200, quick 15)")
     p.add_argument("--warmup", type=int, help="untimed repetitions per side first (default 5, quick 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before measuring (default: torch's choice)")
-    p.add_argument("--compile", action="store_true", help="step-time: also time the custom MLP under torch.compile")
+    p.add_argument("--compile", action="store_true", help="step-time: MLP.cost and native under torch.compile too")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="cuda/all only where available")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write rows and run metadata as JSON")
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +116,11 @@ def run_items(cfg: BenchConfig, items: Sequence[str]) -> list[Row]:
     rows: list[Row] = []
     for key in items:
         desc, fn = ITEMS[key]
+        if cfg.quick and key in QUICK_SKIPS:
+            reason, target = QUICK_SKIPS[key]
+            rows.append(skipped_row(key, f"{desc}: skipped in --quick", reason, target=target))
+            print(f"  {key}: skipped in --quick ({reason})", file=sys.stderr)
+            continue
         t0 = time.perf_counter()
         new = fn(cfg)
         print(f"  {key} ({desc}): {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -83,6 +83,25 @@ def make_row(
     }
 
 
+def skipped_row(item: str, name: str, reason: str, *, target: float, cmp: str = "<=", unit: str = "s") -> Row:
+    """A row for an item this run left out (``--quick``): listed with its target and why, never met."""
+    nan = float("nan")
+    return {
+        "item": item,
+        "name": name,
+        "ours": nan,
+        "peer": nan,
+        "ratio": nan,
+        "target": float(target),
+        "cmp": cmp,
+        "met": False,
+        "unit": unit,
+        "ours_label": "",
+        "peer_label": "",
+        "details": {"skipped": reason},
+    }
+
+
 def time_round_robin(
     fns: dict[str, Callable[[], object]],
     *,

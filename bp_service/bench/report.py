@@ -17,8 +17,20 @@ _UNITS = {"s": (1e3, "ms"), "B": (1 / 2**20, "MiB"), "FLOP/s": (1e-9, "GFLOP/s")
 
 
 def _fmt(value: float, unit: str) -> str:
+    if value != value:  # NaN: nothing was measured
+        return "-"
     scale, label = _UNITS.get(unit, (1.0, unit))
     return f"{value * scale:.3f} {label}".rstrip()
+
+
+def _outcome(row: Row) -> tuple[str, str]:
+    """The ratio and met columns: a skipped or unmeasured row says so in both, never a number or "yes"."""
+    details = row.get("details", {})
+    if details.get("skipped"):
+        return "skipped", "skipped"
+    if details.get("unmeasured") or row["ratio"] != row["ratio"]:
+        return "unmeasured", "no (unmeasured)"
+    return f"{row['ratio']:.3f}", "yes" if row["met"] else "NO"
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -29,9 +41,9 @@ def format_table(rows: Sequence[Row]) -> str:
             r["name"],
             _fmt(r["ours"], r["unit"]),
             _fmt(r["peer"], r["unit"]),
-            f"{r['ratio']:.3f}",
+            *_outcome(r)[:1],
             f"{r['cmp']} {r['target']:.2f}",
-            "yes" if r["met"] else "NO",
+            *_outcome(r)[1:],
         )
         for r in rows
     ]
@@ -42,7 +54,8 @@ def format_table(rows: Sequence[Row]) -> str:
 class OtherLoad:
     """CPU time other processes took while we measured, in cores on average (Linux ``/proc/stat``).
 
-    The machine's busy time minus our own process's CPU time, over the wall time. Anything well
+    The machine's busy time minus our own process's CPU time and that of the processes it started and
+    waited for, over the wall time. Anything well
     above zero means other processes competed for the cores and timings are noisy.
     """
 
@@ -57,8 +70,8 @@ class OtherLoad:
         except (OSError, ValueError):
             return None
         busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
+        own = os.times()  # ours and our finished children's (bp-bench's bp-train processes): not "other"
+        return time.perf_counter(), busy, own.user + own.system + own.children_user + own.children_system
 
     def cores(self) -> float | None:
         end = self._sample()

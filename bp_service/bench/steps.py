@@ -152,6 +152,7 @@ SIDES = {
     "unfused": "bp_service.MLP(fused=False)",
     "compiled": "torch.compile(bp_service.MLP.cost)",
     "native": "nn.Linear+torch.sigmoid",
+    "native_compiled": "torch.compile(nn.Linear+torch.sigmoid+F.mse_loss)",
     "captured": "bp_service.MLP.cost, CUDA graph",
     "native_captured": "nn.Linear+torch.sigmoid, CUDA graph",
     "cost_ce": "bp_service.MLP.cost(loss=cross_entropy)",
@@ -171,7 +172,8 @@ def build_steps(
 
     ``cost`` is bp-train's path (``MLP.cost``: one whole-network Function); ``custom`` the
     per-layer Functions (fused sigmoid layers, then ``F.mse_loss``); ``unfused`` the same with
-    ``fused=False``; ``compiled`` the cost path under ``torch.compile``; ``native`` the peer.
+    ``fused=False``; ``compiled`` the cost path under ``torch.compile`` (``model.compile=true``);
+    ``native`` the peer, ``native_compiled`` its forward and loss under ``torch.compile`` (``compiled``'s peer).
     Before returning, the first step of each is checked to give the same loss as the native
     one, so every side provably computes the same network.
     """
@@ -193,6 +195,8 @@ def _side_step(side: str, ours: MLP, native: NativeMLP, x: Tensor, target: Tenso
         return GraphStep(native, lambda x, y, m=native: TF.mse_loss(m(x), y), x, target)
     if side in ("cost", "compiled"):
         return CostStep(ours, x, target, torch.compile(ours.cost) if side == "compiled" else None)
+    if side == "native_compiled":
+        return CostStep(native, x, target, torch.compile(lambda x, y, m=native: TF.mse_loss(m(x), y)))
     return TrainStep(ours, F.mse_loss, x, target)
 
 

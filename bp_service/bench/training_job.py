@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from bp_service.bench.harness import BenchConfig, Row, make_row, time_round_robi
 from bp_service.layers import MLP
 
 # The training service these items drive: its imports, all in one place.
-from bp_service.training.cli import CONF_DIR
+from bp_service.training.cli import CONF_DIR, quiet_library_warnings
 from bp_service.training.config import instantiate, register_configs
 from bp_service.training.data import BPDataModule
 from bp_service.training.guard import check_target
@@ -138,9 +139,11 @@ def item_lightning_overhead(cfg: BenchConfig) -> list[Row]:
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    rows = item_lightning_cpu(cfg) if "cpu" in cfg.devices else []
-    if "cuda" in cfg.devices:
-        rows += item_lightning_cuda(cfg)
+    with warnings.catch_warnings():
+        quiet_library_warnings()  # bp-train's own filters (Lightning's LeafSpec FutureWarning), for these loops only
+        rows = item_lightning_cpu(cfg) if "cpu" in cfg.devices else []
+        if "cuda" in cfg.devices:
+            rows += item_lightning_cuda(cfg)
     return rows
 
 

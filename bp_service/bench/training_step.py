@@ -33,6 +33,8 @@ MEMORY_TARGET = 1.10
 # Step time on CUDA: captured >= 3x faster than native eager, within 1.05x of native captured.
 CAPTURED_PEERS = (("native", "step-time-captured", 1 / 3), ("native_captured", "step-time-both-captured", 1.05))
 STEP_SIDES = (("cost", "step-time"), ("custom", "step-time-layers"), ("compiled", "step-time-compiled"))
+# With --compile: the compiled cost path (model.compile=true) against native compiled the same way too.
+COMPILED_PEER = ("compiled", "native_compiled", "step-time-compiled-vs-compiled")
 MEMORY_SIDES = (("cost", "peak-memory"), ("custom", "peak-memory-layers"))
 
 
@@ -58,7 +60,8 @@ def item_step_time(cfg: BenchConfig) -> list[Row]:
     For each shape of :func:`~bp_service.bench.steps.shapes_for` (the digits job's network, the
     worked example's, the MNIST-sized one, and on CUDA a GPU-sized one): row ``step-time`` is
     bp-train's path (``MLP.cost``), ``step-time-layers`` the per-layer Functions (fused),
-    ``step-time-compiled`` (with ``--compile``) the cost path under ``torch.compile``; on CUDA
+    ``step-time-compiled`` (with ``--compile``) the cost path under ``torch.compile`` (``model.compile=true``)
+    vs native eager and ``step-time-compiled-vs-compiled`` vs native under ``torch.compile`` too; on CUDA
     ``step-time-captured`` (the captured step vs native eager) and ``step-time-both-captured`` (vs
     native captured). All sides of a shape are timed in the same rounds; small steps are timed in
     groups of calls so that the clock's resolution does not matter.
@@ -67,6 +70,7 @@ def item_step_time(cfg: BenchConfig) -> list[Row]:
     for device, dtype in cfg.targets():
         cuda = device.startswith("cuda")
         sides = ["cost", "custom", *(["compiled"] if cfg.compile else []), "native"]
+        sides += ["native_compiled"] if cfg.compile else []
         sides += ["captured", "native_captured"] if cuda else []
         for shape in shapes_for(device):
             rows += _step_time_rows(cfg, device, dtype, sides, shape)
@@ -107,6 +111,10 @@ def _step_time_rows(cfg: BenchConfig, device: str, dtype: torch.dtype, sides: li
             extra = {"setup_and_compile_s": setup_s} if side == "compiled" else {}
             target = cpu_target if device == "cpu" else cuda_target
             rows.append(_step_row(item, side, "native", where, med, samples, target, common, extra))
+    side, peer, item = COMPILED_PEER
+    if side in samples and peer in samples:
+        target = cpu_target if device == "cpu" else cuda_target
+        rows.append(_step_row(item, side, peer, where, med, samples, target, common, {"setup_and_compile_s": setup_s}))
     return rows
 
 
@@ -121,8 +129,8 @@ def _step_row(
     common: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Row:
-    # The captured rows name their peer; the per-side rows are all against native eager.
-    what = f"{SIDES['captured']} vs {SIDES[peer]}" if side == "captured" else SIDES[side]
+    # The captured and compiled-vs-compiled rows name their peer; the other per-side rows are against native eager.
+    what = f"{SIDES[side]} vs {SIDES[peer]}" if side == "captured" or peer != "native" else SIDES[side]
     return make_row(
         item,
         f"training step time, {what}, {where}",
@@ -229,11 +237,12 @@ def item_roofline(cfg: BenchConfig) -> list[Row]:
         sizes, batch = (GPU_SHAPE[1], GPU_SHAPE[2]) if device.startswith("cuda") else (SIZES, BATCH)
         steps = build_steps(cfg, device, dtype, ("cost",), sizes, batch)
         counted = counted_step_flops(steps["cost"])
+        reps = min(cfg.reps, 5) if cfg.quick else cfg.reps  # 32 ms steps and four GEMMs: the quick run's longest
         fns: dict[str, Callable[[], object]] = {"cost": steps["cost"]}
         gemms = _gemm_calls(cfg.seed, device, dtype, sizes, batch)
         fns.update({label: fn for label, (fn, _) in gemms.items()})
         inner = 1 if device == "cpu" else 10
-        samples = time_round_robin(fns, reps=cfg.reps, warmup=cfg.warmup, inner=inner, sync=device_sync(device))
+        samples = time_round_robin(fns, reps=reps, warmup=cfg.warmup, inner=inner, sync=device_sync(device))
         gemm_flops = {label: f for label, (_, f) in gemms.items()}
         rows.append(_roofline_row(samples, gemm_flops, counted, step_common(device, dtype, sizes, batch)))
     return rows

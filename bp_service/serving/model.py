@@ -24,16 +24,20 @@ def target_column(meta: dict[str, Any]) -> str | None:
     return str(target) if target is not None else None
 
 
-def check_columns(frame: pd.DataFrame, meta: dict[str, Any], source: str, id_column: str | None = None) -> None:
+def check_columns(
+    frame: pd.DataFrame, meta: dict[str, Any], source: str, id_column: str | None = None, extra_allowed: bool = False
+) -> None:
     """Name every missing and every unexpected column.
 
     The model's own target column is not unexpected: a labelled file (a held-out set) is scored as it is.
+    ``extra_allowed``: other columns are refused only beside a missing one, where they are named because
+    one of them may be the missing feature misspelt.
     """
     expected = list(meta["feature_names"])
     present = [str(c) for c in frame.columns]
     missing = [c for c in expected if c not in present]
     extra = [c for c in present if c not in expected and c not in (id_column, target_column(meta))]
-    if missing or extra:
+    if missing or (extra and not extra_allowed):
         shown = ", ".join(expected[:8]) + (f", ... ({len(expected)} in all)" if len(expected) > 8 else "")
         if target_column(meta) is not None:
             shown += f"; its target {target_column(meta)} is also accepted"

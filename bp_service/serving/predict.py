@@ -5,22 +5,30 @@
     bp-predict model=runs:/<run id>/model input=rows.csv output=predictions.csv
     bp-predict model=models:/bp-digits/latest input=rows.csv output=out.csv chunk_size=100000 id_column=customer
     bp-predict model=outputs/digits/runs/<time>/checkpoints/best-epoch057-step1160.ckpt input=rows.csv output=out.csv
+    bp-predict model=<run id> input='shards/*.csv' output=scored/
 
-``model`` is an MLflow model URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``, ...), a local MLflow model
+``model`` is an MLflow model URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``, ...), a bare run id (the one
+bp-train prints: that run's ``runs:/<id>/model``), a local MLflow model
 folder, a Lightning checkpoint (``.ckpt``) or a saved bundle (``model_bundle.pt``). Every kind ends in the same
 bundle, read by :func:`bp_service.bundle.load_bundle` with ``torch.load(weights_only=True)``: for an MLflow
 model only two files are fetched, its ``MLmodel`` description and the bundle that names, so no code from the
 artifact store runs and nothing but tensors and plain data is unpickled.
 
-The input's header must hold exactly the model's training features (any order), plus optionally an id column
-(``id_column=NAME``, or a column literally named ``id``) that is copied to the output, and the model's own target
-column (a labelled file: ignored, or copied beside the prediction with ``keep_target=true``). The output has the id
-column, ``prediction``, the target if kept and, for classifiers, ``proba_<class>`` per class. Rows are read
+The input's header must hold the model's training features (any order); a missing one is named. Every other
+column (ids, text, the target of a labelled file) is copied, as written, to the output before ``prediction``, in
+input order, so each output row lines up with its input row; ``passthrough=false`` drops them, keeping only the
+id column (``id_column=NAME``, or a column literally named ``id``). ``keep_target=true`` moves the model's own target
+column next to ``prediction``. For classifiers ``proba_<class>`` columns follow, one per class. Rows are read
 ``chunk_size`` at a time and written as they are predicted, to a temporary file in the output's folder that is
 renamed at the end: an error or a kill never leaves a half-written output behind. The network runs on fixed blocks of
 :data:`BLOCK_ROWS` rows (the last one padded): BLAS picks other kernels, and so other float32 rounding, for
 other batch sizes, and fixed blocks make every row's prediction independent of ``chunk_size`` and of its
 neighbours, so the output is byte for byte the same however the file is chunked.
+
+``input`` may also be a folder (its ``.csv``/``.tsv`` files, compressed or not) or a glob (``'shards/*.csv'``):
+``output`` is then a folder, and each input ``<name>.<ext>`` is scored into ``<output>/<name>.csv``, streamed as a
+single file is. Outputs that exist already are refused unless ``overwrite=true``, every header is checked before
+any row is scored, and the outputs appear together at the end: a failure leaves none of them.
 
 Text cells that a spreadsheet would run as formulas (``=``, ``+``, ``-``, ``@``, tab, carriage return at the start)
 are written with a ``'`` before them unless ``escape_formulas=false``; an ``output=`` link to a file outside the
@@ -39,6 +47,7 @@ anything else (an unreachable tracking server, an unwritable output). ``HYDRA_FU
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import stat
@@ -71,24 +80,30 @@ from bp_service.commands import (
 from bp_service.files import atomic_path
 from bp_service.home import store_file, tracking_uri
 from bp_service.serving.model import InputError, check_columns, features_matrix, target_column
-from bp_service.tables import UNREADABLE, read_header, read_rows, shown_names
+from bp_service.tables import UNREADABLE, read_header, read_rows, shown, shown_names, sniff_separator
 
 USAGE = (
-    "usage: bp-predict model=<MLflow URI or checkpoint> input=<csv> output=<csv> [chunk_size=N] [id_column=NAME]"
-    " [keep_target=true] [escape_formulas=false]"
+    "usage: bp-predict model=<MLflow URI, run id or checkpoint> input=<csv, folder or glob> output=<csv or folder>"
+    " [chunk_size=N] [id_column=NAME] [passthrough=false] [keep_target=true] [overwrite=true] [escape_formulas=false]"
 )
 HELP = f"""{USAGE}
        bp-predict --tracking-uri    print the MLflow store runs:/ and models:/ are looked up in
 
-  model        MLflow model URI (runs:/<run id>/model, models:/<name>/<version or latest>, ...),
-               a local MLflow model folder, a Lightning checkpoint (.ckpt) or a bundle (model_bundle.pt)
-  input        CSV with a header: the model's feature columns, in any order, plus optionally an id column
-               and the model's target column (a labelled file, e.g. a held-out set); other columns are refused
-  output       CSV to write: [id column,] prediction[, target][, proba_<class> ...]; replaced only when complete
+  model        MLflow model URI (runs:/<run id>/model, models:/<name>/<version or latest>, ...), a bare run id
+               as bp-train prints it (that run's runs:/<id>/model), a local MLflow model folder, a Lightning
+               checkpoint (.ckpt) or a bundle (model_bundle.pt)
+  input        CSV with a header holding the model's feature columns, in any order; other columns (ids, text,
+               the target) are carried to the output. Or a folder of .csv/.tsv files, or a glob ('data/*.csv'):
+               each file is scored into output/<name>.csv
+  output       CSV to write: [other columns, in input order,] prediction[, target][, proba_<class> ...];
+               replaced only when complete. A folder when input is a folder or a glob
   chunk_size   rows read and predicted at a time (default 50000): memory stays bounded for any file size
-  id_column    column copied to the output (default: a column named "id", if there is one)
-  keep_target  true: copy the target column, as written, next to prediction, for evaluation
-               (default false: the target column is ignored)
+  passthrough  true (default): copy every column the model does not use, as written, before prediction;
+               false: only the id column
+  id_column    with passthrough=false, the column still copied (default: a column named "id", if there is one)
+  keep_target  true: put the model's target column, as written, right after prediction, for evaluation
+  overwrite    true: replace outputs that already exist in an output folder (default false: refused;
+               a single output file is always replaced)
   escape_formulas  true (default): a text cell or column name that starts with = + - @, a tab or a carriage
                return is written with a ' before it, so a spreadsheet shows it instead of running it as a
                formula (numbers such as -1.5 are left alone); false: every cell exactly as read
@@ -110,6 +125,8 @@ class PredictConfig:
     id_column: str | None = None  # carried to the output; default: a column named "id", if any
     keep_target: bool = False  # copy the model's target column (labelled input) next to the prediction
     escape_formulas: bool = True  # ' before text cells a spreadsheet would run as formulas
+    passthrough: bool = True  # copy the columns the model does not use (ids, text, target) to the output
+    overwrite: bool = False  # replace existing outputs in an output folder (folder or glob input)
 
 
 class UsageError(ValueError):
@@ -208,14 +225,21 @@ def check_store(model: str, store: str, registry: str) -> None:
             )
 
 
-def fetch_bundle(uri: str, workdir: Path, store: str, registry: str) -> Path:
-    """Download an MLflow model's ``MLmodel`` and its bundle file, nothing else."""
+def fetch_bundle(uri: str, workdir: Path, store: str, registry: str, absent: str | None = None) -> Path:
+    """Download an MLflow model's ``MLmodel`` and its bundle file, nothing else.
+
+    ``absent``: the message when MLflow finds no ``MLmodel`` there (instead of MLflow's own).
+    """
     from mlflow.artifacts import download_artifacts
 
     base = uri.rstrip("/")
     stores = {"tracking_uri": store, "registry_uri": registry}
     try:
-        mlmodel = Path(download_artifacts(f"{base}/MLmodel", dst_path=str(workdir / "mlmodel"), **stores))
+        try:
+            mlmodel = Path(download_artifacts(f"{base}/MLmodel", dst_path=str(workdir / "mlmodel"), **stores))
+        except Exception as exc:
+            error = _mlflow_error(uri, exc)
+            raise (InputError(absent) if absent and isinstance(error, InputError) else error) from None
         rel = _bundle_path_in(mlmodel, uri)
         return Path(download_artifacts(f"{base}/{rel}", dst_path=str(workdir / "bundle"), **stores))
     except InputError:
@@ -236,12 +260,35 @@ def _env_defaults(**defaults: str) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # what bp-train prints: an MLflow run id
+
+
+def bare_run_id(model: str) -> str | None:
+    """``model`` when it is a bare MLflow run id (and no file or folder of that name exists), else None."""
+    return model if RUN_ID.fullmatch(model) and not Path(model).exists() else None
+
+
+def check_run(run_id: str, store: str) -> str:
+    """The run's status; a run id the store does not hold is an :class:`InputError` naming the store."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri=store).get_run(run_id).info.status
+    except Exception as exc:
+        error = _mlflow_error(run_id, exc)
+        if isinstance(error, InputError):
+            raise InputError(f"model {run_id}: no run with this id in {store}") from None
+        raise error from None
+
+
 def load_model(model: str) -> dict[str, Any]:
     """The bundle (weights, architecture, preprocessing) of any model reference ``bp-predict`` accepts."""
-    if is_mlflow_uri(model) and not Path(model).exists():  # a file named "model:v2.ckpt" stays a file
+    run_id = bare_run_id(model)
+    if run_id or (is_mlflow_uri(model) and not Path(model).exists()):  # a file named "model:v2.ckpt" stays a file
         store = tracking_uri()  # bp-train's rule, so runs:/ finds its runs from any working directory
         registry = os.environ.get("MLFLOW_REGISTRY_URI") or store
-        check_store(model, store, registry)
+        uri = f"runs:/{run_id}/model" if run_id else model
+        check_store(uri, store, registry)
         with (
             # no progress bars in batch logs; an unreachable server fails in seconds, not minutes of retries;
             # the store also for the MLflow code paths that read the environment rather than their arguments
@@ -253,7 +300,15 @@ def load_model(model: str) -> dict[str, Any]:
             ),
             tempfile.TemporaryDirectory(prefix="bp-predict-") as tmp,
         ):
-            return load_bundle(fetch_bundle(model, Path(tmp), store, registry))
+            absent = None
+            if run_id:
+                status = check_run(run_id, store)
+                absent = (
+                    f"model {run_id}: run {run_id} ({status.lower()}) has no model {uri} "
+                    "(trained with tracking.log_model=false, or ended before logging one); "
+                    "give its checkpoint (.ckpt) instead"
+                )
+            return load_bundle(fetch_bundle(uri, Path(tmp), store, registry, absent))
     path = Path(url2pathname(urlparse(model).path)) if model.startswith("file:") else Path(model)
     if path.is_dir():  # a downloaded MLflow model folder
         if not (path / "MLmodel").is_file():
@@ -294,20 +349,56 @@ def _kept_target(header: list[str], meta: dict[str, Any], keep: bool, source: st
     return target
 
 
+@dataclass
+class CopiedColumns:
+    """The input columns an output carries beside the prediction, by the names pandas reads them under."""
+
+    carried: list[str]  # before prediction, in input order
+    target: str | None  # right after prediction (keep_target=true)
+    written: dict[str, str]  # the name in the output's header: as the input's header spells it ("" stays "")
+
+
+def _exact_header(source: Path, read_as: list[str]) -> list[str]:
+    """The header cells as written: pandas calls an empty one ``Unnamed: 3``, which would not round-trip."""
+    try:
+        row = pd.read_csv(source, sep=sniff_separator(source, InputError), header=None, nrows=1, dtype=str,
+                          na_filter=False).iloc[0].tolist()  # fmt: skip
+    except (pd.errors.EmptyDataError, *UNREADABLE):
+        return read_as
+    return [str(c) for c in row] if len(row) == len(read_as) else read_as
+
+
 def _copied_columns(
-    header: list[str], meta: dict[str, Any], source: str, id_column: str | None, keep_target: bool
-) -> tuple[str | None, str | None]:
-    """The id column and the kept target column (each None when absent), checked against the output's names."""
+    source: Path, meta: dict[str, Any], id_column: str | None, keep_target: bool, passthrough: bool
+) -> CopiedColumns:
+    """What the output carries of ``source``'s columns, checked against the model and the output's own names.
+
+    Names are the ones pandas reads (an empty header cell is ``Unnamed: <i>``, as training read it), so
+    features match the model's whatever the header looks like.
+    """
+    read_header(source, InputError)  # a missing, empty or damaged file, repeated names: one line each
+    try:
+        header = [str(c) for c in read_rows(source, nrows=0).columns]
+    except UNREADABLE as exc:
+        raise InputError(f"{source}: not a readable CSV ({shown(first_line(exc), 200)})") from None
     id_col = _id_column(header, meta, id_column, source)
     target = _kept_target(header, meta, keep_target, source)
-    outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
-    for kind, name in (("id", id_col), ("target", target)):
-        if name in outputs:
-            raise InputError(f"{source}: {kind} column {name!r} clashes with an output column; rename it")
     if target is not None and target == id_col:
         raise InputError(f"{source}: column {target!r} is both the id column and the target; keep_target=false")
-    check_columns(pd.DataFrame(columns=header), meta, source, id_col)
-    return id_col, target
+    check_columns(pd.DataFrame(columns=header), meta, source, id_col, extra_allowed=True)
+    features = set(meta["feature_names"])
+    if passthrough:
+        carried = [c for c in header if c not in features and c != target]
+    else:
+        carried = [id_col] if id_col else []
+    written = dict(zip(header, _exact_header(source, header), strict=True))
+    outputs = ["prediction"] + ([f"proba_{c}" for c in meta["classes"]] if meta["task"] != "regression" else [])
+    for name in [*carried, target]:
+        if name is not None and written[name] in outputs:
+            kind = "id" if name == id_col else "target" if name == target else "passed-through"
+            hint = "; rename it, or leave it out with passthrough=false" if kind == "passed-through" else "; rename it"
+            raise InputError(f"{source}: {kind} column {shown(written[name])!r} clashes with an output column{hint}")
+    return CopiedColumns(carried, target, written)
 
 
 # A cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection").
@@ -363,6 +454,38 @@ def _check_output(source: Path, out: Path) -> None:
         raise InputError(f"{out}: output would overwrite the input; give another file name")
 
 
+def _write_predictions(
+    target: Path, source: Path, net, meta: dict[str, Any], copied: CopiedColumns, chunk_size: int, escape: bool
+) -> int:
+    """Stream ``source``'s predictions into the file ``target``, ``chunk_size`` rows at a time; the row count."""
+    rows = 0
+    # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
+    with open(target, "w", newline="", encoding="utf-8") as fh:
+        # copied columns travel as text, exactly as written (ids with leading zeros, labels)
+        as_text = [c for c in (*copied.carried, copied.target) if c]
+        reader = read_rows(source, chunksize=chunk_size, dtype=dict.fromkeys(as_text, str) or None)
+        try:
+            for chunk in reader:
+                if chunk.empty:
+                    continue
+                pred = predict_rows(net, meta, features_matrix(chunk, meta, str(source), first_row=rows))
+                if copied.target:
+                    pred.insert(1, copied.written[copied.target], chunk[copied.target].to_numpy())
+                for i, name in enumerate(copied.carried):
+                    pred.insert(i, copied.written[name], chunk[name].to_numpy())
+                (escape_formulas(pred) if escape else pred).to_csv(fh, header=rows == 0, index=False)
+                rows += len(chunk)
+        except UNREADABLE as exc:  # a damaged file (or compressed stream) found part way through
+            if isinstance(exc, OSError) and exc.errno is not None:  # a write failed (full disk): not the input
+                raise
+            raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first_line(exc)})") from None
+        finally:
+            reader.close()
+    if rows == 0:
+        raise InputError(f"{source}: has a header but no data rows")
+    return rows
+
+
 def predict_csv(
     bundle: dict[str, Any],
     input_path: str | Path,
@@ -371,46 +494,120 @@ def predict_csv(
     id_column: str | None = None,
     keep_target: bool = False,
     escape: bool = True,
+    passthrough: bool = True,
 ) -> int:
     """Predict every row of ``input_path`` into ``output_path``; returns the number of rows.
 
     At most ``chunk_size`` rows (and their predictions) are in memory at a time. ``escape``: text cells that
     a spreadsheet would run as formulas are written with a ``'`` before them (:func:`escape_formulas`).
+    ``passthrough``: the columns the model does not use are copied beside the prediction.
     """
     source, out = Path(input_path), Path(output_path)
     meta = bundle["meta"]
-    header = read_header(source, InputError)
-    id_col, kept = _copied_columns(header, meta, str(source), id_column, keep_target)
+    copied = _copied_columns(source, meta, id_column, keep_target, passthrough)
     net = net_from_bundle(bundle)
     _check_output(source, out)
-    rows = 0
     # A regular file is replaced only when complete; /dev/null, a FIFO or a terminal is written in place.
     with atomic_path(out) as target:
-        # open() creates with 0o666 less the umask (a NamedTemporaryFile would leave the output 0o600)
-        with open(target, "w", newline="", encoding="utf-8") as fh:
-            # copied columns travel as text, exactly as written (ids with leading zeros, labels)
-            copied = [c for c in (id_col, kept) if c]
-            reader = read_rows(source, chunksize=chunk_size, dtype=dict.fromkeys(copied, str) or None)
-            try:
-                for chunk in reader:
-                    if chunk.empty:
-                        continue
-                    pred = predict_rows(net, meta, features_matrix(chunk, meta, str(source), first_row=rows))
-                    if kept:
-                        pred.insert(1, kept, chunk[kept].to_numpy())
-                    if id_col:
-                        pred.insert(0, id_col, chunk[id_col].to_numpy())
-                    (escape_formulas(pred) if escape else pred).to_csv(fh, header=rows == 0, index=False)
-                    rows += len(chunk)
-            except UNREADABLE as exc:  # a damaged file (or compressed stream) found part way through
-                if isinstance(exc, OSError) and exc.errno is not None:  # a write failed (full disk): not the input
-                    raise
-                raise InputError(f"{source}: not a readable CSV after row {rows + 1} ({first_line(exc)})") from None
-            finally:
-                reader.close()
-        if rows == 0:
-            raise InputError(f"{source}: has a header but no data rows")
-    return rows
+        return _write_predictions(target, source, net, meta, copied, chunk_size, escape)
+
+
+# --------------------------------------------------------------------------- folders and globs of inputs
+TABLE_SUFFIXES = (".csv", ".tsv")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # what pandas reads by the file's suffix
+
+
+def _is_table(path: Path) -> bool:
+    name = path.name.lower()
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    return name.endswith(TABLE_SUFFIXES)
+
+
+def input_files(spec: str) -> list[Path] | None:
+    """The files an ``input=`` folder or glob names, sorted; None when it names one file.
+
+    A folder gives its own ``.csv``/``.tsv`` files (compressed or not; not its subfolders, not hidden files);
+    a glob (``*``, ``?``, ``[``; ``**`` for subfolders) every file it matches. Either matching nothing is an error.
+    """
+    path = Path(spec)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _is_table(p))
+        if not found:
+            raise InputError(f"{path}: a folder without .csv or .tsv files (compressed ones count too)")
+        return found
+    if not glob.has_magic(spec) or path.exists():  # a file named "a[1].csv" is that file
+        return None
+    found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not found:
+        raise InputError(f"input={spec}: the pattern matches no file")
+    return found
+
+
+def output_name(source: Path) -> str:
+    """``rows.csv``, ``rows.tsv`` and ``rows.csv.gz`` are all scored into ``rows.csv``."""
+    name = source.name
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix).removesuffix(suffix.upper())
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem if dot and '.' + ext.lower() in TABLE_SUFFIXES else name}.csv"
+
+
+def predict_files(
+    bundle: dict[str, Any],
+    inputs: Sequence[Path],
+    output_dir: str | Path,
+    chunk_size: int = 50_000,
+    id_column: str | None = None,
+    keep_target: bool = False,
+    escape: bool = True,
+    passthrough: bool = True,
+    overwrite: bool = False,
+) -> list[tuple[Path, Path, int]]:
+    """Score each of ``inputs`` into ``output_dir/<name>.csv``: ``(input, output, rows)`` per file.
+
+    All or nothing: every header is checked before any row is scored, and the outputs are renamed into
+    place together at the end; a failure (a bad cell in the third file) leaves none of them, and any
+    output that existed untouched.
+    """
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: output is a file, but the input names several; give a folder")
+    pairs = [(src, folder / output_name(src)) for src in inputs]
+    written: dict[Path, Path] = {}
+    for src, out in pairs:
+        if out in written:
+            raise InputError(f"{written[out]} and {src} would both be written to {out}; score them separately")
+        written[out] = src
+    sources = {src.resolve() for src in inputs}
+    for _, out in pairs:
+        if out.resolve() in sources:
+            raise InputError(f"{out}: output would overwrite an input; give another output folder")
+    existing = [out for _, out in pairs if os.path.lexists(out)]
+    if existing and not overwrite:
+        raise InputError(
+            f"{existing[0]}: already exists ({len(existing)} of the {len(pairs)} outputs do); "
+            "give another output folder, or overwrite=true to replace them"
+        )
+    meta = bundle["meta"]
+    copied = [_copied_columns(src, meta, id_column, keep_target, passthrough) for src in inputs]
+    for src, out in pairs:
+        _check_output(src, out)
+    net = net_from_bundle(bundle)
+    created = not folder.exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            targets = [stack.enter_context(atomic_path(out)) for _, out in pairs]
+            counts = [
+                _write_predictions(target, src, net, meta, columns, chunk_size, escape)
+                for target, (src, _), columns in zip(targets, pairs, copied, strict=True)
+            ]
+    except BaseException:
+        if created:  # the folder this run made, if nothing else has been put there meanwhile
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return [(src, out, n) for (src, out), n in zip(pairs, counts, strict=True)]
 
 
 # --------------------------------------------------------------------------- entry point
@@ -428,6 +625,9 @@ def run(argv: Sequence[str]) -> int:
         print(tracking_uri())
         return 0
     cfg = parse_args(argv)
+    inputs = input_files(cfg.input)
+    if inputs is not None:
+        return run_many(cfg, inputs)
     if cfg.output.endswith(("/", os.sep)) or Path(cfg.output).is_dir():
         folder = cfg.output.rstrip("/")
         raise UsageError(f"output={cfg.output} names a folder; give a file name such as {folder}/predictions.csv")
@@ -435,9 +635,47 @@ def run(argv: Sequence[str]) -> int:
     read_header(cfg.input, InputError)  # a missing or empty input fails before any model is fetched
     bundle = load_model(cfg.model)
     rows = predict_csv(
-        bundle, cfg.input, cfg.output, cfg.chunk_size, cfg.id_column, cfg.keep_target, cfg.escape_formulas
+        bundle,
+        cfg.input,
+        cfg.output,
+        cfg.chunk_size,
+        cfg.id_column,
+        cfg.keep_target,
+        cfg.escape_formulas,
+        cfg.passthrough,
     )
     print(f"bp-predict: {rows} rows -> {cfg.output} ({time.perf_counter() - started:.1f} s, model {cfg.model})")
+    return 0
+
+
+def run_many(cfg: PredictConfig, inputs: list[Path]) -> int:
+    """``input=`` a folder or a glob: one output per input file, in the folder ``output=`` names."""
+    folder = Path(cfg.output)
+    if not folder.is_dir() and (folder.exists() or _is_table(folder)):
+        raise UsageError(
+            f"output={cfg.output}: input={cfg.input} names {len(inputs)} file(s), so output= is the folder "
+            f"their outputs go to, e.g. output={folder.with_suffix('')}/"
+        )
+    started = time.perf_counter()
+    for src in inputs:  # a missing or empty input fails before any model is fetched
+        read_header(src, InputError)
+    bundle = load_model(cfg.model)
+    done = predict_files(
+        bundle,
+        inputs,
+        folder,
+        cfg.chunk_size,
+        cfg.id_column,
+        cfg.keep_target,
+        cfg.escape_formulas,
+        cfg.passthrough,
+        cfg.overwrite,
+    )
+    for src, out, rows in done:
+        print(f"  {src} -> {out} ({rows} rows)")
+    total = sum(rows for _, _, rows in done)
+    seconds = time.perf_counter() - started
+    print(f"bp-predict: {len(done)} files, {total} rows -> {folder} ({seconds:.1f} s, model {cfg.model})")
     return 0
 
 

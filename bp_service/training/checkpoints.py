@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,9 +106,20 @@ class Resume:
 
 def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
     """The checkpoint to resume from (``ckpt_path``), checked, and where this job writes: ``last`` is the newest
-    ``last.ckpt`` of an earlier run with the same overrides, continued in its own folder."""
+    ``last.ckpt`` of an earlier run with the same overrides, continued in its own folder.
+
+    Without ``ckpt_path``, a job whose own folder already holds a ``last.ckpt`` is the same job run again: a
+    requeue (submitit reruns the whole Hydra job in its ``<sweep>/<num>`` folder after a preemption or time-out,
+    and Lightning's own SLURM requeue never fires under it). It continues from there, in its MLflow run. A new
+    run never finds one: its folder is claimed fresh.
+    """
     if ckpt_path is None:
-        return Resume(None, Path(paths.ckpt_dir))
+        own = Path(paths.ckpt_dir) / "last.ckpt"
+        if not own.is_file():
+            return Resume(None, Path(paths.ckpt_dir))
+        run_id = read_checkpoint(own)["meta"].get("mlflow_run_id")
+        print(f"bp-train: {own} is this job's own, from an earlier attempt (requeued): resuming it", file=sys.stderr)
+        return Resume(str(own), own.parent, in_place=True, run_id=run_id)
     path = _newest_last() if ckpt_path == "last" else Path(ckpt_path).absolute()
     run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning
     if ckpt_path == "last" or _own_last(path, paths.root_dir):

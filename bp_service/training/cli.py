@@ -18,21 +18,35 @@ from omegaconf.errors import OmegaConfBaseException
 # Only light imports up here: `bp-train --help` and Hydra's errors answer without torch, Lightning
 # and MLflow (seconds). The run itself imports them in _hydra_entry.
 from bp_service.commands import EXIT_INTERRUPT, full_error_requested
-from bp_service.files import unique_run_dir
+from bp_service.files import discard_unused_run_dir, unique_run_dir
 from bp_service.home import project_root
 from bp_service.training import guard
 from bp_service.training.config import CONF_DIR, ConfigError, register_configs
+from bp_service.training.spelling import spelling_hint
+from bp_service.training.tracking.names import best_name
+
+
+def check_search(cfg: DictConfig) -> None:
+    """A search's direction against its trials' metric (preflight's rule), where Hydra composes the sweep."""
+    if (cfg.get("hydra") or {}).get("sweeper", {}).get("_target_") == guard.OPTUNA_SWEEPER:
+        from bp_service.training.preflight import check_sweep_direction  # pandas and the data: only for a search
+
+        check_sweep_direction(cfg)
+
 
 # Every config Hydra composes is checked before Hydra builds anything from it. At import, not in main():
 # a launcher's worker process imports this module to run its job, and composes that job's config there.
-guard.install()
+guard.install(check_search)
 
 
 def summary(task_name: str, result: dict[str, Any]) -> str:
     """The lines a finished run ends with: metrics, checkpoint, and where it is recorded (the tracker's link)."""
     lines = [f"bp-train: {task_name} finished in {result['wall_time_s']:.1f} s"]
     lines += [f"  {k:<12} {v:.4f}" for k, v in sorted(result["metrics"].items())]
+    if result.get("best_score") is not None:  # the checkpoint tested above: its score, named as MLflow names it
+        lines.append(f"  {best_name(result['monitor']):<12} {result['best_score']:.4f}")
     lines.append(f"  checkpoint   {result['best_checkpoint'] or result['last_checkpoint']}")
+    lines += epoch_lines(result.get("stopping"))
     if result["run_id"]:
         label = f"{result['tracker']} run"
         lines.append(f"  {label:<12} {result['run_id']}  (experiment {result['experiment']!r})")
@@ -43,6 +57,24 @@ def summary(task_name: str, result: dict[str, Any]) -> str:
     for lost in result.get("lost_artifacts") or []:
         lines.append(f"  WARNING      not written: {lost}")
     return "\n".join(lines)
+
+
+def epoch_lines(stopping: dict[str, Any] | None) -> list[str]:
+    """How many epochs ran and what ended them; a warning when the cap, not convergence, did."""
+    if not stopping:
+        return []
+    epochs, cap = stopping["epochs"], stopping["max_epochs"]
+    if stopping["early_stopped"]:
+        why = f"early stopping: {stopping['monitor']} stopped improving"
+    else:
+        why = f"the cap, trainer.max_epochs={cap}"
+    lines = [f"  {'epochs':<12} {epochs}  ({why})"]
+    if stopping["still_improving"]:
+        lines.append(
+            f"  WARNING      epoch cap {cap} reached while {stopping['monitor']} was still improving; "
+            "raise trainer.max_epochs"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- command line
@@ -96,21 +128,33 @@ def _continues(previous: str, line: str) -> bool:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
-    from bp_service.training.recipe import train
-    from bp_service.training.tracking.sweep import mark_sweep_failed
+    from bp_service.training.preflight import precheck
 
-    quiet_library_warnings()
     hydra_cfg = HydraConfig.get()
     try:
+        # Before torch, Lightning and MLflow are imported (seconds): every problem of the config and the data at once.
+        precheck(cfg, hydra_cfg.overrides.task)
+        from bp_service.training.recipe import train
+
+        quiet_library_warnings()
         result = train(cfg)
     except Exception as exc:
+        if hydra_cfg.mode != RunMode.MULTIRUN:  # a run refused before it wrote anything leaves no folder
+            discard_unused_run_dir(hydra_cfg.runtime.output_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
+            from bp_service.training.tracking.sweep import mark_sweep_failed
+
             # Hydra records the failed job and runs the others; the sweep then fails as a whole.
             print(f"bp-train: error: job {hydra_cfg.job.num}: {exc}", file=sys.stderr)
             mark_sweep_failed(cfg.tracking, cfg.paths, hydra_cfg.sweep.dir)
             raise
         if full_error_requested():
             raise
+        from bp_service.tables import DataError
+
+        if isinstance(exc, ConfigError | DataError):  # answered without importing what a run needs
+            print(f"bp-train: error: {exc}", file=sys.stderr)
+            sys.exit(2)
         known, usage = known_errors()
         if not isinstance(exc, known):  # one line too, not Hydra's "Error executing job" and a trace
             print(
@@ -147,6 +191,14 @@ def quiet_library_warnings() -> None:
     )
 
 
+def end_open_sweeps(reason: str) -> None:
+    """A sweep whose sweeper or launcher raised (a job's process killed, a bad launcher setting) gets no end
+    from Hydra: its parent run is failed here, and the jobs that finished are summarized."""
+    sweep = sys.modules.get("bp_service.training.tracking.sweep")  # loaded only if a sweep started
+    if sweep is not None:
+        sweep.end_failed_sweep(reason)
+
+
 def _is_rerun_flag(arg: str) -> bool:
     """``--experimental-rerun``, or a prefix argparse would take for it (``--exp``, ``--e=...``)."""
     flag = arg.partition("=")[0]
@@ -173,22 +225,30 @@ def main() -> None:
     # MLflow's "Downloading artifacts" bars (model logging reads files back) are not the run's progress;
     # a user who sets the variable keeps their choice.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow loads only once a run opens, after Hydra's job logging set its level, and its import sets the
+    # level again from this variable (INFO unless set): the job logging's WARNING, kept.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     register_configs()
+    # Cached, like Hydra's ${now:}: a launcher that runs jobs in other processes (joblib, submitit, Ray)
+    # composes each job's config again there, with the driver's resolver cache copied in, so every job
+    # gets the driver's home and sweep folder rather than resolving its own.
     if not OmegaConf.has_resolver("bp_root"):
-        OmegaConf.register_new_resolver("bp_root", project_root)
+        OmegaConf.register_new_resolver("bp_root", project_root, use_cache=True)
     if not OmegaConf.has_resolver("bp_run_dir"):
-        OmegaConf.register_new_resolver("bp_run_dir", unique_run_dir)
+        OmegaConf.register_new_resolver("bp_run_dir", unique_run_dir, use_cache=True)
     os.environ.setdefault("BP_SERVICE_FULL_ERROR", os.environ.get("HYDRA_FULL_ERROR", "0"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_entry()
     except KeyboardInterrupt:  # Ctrl-C while Hydra composes or the data loads: no run is open yet
+        end_open_sweeps("interrupted")
         print("bp-train: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPT)
     except Exception as exc:
+        end_open_sweeps(one_line(exc))
         if full_error_requested():
             raise
-        print(f"bp-train: error: {one_line(exc)}", file=sys.stderr)
+        print(f"bp-train: error: {spelling_hint(exc, one_line(exc))}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, HydraException | OmegaConfBaseException) else 1)
 
 

@@ -194,7 +194,7 @@ class TrainerConfig:
     strategy: str = "auto"
     num_nodes: int = 1
     precision: str = "32-true"
-    max_epochs: int = 20
+    max_epochs: int = 300  # a cap: early stopping usually ends a run first
     min_epochs: int | None = None
     deterministic: bool | None = None  # None: True on CPU, Lightning's default elsewhere
     log_every_n_steps: int = 10

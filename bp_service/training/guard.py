@@ -25,7 +25,7 @@ import functools
 import importlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
@@ -56,6 +56,7 @@ JOB_CLASSES = frozenset(
         "bp_service.layers.MLP",
         "bp_service.training.checkpoints.LastCheckpoint",
         "bp_service.training.callbacks.GradientFlow",
+        "bp_service.training.callbacks.BestCheckpoint",
         "bp_service.training.callbacks.ProgressBar",
         "bp_service.training.callbacks.Summary",
         "bp_service.training.data.sources.BundledSource",
@@ -359,7 +360,15 @@ def check_removals(overrides: Iterable[str]) -> None:
 
 
 # --------------------------------------------------------------------------- where Hydra composes
-def install() -> None:
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+
+
+# Checks run on every composed config after the guard's own, handed in by install()'s caller: a search's direction
+# (preflight.check_sweep_direction) must be refused where the sweep is composed, before its first trial.
+_COMPOSED_CHECKS: list[Callable[[DictConfig], None]] = []
+
+
+def install(*checks: Callable[[DictConfig], None]) -> None:
     """Check every config Hydra composes, in this process, before Hydra uses it (idempotent).
 
     Hydra has no hook between composing a config and building its callbacks, launcher, sweeper and
@@ -371,6 +380,7 @@ def install() -> None:
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.errors import ConfigCompositionException
 
+    _COMPOSED_CHECKS.extend(check for check in checks if check not in _COMPOSED_CHECKS)
     load = ConfigLoaderImpl.load_configuration
     if getattr(load, "bp_guarded", False):
         return
@@ -381,6 +391,8 @@ def install() -> None:
             check_removals(overrides)
             cfg = load(self, config_name, overrides, *args, **kwargs)
             check_composed(cfg)
+            for check in _COMPOSED_CHECKS:
+                check(cfg)
         except ConfigError as exc:  # a composition error like Hydra's own: one line, exit 2
             raise ConfigCompositionException(str(exc)) from None
         return cfg

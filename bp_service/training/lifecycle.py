@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -93,12 +94,30 @@ def open_run(tracking: DictConfig, paths: DictConfig, job: Job) -> Iterator[Run]
         raise SystemExit(EXIT_SIGTERM) from None
     except (KeyboardInterrupt, SystemExit) as exc:  # Lightning turns Ctrl-C into sys.exit(1)
         status = "KILLED"
-        if isinstance(exc, KeyboardInterrupt) or (run.trainer is not None and run.trainer.interrupted):
+        # Any other exit keeps its code: submitit's requeue on USR2 exits from inside fit, and its local
+        # executor reruns the job only on its own exit code.
+        lightning_ctrl_c = run.trainer is not None and run.trainer.interrupted and getattr(exc, "code", None) == 1
+        if isinstance(exc, KeyboardInterrupt) or lightning_ctrl_c:
             print("bp-train: interrupted", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPT) from None
         raise
     finally:
         run.tracker.end(status)
+
+
+def claim_node_rank(trainer: DictConfig) -> None:
+    """Make a process on another node of a hand-started multi-node run (``NODE_RANK`` >= 1, no ``RANK``) know it
+    is not rank zero before the Trainer sets up, so that only the first process records the run and writes.
+
+    Lightning reads a process's rank from ``RANK``, ``LOCAL_RANK`` or ``SLURM_PROCID`` at import (torchrun and
+    srun set them), and counts ``NODE_RANK`` only once the Trainer sets up, after bp-train opened the run.
+    """
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ or "JSM_NAMESPACE_RANK" in os.environ:
+        return
+    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
+    if node_rank > 0:
+        devices = trainer.devices if isinstance(trainer.devices, int) else 1
+        rank_zero_only.rank = node_rank * max(1, devices) + int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def slurm_root(slurm: DictConfig, paths: DictConfig, task_name: str) -> tuple[str, Path | None, list[Any]]:

@@ -5,6 +5,9 @@ keys added with ``+`` that the schema does not know, non-finite numbers, the see
 Lightning does not know (or one that needs CUDA on a run that trains on the CPU), an accelerator this machine
 does not have, generated data or hidden widths beyond this machine's memory, a monitored metric no run logs,
 and ``data.features`` that name the target or repeat a column.
+
+:func:`precheck` runs first, before bp-train imports torch, Lightning or MLflow (this module imports none of
+them at import time): every problem of the config's fields and of a CSV's data, found at once, in one error.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+# ACTIVATIONS: the names of bp_service.layers.OUTPUT_ACTIVATIONS, without importing torch.
+from bp_service.activations import ACTIVATIONS as OUTPUT_ACTIVATIONS
 from bp_service.activations import CROSS_ENTROPY_OUTPUTS
-from bp_service.layers import OUTPUT_ACTIVATIONS
+from bp_service.tables import DataError, several
 from bp_service.training.config import (
     AdamConfig,
     ConfigError,
@@ -33,10 +37,11 @@ from bp_service.training.config import (
     TrainConfig,
 )
 from bp_service.training.data import build_source
-from bp_service.training.guard import check_targets
+from bp_service.training.guard import OPTUNA_SWEEPER, check_targets
+from bp_service.training.spelling import nearest_keys
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
-CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment")
+CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment", "hparams_search")
 
 
 def _precisions() -> tuple[str, ...]:
@@ -72,8 +77,9 @@ def _schema_has(schema: Any, parts: list[str], cfg: DictConfig) -> bool:
     return _schema_has(type(default) if default is not None else None, parts[1:], cfg)
 
 
-def check_added_keys(overrides: Iterable[str], cfg: DictConfig) -> None:
-    """``+key=value`` adds keys past the schema's closed set: refuse those the schema does not know."""
+def added_key_problems(overrides: Iterable[str], cfg: DictConfig) -> list[str]:
+    """``+key=value`` adds keys past the schema's closed set: those the schema does not know, one line each."""
+    found = []
     for override in overrides:
         if not override.startswith("+"):
             continue
@@ -81,30 +87,70 @@ def check_added_keys(overrides: Iterable[str], cfg: DictConfig) -> None:
         if key.startswith("hydra.") or (key.split("/")[0].split("@")[0] in CONFIG_GROUPS and "." not in key):
             continue  # a Hydra setting, or a config group choice such as +experiment=digits
         if not _schema_has(TrainConfig, key.split("."), cfg):
-            raise ConfigError(f"unknown key {key!r} (from {override!r}): not in the config schema; check its spelling")
+            close = nearest_keys(key, cfg)
+            hint = f"did you mean {close[0]!r}?" if close else "check its spelling"
+            found.append(f"unknown key {key!r} (from {override!r}): not in the config schema; {hint}")
+    return found
 
 
-def _finite(value: Any, name: str) -> None:
+def check_added_keys(overrides: Iterable[str], cfg: DictConfig) -> None:
+    """``+key=value`` adds keys past the schema's closed set: refuse those the schema does not know."""
+    found = added_key_problems(overrides, cfg)
+    if found:
+        raise ConfigError(several(found))
+
+
+def _finite(value: Any, name: str, found: list[str]) -> bool:
     if isinstance(value, int | float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value}")
+        found.append(f"{name} must be a finite number, got {value}")
+        return False
+    return True
+
+
+def config_problems(cfg: DictConfig, overrides: Iterable[str] = ()) -> list[str]:
+    """Every problem of the config's own fields, one line each, found without torch, Lightning or the data:
+    keys added with ``+``, ranges, cross-field rules, the data source's fields."""
+    found = added_key_problems(overrides, cfg)
+    if any(problem.startswith("unknown key 'data.") for problem in found):
+        return found  # the data source would be built with it, and refuse it less clearly
+    _validate(cfg, found)
+    if not 0 <= cfg.seed <= SEED_MAX:
+        found.append(f"seed must be in [0, {SEED_MAX}], got {cfg.seed}")
+    for key, value in cfg.optimizer.items():
+        if key == "betas":
+            betas = [beta for beta in value if _finite(beta, "optimizer.betas", found)]
+            if not all(0 <= beta < 1 for beta in betas):
+                found.append(f"optimizer.betas must be in [0, 1), got {list(value)}")
+        else:
+            _finite(value, f"optimizer.{key}", found)
+    for key, value in cfg.trainer.items():
+        _finite(value, f"trainer.{key}", found)
+    return list(dict.fromkeys(found))  # a non-finite value can fail its range check too: said once
+
+
+def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
+    """What bp-train refuses before it imports torch, Lightning or MLflow: every problem of the config's fields
+    and of the data source's own data (a CSV's columns, rows and cells), all of them in one error.
+
+    Raises DataError when the data has a problem (else ConfigError): both exit 2, naming each field, column and row.
+    """
+    found = config_problems(cfg, overrides)
+    data_found: list[str] = []
+    if not any(problem.startswith("data") for problem in found):  # a data source that could be built
+        source = build_source(cfg.data)
+        data_found = source.problems()
+    if found or data_found:
+        message = several([*data_found, *found], source.label if data_found else None)
+        raise (DataError if data_found else ConfigError)(message)
 
 
 def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """Everything about the config and this machine that can be known before the data is read."""
-    check_added_keys(overrides, cfg)  # first: validate would build the data source with an added key
-    validate(cfg)
-    if not 0 <= cfg.seed <= SEED_MAX:
-        raise ConfigError(f"seed must be in [0, {SEED_MAX}], got {cfg.seed}")
-    for key, value in cfg.optimizer.items():
-        if key == "betas":
-            for beta in value:
-                _finite(beta, "optimizer.betas")
-                if not 0 <= beta < 1:
-                    raise ConfigError(f"optimizer.betas must be in [0, 1), got {list(value)}")
-        else:
-            _finite(value, f"optimizer.{key}")
-    for key, value in cfg.trainer.items():
-        _finite(value, f"trainer.{key}")
+    import torch
+
+    found = config_problems(cfg, overrides)
+    if found:
+        raise ConfigError(several(found))
     precision = str(cfg.trainer.precision)
     if precision not in _precisions():
         raise ConfigError(f"trainer.precision must be one of {', '.join(_precisions())}, got {precision!r}")
@@ -124,6 +170,8 @@ CPU_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true", "64-true", "bf16", "32",
 
 def check_cpu_precision(precision: str, accelerator: str) -> None:
     """A precision that needs CUDA (float16, Transformer Engine) refused when the run trains on the CPU."""
+    import torch
+
     gpu_here = torch.cuda.is_available() or torch.backends.mps.is_available()
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not gpu_here)
     if on_cpu and precision not in CPU_PRECISIONS:
@@ -145,6 +193,8 @@ def check_monitor(cfg: DictConfig, task: str) -> None:
 
 def world_size(cfg: DictConfig) -> int:
     """How many processes will train, as far as the config says (``devices="auto"``: one per GPU, else one)."""
+    import torch
+
     devices = cfg.trainer.devices
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
@@ -174,6 +224,49 @@ def check_data(cfg: DictConfig, data) -> None:
     if str(cfg.model.loss) == "cross_entropy" and data.task != "classification":
         raise ConfigError(f"model.loss=cross_entropy needs classification data; this data's task is {data.task}")
     check_rows(cfg, len(data.x["train"]), data.source)
+
+
+# --------------------------------------------------------------------------- hyperparameter search
+DIRECTIONS = {"max": "maximize", "min": "minimize"}
+
+
+def monitored_metric(callbacks: DictConfig, task: str) -> tuple[str, str]:
+    """(metric, mode) that checkpoints, early stopping and a search follow; ``auto``: val/acc or val/loss by task."""
+    monitor = callbacks.model_checkpoint.monitor if "model_checkpoint" in callbacks else "auto"
+    if monitor == "auto":
+        monitor = "val/acc" if task == "classification" else "val/loss"
+    return monitor, "max" if monitor.endswith("acc") else "min"
+
+
+def check_sweep_direction(cfg: DictConfig) -> None:
+    """An Optuna search (``hparams_search=optuna``) optimizes what each trial returns, its monitored metric's
+    best value: its ``hydra.sweeper.direction`` must be that metric's mode (val/acc maximize, val/loss minimize),
+    checked wherever Hydra composes a config with that sweeper, so before the first trial. A task only the data
+    can tell (``auto``) is read from the data; data that cannot be read is left for the trial to report."""
+    sweeper = (cfg.get("hydra") or {}).get("sweeper")
+    if not sweeper or sweeper.get("_target_") != OPTUNA_SWEEPER:
+        return
+    direction = sweeper.get("direction")
+    direction = getattr(direction, "name", direction)  # the sweeper's schema default is its Direction enum
+    if not isinstance(direction, str):  # several objectives: bp-train's trials return one number
+        raise ConfigError(f"hydra.sweeper.direction must be maximize or minimize, got {direction}")
+    task = str(cfg.data.get("task", "auto"))
+    if task == "auto":
+        try:
+            source = build_source(cfg.data)
+            regression = getattr(source, "regression", None)  # generated data knows without generating it
+            if regression is None:
+                task = source.load(cfg.seed).task
+            else:
+                task = "regression" if regression else "classification"
+        except Exception:  # the trial reports bad data in its own words
+            return
+    monitor, mode = monitored_metric(cfg.callbacks, task)
+    if direction.lower() != DIRECTIONS[mode]:
+        raise ConfigError(
+            f"hydra.sweeper.direction={direction} but the trials return {monitor}, which is best at its "
+            f"{'largest' if mode == 'max' else 'smallest'}: set hydra.sweeper.direction={DIRECTIONS[mode]}"
+        )
 
 
 # --------------------------------------------------------------------------- memory
@@ -255,63 +348,84 @@ def check_memory(cfg: DictConfig) -> None:
 
 
 # --------------------------------------------------------------------------- ranges and cross-field rules
-def _require(ok: bool, message: str) -> None:
+def _require(found: list[str], ok: bool, message: str) -> None:
     if not ok:
-        raise ConfigError(message)
+        found.append(message)
 
 
-def _validate_data(d: DictConfig) -> None:
+def _validate_data(d: DictConfig, found: list[str]) -> None:
     """The split and loader settings; the source's own fields are checked by its constructor."""
-    for key in d:  # before the ranges: inf passes "noise >= 0" and reaches scikit-learn
-        if not OmegaConf.is_missing(d, key):
-            _finite(d[key], f"data.{key}")
-    build_source(d)
+    # before the ranges: inf passes "noise >= 0" and reaches scikit-learn
+    finite = [_finite(d[key], f"data.{key}", found) for key in d if not OmegaConf.is_missing(d, key)]
+    if all(finite):
+        try:
+            build_source(d)
+        except ConfigError as exc:
+            found.append(str(exc))
     for name in ("val_size", "test_size"):
         value = d[name]
-        _require(0 < value < 1, f"data.{name} must be in (0, 1), got {value}")
+        _require(found, 0 < value < 1, f"data.{name} must be in (0, 1), got {value}")
     _require(
-        d.val_size + d.test_size < 1, f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}"
+        found,
+        d.val_size + d.test_size < 1,
+        f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}",
     )
-    _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    _require(d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
+    _require(found, d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _require(found, d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range and cross-field checks; raises ConfigError naming the first bad field."""
+    """Range and cross-field checks; raises ConfigError naming every bad field."""
+    found: list[str] = []
+    _validate(cfg, found)
+    if found:
+        raise ConfigError(several(found))
+
+
+def _validate(cfg: DictConfig, found: list[str]) -> None:
+    """:func:`validate`'s checks, each bad field's one line added to ``found``."""
     m, o, t = cfg.model, cfg.optimizer, cfg.trainer
-    _validate_data(cfg.data)
+    _validate_data(cfg.data, found)
     n = m.net
-    _require(len(n.hidden) >= 1, "model.net.hidden must list at least one hidden width, got []")
+    _require(found, len(n.hidden) >= 1, "model.net.hidden must list at least one hidden width, got []")
     for width in n.hidden:
-        _require(width > 0, f"model.net.hidden widths must be > 0, got {list(n.hidden)}")
+        _require(found, width > 0, f"model.net.hidden widths must be > 0, got {list(n.hidden)}")
     _require(
+        found,
         n.output_activation in (None, "auto", *OUTPUT_ACTIVATIONS),
         f"model.net.output_activation must be auto, null or one of {', '.join(OUTPUT_ACTIVATIONS)}, "
         f"got {n.output_activation!r}",
     )
     _require(
+        found,
         str(m.loss) != "cross_entropy" or n.output_activation in ("auto", *CROSS_ENTROPY_OUTPUTS),
         f"model.loss=cross_entropy needs model.net.output_activation auto or one of "
         f"{', '.join(CROSS_ENTROPY_OUTPUTS)}, got {n.output_activation!r}",
     )
-    check_targets(cfg)  # before anything is imported or built
-    _require(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr:g}")
-    _require(o.get("weight_decay", 0) >= 0, f"optimizer.weight_decay must be >= 0, got {o.get('weight_decay')}")
+    try:
+        check_targets(cfg)  # before anything is imported or built
+    except ConfigError as exc:
+        found.append(str(exc))
+    _require(found, o.lr > 0, f"optimizer.lr must be > 0, got {o.lr:g}")
+    _require(found, o.get("weight_decay", 0) >= 0, f"optimizer.weight_decay must be >= 0, got {o.get('weight_decay')}")
     if "momentum" in o:
-        _require(0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
+        _require(found, 0 <= o.momentum < 1, f"optimizer.momentum must be in [0, 1), got {o.momentum}")
 
-    _require(t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
-    _require(t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
-    _require(t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
+    _require(found, t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
+    _require(found, t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
+    _require(found, t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
     c = cfg.callbacks
     every = c.last_checkpoint.get("every_n_train_steps") if c.get("last_checkpoint") else None
-    _require(every is None or every >= 1, f"callbacks.last_checkpoint.every_n_train_steps must be >= 1, got {every}")
-    top_k = c.model_checkpoint.get("save_top_k", 1) if c.get("model_checkpoint") else 1
-    _require(top_k >= -1, f"callbacks.model_checkpoint.save_top_k must be >= -1, got {top_k}")
-    patience = c.early_stopping.get("patience", 1) if c.get("early_stopping") else 1
-    _require(patience >= 1, f"callbacks.early_stopping.patience must be >= 1, got {patience}")
-    _require(bool(cfg.tracking.experiment), "tracking.experiment must not be empty")
     _require(
+        found, every is None or every >= 1, f"callbacks.last_checkpoint.every_n_train_steps must be >= 1, got {every}"
+    )
+    top_k = c.model_checkpoint.get("save_top_k", 1) if c.get("model_checkpoint") else 1
+    _require(found, top_k >= -1, f"callbacks.model_checkpoint.save_top_k must be >= -1, got {top_k}")
+    patience = c.early_stopping.get("patience", 1) if c.get("early_stopping") else 1
+    _require(found, patience >= 1, f"callbacks.early_stopping.patience must be >= 1, got {patience}")
+    _require(found, bool(cfg.tracking.experiment), "tracking.experiment must not be empty")
+    _require(
+        found,
         isinstance(getattr(signal, cfg.slurm.requeue_signal, None), signal.Signals),
         f"slurm.requeue_signal must be a signal name such as SIGUSR1, got {cfg.slurm.requeue_signal!r}",
     )

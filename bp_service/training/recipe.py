@@ -30,9 +30,10 @@ from bp_service.training.checkpoints import (
 from bp_service.training.config import instantiate
 from bp_service.training.data import BPDataModule, Prepared
 from bp_service.training.guard import check_callback_paths
-from bp_service.training.lifecycle import Run, open_run, slurm_root
-from bp_service.training.preflight import check_config, check_data
+from bp_service.training.lifecycle import Run, claim_node_rank, open_run, slurm_root
+from bp_service.training.preflight import check_config, check_data, monitored_metric
 from bp_service.training.tracking import Job, Tracker, dataset_name, flat_params
+from bp_service.training.tracking.names import best_name
 
 # Callbacks whose only output goes to the tracker (the learning-rate monitor even refuses to run without a logger).
 REPORTING_CALLBACKS = ("learning_rate_monitor", "gradient_flow")
@@ -46,6 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job; returns its metrics, paths and tracked run (:func:`tracked`). Raises on any failure."""
     started, hydra = time.perf_counter(), HydraConfig.get()
     check_config(cfg, hydra.overrides.task)  # 1. everything knowable before the data is read
+    claim_node_rank(cfg.trainer)  # another node's process records nothing
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = BPDataModule(cfg.data, cfg.seed)  # 2. load, split (seeded, stratified), scale on train
     datamodule.setup()
@@ -77,7 +79,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer = build_trainer(cfg.trainer, run.tracker, callbacks, root_dir, plugins)
         gradient_check(trainer, net, cfg.model.loss, run.tracker, cfg.tracking.gradcheck)  # 6. backward vs differences
         run.fit(trainer, module, datamodule, ckpt_path, ckpt_dir)  # 7. fit
+        stopping = how_it_stopped(trainer, callbacks.get("early_stopping"))  # before test() restores older state
         result = test_best(run, trainer, module, datamodule, ckpt_dir, monitor)  # 8. test the best checkpoint
+        result["stopping"] = stopping
+        if result["best_score"] is not None and trainer.logger is not None:  # beside val/acc's last epoch
+            trainer.logger.log_metrics({best_name(monitor): result["best_score"]}, step=trainer.global_step)
         # 9. config, pictures, checkpoint pointer and the servable model
         record_artifacts(cfg, run.tracker, module, data, result, callbacks.get("gradient_flow"))
     return {
@@ -110,14 +116,6 @@ def build_network(net: DictConfig, data: Prepared, loss: str = "auto") -> MLP:
             several = data.n_outputs > 1 and loss == "cross_entropy"
             args["output_activation"] = "softmax" if several else "sigmoid"
     return instantiate({**args, "sizes": [data.n_features, *hidden, data.n_outputs]}, "model.net")
-
-
-def monitored_metric(callbacks: DictConfig, task: str) -> tuple[str, str]:
-    """(metric, mode) that checkpoints and early stopping follow; ``auto``: val/acc or val/loss by task."""
-    monitor = callbacks.model_checkpoint.monitor if "model_checkpoint" in callbacks else "auto"
-    if monitor == "auto":
-        monitor = "val/acc" if task == "classification" else "val/loss"
-    return monitor, "max" if monitor.endswith("acc") else "min"
 
 
 def device_of(trainer: DictConfig) -> str:
@@ -160,6 +158,9 @@ def build_callbacks(
         "last_checkpoint": {"dirpath": str(ckpt_dir)},
         "early_stopping": {"monitor": monitor, "mode": mode},
     }
+    stop = callbacks.get("early_stopping")
+    if stop is not None and stop.get("monitor", "auto") != "auto":  # its own metric: its mode follows the name
+        runtime["early_stopping"] = {"mode": "max" if str(stop.monitor).endswith("acc") else "min"}
     built = {}
     for name, node in callbacks.items():
         if node is None:
@@ -210,6 +211,24 @@ def gradient_check(trainer: pl.Trainer, net: MLP, loss: str, tracker: Tracker, e
     if not report["passed"]:
         bad = [e["layer"] + ":" + e["function"] for e in report["layers"] if not e["passed"]]
         raise GradcheckError(f"gradient check failed before training for {', '.join(bad)}")
+
+
+def how_it_stopped(trainer: pl.Trainer, early_stopping: pl.Callback | None) -> dict[str, Any]:
+    """How many epochs ran, and why they ended: early stopping (its metric stopped improving), or the epoch cap
+    while it was still improving (``still_improving``: the cap, not convergence, ended the run)."""
+    epochs, cap = trainer.current_epoch, trainer.max_epochs
+    report: dict[str, Any] = {"epochs": epochs, "max_epochs": cap, "early_stopped": False, "still_improving": False}
+    if isinstance(early_stopping, pl.callbacks.EarlyStopping):
+        best, stopped = early_stopping.best_score, early_stopping.stopped_epoch > 0
+        capped = cap is not None and cap > 0 and epochs >= cap
+        report.update(
+            monitor=early_stopping.monitor,
+            best=float(best) if best is not None and torch.isfinite(best) else None,
+            early_stopped=stopped,
+            # Lightning's wait_count: epochs since the last improvement, still short of the patience at the cap.
+            still_improving=capped and not stopped and early_stopping.wait_count < early_stopping.patience,
+        )
+    return report
 
 
 def test_best(run: Run, trainer: pl.Trainer, module, datamodule, ckpt_dir: Path, monitor: str) -> dict[str, Any]:

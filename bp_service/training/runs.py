@@ -27,8 +27,9 @@ def parser() -> argparse.ArgumentParser:
         description="The runs in the MLflow store every bp-service command uses (MLFLOW_TRACKING_URI, else the "
         "home's mlflow.db).",
     )
-    sub = p.add_subparsers(dest="action", required=True, metavar="{uri,list,stale}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{uri,list,stale,dashboard}")
     sub.add_parser("uri", help="print the store's URI (for mlflow ui, MLflow's own tools, scripts)")
+    sub.add_parser("dashboard", help="each experiment's runs list in the dashboard `make ui` serves, metrics shown")
     listing = sub.add_parser("list", help="the newest runs: id, start, status, experiment, name, headline metric")
     listing.add_argument("--experiment", help="only this experiment (its name)")
     listing.add_argument("--status", choices=("RUNNING", "FINISHED", "FAILED", "KILLED"), help="only runs in it")
@@ -57,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with quick_http():
+            if args.action == "dashboard":
+                return dashboard_links(uri)
             return list_runs(uri, args) if args.action == "list" else report_stale(uri, close=args.close)
     except Exception as exc:  # an unreachable server, a store of another version: one line
         print(f"bp-runs: error: {uri}: {first_line(exc)}", file=sys.stderr)
@@ -83,6 +86,24 @@ def list_runs(uri: str, args: argparse.Namespace) -> int:
         rows.append((run.info.run_id, started, run.info.status, experiments[run.info.experiment_id], name, metric))
     print("\n".join(columns(rows)))
     print(f"{len(runs)} run(s) in {uri}")
+    return 0
+
+
+def dashboard_links(uri: str) -> int:
+    """The link to each experiment, newest first, opened on the view bp-train gives it (given here to an
+    experiment of an older bp-train, which has none)."""
+    from mlflow import MlflowClient
+
+    from bp_service.training.tracking.dashboard import dashboard, experiment_link, share_view
+
+    base = uri.rstrip("/") if uri.startswith(("http:", "https:")) else dashboard()
+    client = MlflowClient(uri)
+    found = [e for e in client.search_experiments(order_by=["last_update_time DESC"]) if e.name != "Default"]
+    for experiment in found:
+        share_view(uri, experiment.experiment_id)
+        print(f"{experiment.name:<20} {experiment_link(base, experiment.experiment_id)}")
+    if not found:
+        print(f"no experiments yet in {uri}")
     return 0
 
 

@@ -5,7 +5,6 @@ Scaling travels with the model (``Prepared.meta``) so that predictions are made 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,28 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder, StandardScaler
 from torch import Tensor
 
 from bp_service.tables import DataError, check_scaling
-from bp_service.training.config import DataSettings, instantiate
-from bp_service.training.data.sources import Source
-
-# The data node's keys that are not the source's: split and loader settings, the same for every source.
-SETTINGS = frozenset(f.name for f in dataclasses.fields(DataSettings))
-
-
-def build_source(cfg: DictConfig) -> Source:
-    """The source the ``data`` node names by ``_target_`` (allowlisted), given that node's own fields only.
-
-    The constructor checks them: a bad one is a ConfigError naming it. A field left ``???`` is not
-    passed, so the source says which one is required.
-    """
-    node = OmegaConf.to_container(cfg, resolve=True)
-    return instantiate({k: v for k, v in node.items() if k not in SETTINGS and v != "???"}, "data")
+from bp_service.training.data.sources import SETTINGS, build_source  # noqa: F401 (their names here before)
 
 
 @dataclass

@@ -9,6 +9,7 @@ source is a class here (or beside it), its schema in :mod:`bp_service.training.c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,12 @@ from typing import ClassVar
 
 import numpy as np
 import pandas as pd
-from sklearn import datasets as skd
+from omegaconf import DictConfig, OmegaConf
 
-from bp_service.training.config import ConfigError, Task
+from bp_service.training.config import ConfigError, DataSettings, Task, instantiate
+
+# The data node's keys that are not the source's: split and loader settings, the same for every source.
+SETTINGS = frozenset(f.name for f in dataclasses.fields(DataSettings))
 
 
 @dataclass
@@ -78,6 +82,21 @@ class Source:
         """The network's input and output widths as far as they are known before loading (1 where unknown)."""
         return 1, 1
 
+    def problems(self) -> list[str]:
+        """Every problem :meth:`load` would refuse, each one line, found without torch or scikit-learn; only where
+        that is cheap (a user's file), else none: what the source generates or ships is checked by loading it."""
+        return []
+
+
+def build_source(cfg: DictConfig) -> Source:
+    """The source the ``data`` node names by ``_target_`` (allowlisted), given that node's own fields only.
+
+    The constructor checks them: a bad one is a ConfigError naming it. A field left ``???`` is not
+    passed, so the source says which one is required.
+    """
+    node = OmegaConf.to_container(cfg, resolve=True)
+    return instantiate({k: v for k, v in node.items() if k not in SETTINGS and v != "???"}, "data")
+
 
 class BundledSource(Source):
     """A table that ships with scikit-learn (``sklearn.datasets.load_<name>``): nothing to download."""
@@ -90,6 +109,8 @@ class BundledSource(Source):
         require(self.name in self.TABLES, f"data.name must be one of {', '.join(self.TABLES)}, got {self.name!r}")
 
     def load(self, seed: int) -> Raw:
+        from sklearn import datasets as skd  # a second's import: not before bp-train has checked the config
+
         bunch = getattr(skd, f"load_{self.name}")()
         names = [str(n) for n in getattr(bunch, "feature_names", [])] or [f"x{i}" for i in range(bunch.data.shape[1])]
         y = np.asarray(bunch.target)
@@ -120,6 +141,8 @@ def _xor(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[
 
 
 def _moons(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn import datasets as skd
+
     x, y = skd.make_moons(n_samples=n, noise=noise, random_state=seed)
     return x, y, ["x1", "x2"]
 
@@ -207,6 +230,8 @@ class SyntheticSource(Source):
             "shuffle": False,
             "random_state": seed,
         }
+        from sklearn import datasets as skd
+
         if self.regression:
             x, y = skd.make_regression(**common, noise=self.noise)
         else:

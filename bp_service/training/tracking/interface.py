@@ -8,7 +8,7 @@ backend is a subclass (MLflow's is :class:`bp_service.training.tracking.run.MLfl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,14 @@ class Tracker(ABC):
 
     @abstractmethod
     def log_figure(self, figure: Any, name: str) -> None: ...
+
+    def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
+        """Draw and log pictures (name -> what draws its figure); returns what waits until they are all written.
+
+        Here they are drawn one after the other, now; a backend may draw them beside the caller's other work."""
+        for name, draw in drawn.items():
+            self.log_figure(draw(), name)
+        return lambda: None
 
     @abstractmethod
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None: ...

@@ -9,6 +9,12 @@ from omegaconf import DictConfig
 from bp_service.home import tracking_uri
 
 
+def best_name(monitor: str) -> str:
+    """The name of the best value a run's monitored metric reached (its best checkpoint's): ``best/val/acc``.
+    Apart from ``val/acc`` itself, which MLflow shows at its last epoch; a sweep's parent uses it too."""
+    return f"best/{monitor}"
+
+
 def resolve_uri(tracking: DictConfig, paths: DictConfig) -> str:
     """This job's store: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``, else ``<paths.root_dir>/mlflow.db``."""
     return tracking_uri(tracking.uri, paths.root_dir)

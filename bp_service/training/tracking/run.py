@@ -7,15 +7,18 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import platform
 import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import lightning
 import lightning.pytorch as pl
@@ -25,6 +28,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 import bp_service
+from bp_service.commands import first_line
+from bp_service.files import atomic_path
 from bp_service.home import default_uri
 from bp_service.training.store import (
     TrackingError,
@@ -37,10 +42,11 @@ from bp_service.training.store import (
     process_start,
     quick_http,
 )
+from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
 from bp_service.training.tracking.interface import Job, Tracker
 from bp_service.training.tracking.logger import PendingMetrics, ResilientMLFlowLogger
 from bp_service.training.tracking.names import experiment_name, resolve_uri, run_name
-from bp_service.training.tracking.sweep import parent_run_id
+from bp_service.training.tracking.sweep import parent_run_id, sweep_store
 
 
 def git_commit() -> str | None:
@@ -96,7 +102,7 @@ class MLflowTracker(Tracker):
     name = "MLflow"
 
     def __init__(self, tracking: DictConfig, paths: DictConfig, job: Job) -> None:
-        self.uri = resolve_uri(tracking, paths)
+        self.uri = sweep_store(job.sweep_dir) or resolve_uri(tracking, paths)  # a sweep's jobs: its parent's store
         # A server lost mid-run must cost seconds, not MLflow's default minutes of retries per call.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -106,7 +112,7 @@ class MLflowTracker(Tracker):
         parent = parent_run_id(job.sweep_dir)
         tracking.experiment = self._parent_experiment(parent) or experiment_name(tracking.experiment, job.dataset)
         self.experiment = tracking.experiment
-        ensure_experiment(self.uri, self.experiment, paths.root_dir)
+        share_view(self.uri, ensure_experiment(self.uri, self.experiment, paths.root_dir))
         tags = {**run_tags(job.overrides, job.device, paths.output_dir), **job.origin}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -125,6 +131,10 @@ class MLflowTracker(Tracker):
         # For the Trainer: the metrics not yet written travel in checkpoints (see PendingMetrics).
         self._callbacks: list[pl.Callback] = [PendingMetrics(self.logger)]
         self.finished_before: int | None = None  # end time of a FINISHED run this job continues
+        self._pictures: list[str] = []
+        self._artifact_uri: str | None = None  # where the pictures are written
+        with contextlib.suppress(Exception):
+            self._artifact_uri = self.client.get_run(self.run_id).info.artifact_uri
         if self.resumed:
             self._reopen()
 
@@ -205,7 +215,55 @@ class MLflowTracker(Tracker):
         self.logger.call(name, self.client.log_text, self.run_id, text, name)
 
     def log_figure(self, figure, name: str) -> None:
-        self.logger.call(name, self.client.log_figure, self.run_id, figure, name)
+        """Writes the picture, whole or not at all; :meth:`end` names the run's pictures on its page, in one write
+        to the store rather than one per picture."""
+        self.logger.call(name, self._write_figure, figure, name)
+        self._pictures.append(name)
+
+    def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
+        """Into a store on this machine, the pictures are drawn by a forked process while this one goes on (the
+        model's logging): matplotlib's work, about half a second, then runs on another core. Python threads would
+        not do: both sides hold the GIL, and together took longer than one after the other. The child writes
+        files only (each whole or not at all), never the store's database; the returned wait names them."""
+        folder = local_artifact_dir(self._artifact_uri)
+        if folder is None or not drawn or self.lost or "fork" not in multiprocessing.get_all_start_methods():
+            return super().log_figures(drawn)
+        context = multiprocessing.get_context("fork")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_draw_apart, args=(drawn, folder, send), name="bp-train pictures")
+        child.start()
+        send.close()
+
+        def wait() -> None:
+            try:
+                written, failed, error = receive.recv()
+            except EOFError:  # it ended without a word (a signal)
+                child.join()
+                written, failed, error = [], "pictures", f"the drawing process ended with code {child.exitcode}"
+            finally:
+                child.join()
+                receive.close()
+            self._pictures.extend(written)
+            if failed is None:
+                return
+            if failed == "draw":
+                raise RuntimeError(f"drawing {error}")
+
+            def lose() -> None:
+                raise OSError(error)
+
+            self.logger.call(failed, lose)  # a full disk: tracking lost, with its warning; the run stands
+
+        return wait
+
+    def _write_figure(self, figure, name: str) -> None:
+        folder = local_artifact_dir(self._artifact_uri)
+        if folder is None:  # a server's store: one upload, stored whole or not at all
+            self.client.log_figure(self.run_id, figure, name)
+            return
+        # A process stopped mid-write leaves the previous picture or none, never half a PNG.
+        with atomic_path(folder / name) as tmp:
+            figure.savefig(tmp, format=Path(name).suffix.lstrip(".") or "png")
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.logger.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
@@ -264,6 +322,8 @@ class MLflowTracker(Tracker):
         """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
         with quick_http(retries=1):
             self.logger.flush()  # what the run measured before it stopped, whatever stopped it
+            if self._pictures:  # shown on the run's Overview page, not one click each in the Artifacts tab
+                self.set_tag(NOTE_TAG, run_note(self.run_id, self._pictures))
         try:
             with quick_http(retries=1):
                 if self.finished_before is not None and status != "FINISHED":
@@ -288,9 +348,33 @@ class MLflowTracker(Tracker):
         return f"{link}   (after `mlflow ui --backend-store-uri {self.uri}`)"
 
 
-def dashboard() -> str:
-    """Where ``make ui`` serves the dashboard (its PORT defaults to 5000)."""
-    return f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"
+def _draw_apart(drawn: Mapping[str, Callable[[], Any]], folder: Path, send) -> None:
+    """The forked child of :meth:`MLflowTracker.log_figures`: draws and writes, and sends back (names written,
+    None | "draw" | the picture whose write failed, what went wrong)."""
+    written: list[str] = []
+    for name, draw in drawn.items():
+        try:
+            figure = draw()
+            with atomic_path(folder / name) as tmp:
+                figure.savefig(tmp, format=Path(name).suffix.lstrip(".") or "png")
+        except OSError as exc:  # the disk, not the drawing
+            send.send((written, name, first_line(exc)))
+            return
+        except BaseException as exc:
+            send.send((written, "draw", f"{name}: {type(exc).__name__}: {first_line(exc)}"))
+            return
+        written.append(name)
+    send.send((written, None, None))
+
+
+def local_artifact_dir(artifact_uri: str | None) -> Path | None:
+    """The folder of a run's artifacts when it is on this machine (``file:`` or a plain path), else None."""
+    if not artifact_uri:
+        return None
+    location = urlparse(artifact_uri)
+    if location.scheme not in ("", "file") or location.netloc not in ("", "localhost"):
+        return None
+    return Path(url2pathname(location.path))
 
 
 def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
