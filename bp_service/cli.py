@@ -5,6 +5,7 @@ as it does once the command is running, instead of Python's traceback."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from importlib import import_module
 
@@ -53,7 +54,8 @@ def bp_explain() -> None:
 
 
 def bp_bench() -> None:
-    from bp_service.bench import quiet_native_logs
-
-    quiet_native_logs()  # before torch loads: it reads one of them then
+    # bp_service.bench.quiet_native_logs's switches, set before torch loads (it reads them then); the entry
+    # points import no command's package.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     _run("bp_service.bench.cli", "bp-bench")

@@ -32,8 +32,7 @@ from bp_service.training.data import BPDataModule, Prepared
 from bp_service.training.guard import check_callback_paths
 from bp_service.training.lifecycle import Run, claim_node_rank, open_run, slurm_root
 from bp_service.training.preflight import check_config, check_data, monitored_metric
-from bp_service.training.tracking import Job, Tracker, dataset_name, flat_params
-from bp_service.training.tracking.names import best_name
+from bp_service.training.tracking import Job, Tracker, best_name, dataset_name, flat_params
 
 # Callbacks whose only output goes to the tracker (the learning-rate monitor even refuses to run without a logger).
 REPORTING_CALLBACKS = ("learning_rate_monitor", "gradient_flow")

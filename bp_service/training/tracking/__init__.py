@@ -14,10 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from bp_service.training.tracking.names import dataset_name
+from bp_service.training.tracking.names import best_name, dataset_name
 from bp_service.training.tracking.params import flat_params, recordable_config
 
-__all__ = ["Job", "NoTracker", "Tracker", "dataset_name", "flat_params", "open_tracker", "recordable_config"]
+__all__ = [
+    "Job",
+    "NoTracker",
+    "Tracker",
+    "best_name",
+    "dataset_name",
+    "flat_params",
+    "open_tracker",
+    "recordable_config",
+]
 
 
 def __getattr__(name: str) -> Any:
