@@ -65,11 +65,12 @@ def test_a_wrong_derivative_in_the_training_path_is_refused(monkeypatch):
 
 @pytest.mark.slow  # a whole bp-train process: ~20 s on two cores, mostly start-up
 def test_bp_train_refuses_to_train_on_a_wrong_derivative(tmp_path):
-    """The real command, its sigmoid derivative broken before it starts: one line, exit 1, nothing trained."""
+    """The real command, the derivative of its default hidden activation (tanh) broken before it starts: one
+    line, exit 1, nothing trained."""
     patch = (
         "import dataclasses, sys; from bp_service.activations import ACTIVATIONS; from bp_service.cli import bp_train\n"
-        "right = ACTIVATIONS['sigmoid']\n"
-        "ACTIVATIONS['sigmoid'] = dataclasses.replace(right, derivative=lambda a: right.derivative(a) / 2)\n"
+        "right = ACTIVATIONS['tanh']\n"
+        "ACTIVATIONS['tanh'] = dataclasses.replace(right, derivative=lambda a: right.derivative(a) / 2)\n"
         "sys.argv[0] = 'bp-train'; sys.exit(bp_train())\n"
     )
     run = subprocess.run(

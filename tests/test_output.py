@@ -221,8 +221,10 @@ def test_make_ui_is_light_and_prints_the_training_runs_link(tmp_path):
     try:
         first = proc.stdout.readline()
         assert first.strip() == (
-            f"MLflow dashboard, training runs: http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning"
+            "MLflow dashboard, each experiment's runs with their metrics (all experiments: "
+            f"http://127.0.0.1:{port}/#/experiments?workflowType=machine_learning):"
         )
+        assert proc.stdout.readline().strip() == f"no store at {tmp_path / 'mlflow.db'}: no runs"  # bp-runs dashboard
         deadline = time.monotonic() + 240
         while True:
             try:

@@ -15,6 +15,7 @@ from bp_service.tables import (
     read_feature_frame,
     read_header,
     several,
+    shown,
     shown_names,
     text_columns,
 )
@@ -93,11 +94,13 @@ class CsvSource(Source):
         if not has_target:
             columns = [str(c) for c in frame.columns]
             close = difflib.get_close_matches(self.target, columns, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {shown(close[0])!r}?" if close else ""
             problems.append(
                 f"{source}: target column {self.target!r} not found{hint} (columns: {shown_names(columns, 20)})"
             )
-        features, numeric = self._features(frame, source, problems)
+        # A file without the target may not be the file meant (a mistyped path, a link to a private file):
+        # its columns are named, its cells are not quoted.
+        features, numeric = self._features(frame, source, problems, quote_cells=has_target)
         x = np.full((len(frame), len(numeric)), np.nan)
         try:
             x = numeric_matrix(frame, numeric, source, fill=[np.nan] * len(numeric))  # names inf cells by row
@@ -131,7 +134,9 @@ class CsvSource(Source):
             return [f"{source}: {columns} empty in every row, so data.missing=drop would leave no row; {way_on}"]
         return []
 
-    def _features(self, frame: pd.DataFrame, source: str, problems: list[str]) -> tuple[list[str], list[str]]:
+    def _features(
+        self, frame: pd.DataFrame, source: str, problems: list[str], quote_cells: bool = True
+    ) -> tuple[list[str], list[str]]:
         """(``features`` found in the file, or every column but the target and the id; the numeric ones among
         them): what is wrong with them (absent, none, text) added to ``problems``, text columns with a way on."""
         excluded = {self.target, self.id_column}
@@ -148,13 +153,15 @@ class CsvSource(Source):
         text = text_columns(frame, features)
         numeric = [c for c in features if c not in text]
         if text:
-            named = ", ".join(f"{c!r} ({where})" for c, where in text.items())
+            named = ", ".join(
+                f"{shown(c)!r} ({where})" if quote_cells else repr(shown(c)) for c, where in text.items()
+            )
             way_on = (
                 f"train on the numeric ones with 'data.features=[{','.join(map(_override_item, numeric))}]'"
                 if numeric
                 else "no numeric feature column is left; encode the text as numbers first"
             )
-            problems.append(f"{source}: not numeric: column(s) {named}; {way_on}")
+            problems.append(f"{source}: not numeric: column(s) {named}" + (f"; {way_on}" if quote_cells else ""))
         return features, numeric
 
 
