@@ -153,9 +153,7 @@ class CsvSource(Source):
         text = text_columns(frame, features)
         numeric = [c for c in features if c not in text]
         if text:
-            named = ", ".join(
-                f"{shown(c)!r} ({where})" if quote_cells else repr(shown(c)) for c, where in text.items()
-            )
+            named = ", ".join(f"{shown(c)!r} ({where})" if quote_cells else repr(shown(c)) for c, where in text.items())
             way_on = (
                 f"train on the numeric ones with 'data.features=[{','.join(map(_override_item, numeric))}]'"
                 if numeric
