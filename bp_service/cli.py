@@ -9,15 +9,21 @@ import os
 import sys
 from importlib import import_module
 
-from bp_service.commands import EXIT_INTERRUPT
+from bp_service.commands import EXIT_INTERRUPT, pause_collector, startup_done
 
 
-def _run(module: str, command: str) -> None:
+def _run(module: str, command: str, settles_itself: bool = False) -> None:
+    """Import and run a command. ``settles_itself``: its heavy imports happen inside ``main`` (bp-train's come
+    after its config and data checks), and it calls :func:`~bp_service.commands.startup_done` once they are
+    over; for the others, start-up ends with the import of their module."""
+    pause_collector()
     try:
         main = import_module(module).main
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPT) from None
+    if not settles_itself:
+        startup_done()
     try:
         sys.exit(main())
     finally:
@@ -28,7 +34,7 @@ def _run(module: str, command: str) -> None:
 
 
 def bp_train() -> None:
-    _run("bp_service.training.cli", "bp-train")
+    _run("bp_service.training.cli", "bp-train", settles_itself=True)
 
 
 def bp_predict() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -12,6 +13,23 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # bad arguments, config or input: the user can fix it
 EXIT_INTERRUPT = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143, what schedulers expect from a job stopped by SIGTERM
+
+
+def pause_collector() -> None:
+    """Start-up: the cyclic garbage collector off while the heavy imports (torch, Lightning, MLflow) run.
+
+    What they make lives as long as the process, yet each full collection walks all of it again: about 0.8 s of
+    a tracked digits run on a 2-core machine went to collections that freed nothing. :func:`startup_done` turns
+    the collector back on.
+    """
+    gc.disable()
+
+
+def startup_done() -> None:
+    """The command's imports and set-up are done: what exists now is frozen (left out of every later
+    collection; reference counting still frees it), and the collector runs again on what comes next."""
+    gc.freeze()
+    gc.enable()
 
 
 def first_line(exc: BaseException) -> str:

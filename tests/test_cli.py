@@ -1,5 +1,6 @@
 """The console entry points: a Ctrl-C at any moment of start-up is one line and exit 130."""
 
+import ast
 import signal
 import subprocess
 import sys
@@ -24,3 +25,36 @@ def test_ctrl_c_during_startup_is_one_line_and_130(tmp_path, command, delay):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"{command}: interrupted"
+
+
+PROBE = """
+import gc, sys
+from bp_service.training import lifecycle, module
+seen = {}
+fit, step = lifecycle.Run.fit, module.BPModule.training_step
+def watched_fit(self, *args, **kwargs):
+    seen["before fit"] = gc.isenabled()
+    return fit(self, *args, **kwargs)
+def watched_step(self, *args, **kwargs):
+    seen.setdefault("training", [gc.isenabled(), gc.get_freeze_count() > 0])
+    return step(self, *args, **kwargs)
+lifecycle.Run.fit, module.BPModule.training_step = watched_fit, watched_step
+from bp_service.cli import bp_train
+sys.argv = ["bp-train", *sys.argv[1:]]
+try:
+    bp_train()
+finally:
+    print("SEEN", seen)
+"""
+
+
+def test_bp_train_collects_garbage_while_it_trains_not_while_it_imports(tmp_path):
+    """The cyclic collector is off through start-up (imports, config, data), and on, over a frozen heap, while the
+    model trains: a long run's reference cycles are still collected."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "data=xor", "trainer=cpu", "trainer.max_epochs=2", "tracking.enabled=false"],
+        capture_output=True, text=True, env=clean_env(BP_SERVICE_HOME=str(tmp_path)), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = ast.literal_eval(next(line for line in proc.stdout.splitlines() if line.startswith("SEEN "))[5:])
+    assert seen == {"before fit": False, "training": [True, True]}

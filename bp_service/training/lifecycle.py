@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler
+from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler, startup_done
 from bp_service.training.tracking import Job, NoTracker, Tracker, open_tracker
 
 
@@ -55,6 +55,7 @@ class Run:
             if ckpt_path:  # a resume writes into a folder with files, or starts a new one: both on purpose
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            startup_done()  # torch, Lightning and the tracker are imported and the data is loaded
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             except SIGTERMException:
