@@ -79,3 +79,29 @@ def test_data_config_builds_an_option_in_code(compose_cfg):
     built = OmegaConf.structured(DataConfig(name="digits", steps_per_execution=2))
     assert built == composed and OmegaConf.get_type(built) is OmegaConf.get_type(composed)
     assert prepare(built, 0).meta == prepare(composed, 0).meta
+
+
+def test_the_early_check_hands_its_csv_to_the_run_unless_the_file_changed(tmp_path, monkeypatch):
+    """bp-train's check before torch loads reads the file; the run takes that frame instead of parsing it again,
+    but never a frame of a file changed in between."""
+    import os
+
+    from bp_service import tables
+    from bp_service.training.data.csv import CsvSource
+
+    reads = []
+    real = tables.read_rows
+    monkeypatch.setattr(tables, "read_rows", lambda path, **kw: reads.append(path) or real(path, **kw))
+    path = tmp_path / "rows.csv"
+    path.write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+
+    assert CsvSource(str(path), target="y").problems() == []
+    raw = CsvSource(str(path), target="y").load(seed=0)  # a new source, as the run builds its own
+    assert len(reads) == 1 and raw.x.shape == (40, 1)
+
+    CsvSource(str(path), target="y").problems()
+    path.write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(50)))
+    os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    assert CsvSource(str(path), target="y").load(seed=0).x.shape == (50, 1) and len(reads) == 3
+    CsvSource(str(path), target="y").load(seed=0)  # nothing handed over: read again
+    assert len(reads) == 4

@@ -841,6 +841,15 @@ def _docs_example(marker: str) -> str:
     return block
 
 
+def _beside_bp_predict(out: Path, model: dict, rows: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows a cluster example wrote into ``out``, in bp-predict's order; bp-predict's own output on ``rows``)."""
+    got = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in out.glob("*.csv")])
+    expected = tmp_path / "expected.csv"
+    assert main([f"model={model['checkpoint']}", f"input={rows}", f"output={expected}"]) == 0
+    want = pd.read_csv(expected, dtype={"id": str})
+    return got.set_index("id").loc[want["id"]].reset_index(), want
+
+
 @pytest.mark.slow
 def test_the_ray_data_example_scores_a_folder_like_bp_predict(model, rows, tmp_path):
     pytest.importorskip("ray")
@@ -857,11 +866,7 @@ def test_the_ray_data_example_scores_a_folder_like_bp_predict(model, rows, tmp_p
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in (tmp_path / "out").glob("*.csv")])
-    expected = tmp_path / "expected.csv"
-    assert main([f"model={model['checkpoint']}", f"input={tmp_path / 'in' / 'part-0.csv'}", f"output={expected}"]) == 0
-    want = pd.read_csv(expected, dtype={"id": str})
-    got = got.set_index("id").loc[want["id"]].reset_index()
+    got, want = _beside_bp_predict(tmp_path / "out", model, tmp_path / "in" / "part-0.csv", tmp_path)
     assert got["prediction"].tolist() == want["prediction"].tolist()
 
 
@@ -881,10 +886,6 @@ def test_the_spark_udf_example_gives_every_probability_column(model, rows, tmp_p
         [sys.executable, "score.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = pd.concat([pd.read_csv(p, dtype={"id": str}) for p in (tmp_path / "out").glob("*.csv")])
-    expected = tmp_path / "expected.csv"
-    assert main([f"model={model['checkpoint']}", f"input={rows}", f"output={expected}"]) == 0
-    want = pd.read_csv(expected, dtype={"id": str})
-    got = got.set_index("id").loc[want["id"]].reset_index()
+    got, want = _beside_bp_predict(tmp_path / "out", model, rows, tmp_path)
     assert got["prediction"].tolist() == want["prediction"].tolist()
     np.testing.assert_allclose(got[want.columns[2:]].to_numpy(), want.iloc[:, 2:].to_numpy(), atol=1e-6)

@@ -60,9 +60,10 @@ class CsvSource(Source):
         return str(self.path)
 
     def problems(self) -> list[str]:
-        """Every problem of the file at once, each one line naming its columns and first row (pandas only)."""
+        """Every problem of the file at once, each one line naming its columns and first row (pandas only). The
+        frame read is handed over to :meth:`load`, which then does not read the file again."""
         try:
-            frame = read_feature_frame(self.path)
+            frame = read_feature_frame(self.path, hand_over=True)
         except DataError as exc:
             return [str(exc)]
         return self._read(frame)[0]
