@@ -321,11 +321,15 @@ def test_quick_run_of_the_job_items(tmp_path):
     assert cli.main(["--quick", "--items", "lightning-overhead,peer-job", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    assert [r["item"] for r in rows] == ["lightning-overhead", "lightning-overhead", "peer-job"]
-    # One optimizer step per Lightning step, then a whole epoch (the 20 batches of 64 of digits' 1257 training rows).
-    assert "steps_per_execution=1)" in rows[0]["name"] and "steps_per_execution=20)" in rows[1]["name"]
-    assert [r["details"]["steps_per_epoch"] for r in rows[:2]] == [20, 20]
-    assert [r["details"]["epochs"] for r in rows[:2]] == [[1, 3], [1, 3]]
+    assert [r["item"] for r in rows] == ["lightning-overhead"] * 4 + ["peer-job"]
+    # Digits, then a 6,366-row CSV: one optimizer step per Lightning step, then as shipped (auto: a whole epoch,
+    # digits' 20 batches of 64 of its 1257 training rows, the CSV's 140 of 32 of its 4456).
+    assert "steps_per_execution=1)" in rows[0]["name"] and "digits b64" in rows[0]["name"]
+    assert "steps_per_execution=auto (as shipped))" in rows[1]["name"] and "digits b64" in rows[1]["name"]
+    assert all("own CSV 6366 rows b32" in r["name"] for r in rows[2:4])
+    assert [r["details"]["steps_per_epoch"] for r in rows[:4]] == [20, 20, 140, 140]
+    assert [r["details"]["lightning_steps_per_epoch"] for r in rows[:4]] == [20, 1, 140, 1]
+    assert [r["details"]["epochs"] for r in rows[:4]] == [[1, 3]] * 4
     peer_job = rows[-1]
     assert "bp-train (tracking off, 5 epochs) vs MLPClassifier" in peer_job["name"]
     # Both accuracies are read from the processes' own output.

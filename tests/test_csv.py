@@ -382,6 +382,10 @@ def predict_frames(draw):
 @example(
     frame=pd.DataFrame({"id": ["a", "b", "c"], "x3": [3, 0, 1], "x1": [1.5, -2, 0], "x2": [0, 0, 7]}), chunk_size=2
 )
+@example(  # carried through as written: a leading zero, a trailing one, an empty cell
+    frame=pd.DataFrame({"x1": [0.0, 1], "x2": [1, 2], "x3": [2, 3], "id": ["007", "b"], "x4": ["5.50", ""]}),
+    chunk_size=1,
+)
 def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chunk_size):
     from bp_service.bundle import net_from_bundle
     from bp_service.serving.model import InputError
@@ -403,4 +407,8 @@ def test_bp_predict_gives_a_clean_error_or_a_correct_result(tmp_path, frame, chu
     reread = pd.read_csv(source)[["x1", "x2", "x3"]].apply(pd.to_numeric, errors="raise").to_numpy(dtype=float)
     expected = predict_rows(net_from_bundle(bundle), bundle["meta"], reread)
     assert written["prediction"].tolist() == expected["prediction"].tolist()
-    assert list(written.columns) == [*(["id"] if "id" in frame.columns else []), "prediction", "proba_no", "proba_yes"]
+    # Columns the model does not use (an id, an extra x4) are carried through, in their order, before the prediction.
+    carried = [c for c in frame.columns if c not in ("x1", "x2", "x3")]
+    assert list(written.columns) == [*carried, "prediction", "proba_no", "proba_yes"]
+    raw = pd.read_csv(source, dtype=str, keep_default_na=False)
+    assert pd.read_csv(out, dtype=str, keep_default_na=False)[carried].equals(raw[carried])

@@ -172,17 +172,65 @@ def test_steps_per_execution_groups_the_same_batches():
 
 def test_steps_per_execution_gives_identical_weights_and_epoch_metrics(compose_cfg):
     results = []
-    for k in (1, 5):
+    for k in (1, 5, "auto"):  # auto, the default: iris's 7 batches of 16 in one Lightning step
         cfg = compose_cfg(
             "data=iris", "trainer.max_epochs=3", f"data.steps_per_execution={k}", *NO_TRACKING, run_dir=f"k{k}"
         )
         result = train(cfg)
         results.append((result, torch.load(result["last_checkpoint"], weights_only=True)))
-    (r1, c1), (r5, c5) = results
-    assert r1["metrics"] == r5["metrics"]
-    for key in c1["state_dict"]:
-        assert torch.equal(c1["state_dict"][key], c5["state_dict"][key]), key
-    assert c1["global_step"] == c5["global_step"]
+    (r1, c1), *grouped = results
+    for r, c in grouped:
+        assert r["metrics"] == r1["metrics"]
+        for key in c1["state_dict"]:
+            assert torch.equal(c1["state_dict"][key], c["state_dict"][key]), key
+        assert c["global_step"] == c1["global_step"]
+    # The Lightning steps of an epoch (what the bar and the loop's hooks count): 7, 2 and 1.
+    assert [c["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] for _, c in results] == [21, 6, 3]
+
+
+def _trainer_for(datamodule, **settings):
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **settings)
+    datamodule.trainer = trainer
+    return trainer
+
+
+def test_auto_steps_per_execution_groups_unless_a_setting_counts_lightning_steps(compose_cfg, tmp_path):
+    from bp_service.training.checkpoints import LastCheckpoint
+
+    datamodule = BPDataModule(compose_cfg("data=digits").data, seed=0)
+    assert datamodule.cfg.steps_per_execution == "auto"
+    _trainer_for(datamodule)
+    assert datamodule.steps_per_execution() == 65_536 // 64  # more than an epoch of digits: the whole epoch
+    for counted in (
+        {"max_steps": 100},
+        {"limit_train_batches": 0.5},
+        {"val_check_interval": 5},
+        {"fast_dev_run": True},
+    ):
+        _trainer_for(datamodule, **counted)
+        assert datamodule.steps_per_execution() == 1, counted
+    _trainer_for(datamodule, callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=50)])
+    assert datamodule.steps_per_execution() == 1
+    explicit = BPDataModule(compose_cfg("data=digits", "data.steps_per_execution=4").data, seed=0)
+    _trainer_for(explicit, max_steps=100)
+    assert explicit.steps_per_execution() == 4  # a number is taken as given
+
+
+def test_a_chunk_of_steps_stops_at_max_steps(compose_cfg):
+    """data.steps_per_execution=5 with max_steps=7: Lightning checks max_steps between its steps, the module
+    inside them, so the run stops at 7 optimizer steps, not at the end of the second chunk (10)."""
+    from functools import partial
+
+    from bp_service.layers import MLP
+    from bp_service.training.module import BPModule
+
+    datamodule = BPDataModule(compose_cfg("data=digits", "data.steps_per_execution=5").data, seed=0)
+    module = BPModule(MLP((64, 16, 10)), optimizer=partial(torch.optim.SGD, lr=0.1))
+    trainer = _trainer_for(datamodule, max_steps=7, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 7
 
 
 # --------------------------------------------------------------------------- bad configs, in-process
@@ -192,6 +240,9 @@ def test_steps_per_execution_gives_identical_weights_and_epoch_metrics(compose_c
         ("optimizer.lr=-1", "optimizer.lr must be > 0, got -1"),
         ("model.net.hidden=[0]", "model.net.hidden widths must be > 0"),
         ("data.val_size=0.9", "data.val_size + data.test_size must be < 1"),
+        ("data.steps_per_execution=0", "data.steps_per_execution must be auto or an integer >= 1, got 0"),
+        ("data.steps_per_execution=fast", "data.steps_per_execution must be auto or an integer >= 1, got 'fast'"),
+        ("data.steps_per_execution=2.5", "data.steps_per_execution must be auto or an integer >= 1, got 2.5"),
     ],
 )
 def test_range_checks_name_the_field(compose_cfg, override, message):
@@ -311,3 +362,30 @@ def test_early_stopping_ends_a_run_that_stops_improving(compose_cfg):
     result = train(cfg)
     epochs_run = torch.load(result["last_checkpoint"], weights_only=True)["epoch"] + 1
     assert epochs_run < 30
+
+
+def test_the_divergence_check_names_a_non_finite_gradient_and_lets_an_overflowing_sum_pass(compose_cfg):
+    """A finite loss with an inf gradient stops the run naming the parameter; gradients whose sum merely overflows
+    float32 (each finite) do not."""
+    from functools import partial
+
+    from bp_service.layers import MLP
+    from bp_service.training.module import BPModule, NonFiniteError
+
+    datamodule = BPDataModule(compose_cfg("data=xor").data, seed=0)
+    module = BPModule(MLP((2, 3, 1)), optimizer=partial(torch.optim.SGD, lr=0.1))
+    _trainer_for(datamodule, max_steps=1, enable_checkpointing=False, num_sanity_val_steps=0).fit(module, datamodule)
+    loss, params = torch.tensor(0.5), list(module.net.parameters())
+
+    def grads(fill: float, inf_at_weight_2: bool = False) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = torch.full_like(p, fill)
+        if inf_at_weight_2:
+            params[2].grad[0, 1] = float("inf")
+        return [p.grad for p in params]
+
+    module._check_finite(loss, grads(3e38))  # every element finite, only their sum overflows: no error
+    with pytest.raises(NonFiniteError, match=r"^step 2: the gradient of layers\.1\.weight became non-finite; "):
+        module._check_finite(loss, grads(0.0, inf_at_weight_2=True))
+    with pytest.raises(NonFiniteError, match=r"^step 2: train/loss became non-finite \(nan\)"):
+        module._check_finite(torch.tensor(float("nan")), grads(1.0))

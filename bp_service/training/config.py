@@ -78,7 +78,9 @@ class DataSettings:
     val_size: float = 0.15
     test_size: float = 0.15
     batch_size: int = 64  # per process, as in Lightning
-    steps_per_execution: int = 1  # optimizer steps per Lightning step (amortizes per-step hooks)
+    # Optimizer steps per Lightning step (amortizes Lightning's per-step hooks; the same weights whatever it is).
+    # auto: steps over up to 65,536 rows (a small table's whole epoch), 1 where a setting counts Lightning steps.
+    steps_per_execution: Any = "auto"
     on_device: bool = True  # CUDA: keep the splits on the GPU, batches gathered there (no per-batch copy)
 
 

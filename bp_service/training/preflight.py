@@ -371,7 +371,12 @@ def _validate_data(d: DictConfig, found: list[str]) -> None:
         f"data.val_size + data.test_size must be < 1, got {d.val_size + d.test_size}",
     )
     _require(found, d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
-    _require(found, d.steps_per_execution >= 1, f"data.steps_per_execution must be >= 1, got {d.steps_per_execution}")
+    k = d.steps_per_execution
+    _require(
+        found,
+        k == "auto" or (isinstance(k, int) and not isinstance(k, bool) and k >= 1),
+        f"data.steps_per_execution must be auto or an integer >= 1, got {k!r}",
+    )
 
 
 def validate(cfg: DictConfig) -> None:

@@ -8,6 +8,10 @@ from torch import Tensor
 from bp_service.training.data.prepare import Prepared, prepare
 from bp_service.training.loader import InMemoryLoader
 
+# data.steps_per_execution=auto groups the optimizer steps of up to this many rows into one Lightning step: all of a
+# small table's epoch (digits: 18 steps), a few seconds of a large one's at most, so a stop or a bar is never far off.
+AUTO_ROWS = 65_536
+
 
 class BPDataModule(pl.LightningDataModule):
     """Wraps :func:`prepare` for Lightning; evaluation splits are small, so they go in large batches."""
@@ -16,7 +20,7 @@ class BPDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = cfg, seed
         self.data: Prepared | None = None
-        self._train: InMemoryLoader | None = None
+        self.train_loader: InMemoryLoader | None = None  # the latest train_dataloader()
         self._resident: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -44,17 +48,38 @@ class BPDataModule(pl.LightningDataModule):
         def position() -> tuple[int, int]:
             return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
-        self._train = InMemoryLoader(
+        self.train_loader = InMemoryLoader(
             *self.split("train"),
             self.cfg.batch_size,
             shuffle=True,
             seed=self.seed,
             rank=rank,
             world_size=world,
-            steps_per_execution=self.cfg.steps_per_execution,
+            steps_per_execution=self.steps_per_execution(),
             position=position if self.trainer else None,
         )
-        return self._train
+        return self.train_loader
+
+    def steps_per_execution(self) -> int:
+        """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows per
+        Lightning step, or 1 when a setting counts Lightning's steps (they would count groups instead)."""
+        k = self.cfg.get("steps_per_execution", 1)
+        if k != "auto":
+            return int(k)
+        trainer = self.trainer
+        if trainer is None:
+            return 1
+        from bp_service.training.checkpoints import LastCheckpoint
+
+        counts_steps = (
+            trainer.max_steps != -1
+            or bool(trainer.fast_dev_run)
+            or trainer.limit_train_batches != 1.0
+            or isinstance(trainer.val_check_interval, int)
+            or any(config.interval == "step" for config in trainer.lr_scheduler_configs)  # and LR monitor's cadence
+            or any(isinstance(c, LastCheckpoint) and c.every_n_steps for c in trainer.callbacks)
+        )
+        return 1 if counts_steps else max(1, AUTO_ROWS // self.cfg.batch_size)
 
     def _eval_loader(self, split: str) -> InMemoryLoader:
         return InMemoryLoader(*self.split(split), batch_size=4096)
