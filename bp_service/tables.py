@@ -162,6 +162,8 @@ def read_feature_frame(path: str | Path, hand_over: bool = False) -> pd.DataFram
     identity = _file_identity(path)
     frame = _HANDED_OVER.pop(identity, None)
     if frame is not None:
+        if hand_over:  # checked again: still the run's to take
+            _HANDED_OVER[identity] = frame
         return frame
     try:
         frame = read_rows(path)

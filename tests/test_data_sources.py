@@ -92,6 +92,7 @@ def test_the_early_check_hands_its_csv_to_the_run_unless_the_file_changed(tmp_pa
     reads = []
     real = tables.read_rows
     monkeypatch.setattr(tables, "read_rows", lambda path, **kw: reads.append(path) or real(path, **kw))
+    monkeypatch.setattr(tables, "_HANDED_OVER", {})  # this test's frames stay in this test
     path = tmp_path / "rows.csv"
     path.write_text("x,y\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
 
@@ -105,3 +106,10 @@ def test_the_early_check_hands_its_csv_to_the_run_unless_the_file_changed(tmp_pa
     assert CsvSource(str(path), target="y").load(seed=0).x.shape == (50, 1) and len(reads) == 3
     CsvSource(str(path), target="y").load(seed=0)  # nothing handed over: read again
     assert len(reads) == 4
+
+    CsvSource(str(path), target="y").problems()  # checked twice (a second check takes the frame and keeps it)
+    CsvSource(str(path), target="y").problems()
+    assert len(reads) == 5
+    path.write_text("x,y\n" + "".join(f"{9 - i % 10},{i % 2}\n" for i in range(50)))  # the same size, other rows
+    os.utime(path, ns=(2, 2))
+    assert CsvSource(str(path), target="y").load(seed=0).x[0, 0] == 9 and len(reads) == 6

@@ -57,6 +57,12 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     assert metrics["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
     epochs = client.get_metric_history(run.info.run_id, "val/acc")
     assert len(epochs) == 3
+    # Every curve on one clock, the optimizer step, though a Lightning step runs a whole epoch of iris's 7 batches
+    # (data.steps_per_execution=auto): each epoch's validation at the step its train/loss is recorded at.
+    train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert [e.step for e in epochs] == train_steps == [7, 14, 21]
+    lr = next(k for k in metrics if k.startswith("lr-"))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, lr)] == [0, 7, 14]  # at each epoch's start
     # the tested checkpoint's score under its own name: val/acc is the last epoch's
     assert metrics["best/val/acc"] == pytest.approx(result["best_score"]) == pytest.approx(max(e.value for e in epochs))
 

@@ -196,8 +196,8 @@ def _trainer_for(datamodule, **settings):
     return trainer
 
 
-def test_auto_steps_per_execution_groups_unless_a_setting_counts_lightning_steps(compose_cfg, tmp_path):
-    from bp_service.training.checkpoints import LastCheckpoint
+def test_auto_steps_per_execution_groups_unless_a_setting_counts_lightning_steps(compose_cfg, monkeypatch):
+    from bp_service.training.data.datamodule import stepwise_callbacks
 
     datamodule = BPDataModule(compose_cfg("data=digits").data, seed=0)
     assert datamodule.cfg.steps_per_execution == "auto"
@@ -207,12 +207,27 @@ def test_auto_steps_per_execution_groups_unless_a_setting_counts_lightning_steps
         {"max_steps": 100},
         {"limit_train_batches": 0.5},
         {"val_check_interval": 5},
+        {"val_check_interval": 0.25},
         {"fast_dev_run": True},
+        {"max_time": "00:00:10:00"},
     ):
         _trainer_for(datamodule, **counted)
         assert datamodule.steps_per_execution() == 1, counted
-    _trainer_for(datamodule, callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=50)])
-    assert datamodule.steps_per_execution() == 1
+    for stepwise in (
+        "callbacks.last_checkpoint.every_n_train_steps=50",
+        "+callbacks.model_checkpoint.every_n_train_steps=50",
+        "+callbacks.model_checkpoint.train_time_interval=60",
+    ):
+        callbacks = compose_cfg("data=digits", stepwise).callbacks
+        timed = BPDataModule(compose_cfg("data=digits").data, seed=0, stepwise=stepwise_callbacks(callbacks))
+        _trainer_for(timed)
+        assert timed.stepwise and timed.steps_per_execution() == 1, stepwise
+    assert stepwise_callbacks(compose_cfg("data=digits").callbacks) == []  # the shipped callbacks act per epoch
+    with monkeypatch.context() as env:  # a SLURM task: its requeue signal saves a checkpoint mid-step
+        env.setenv("SLURM_NTASKS", "1")
+        env.setenv("SLURM_JOB_NAME", "train")
+        _trainer_for(datamodule)
+        assert datamodule.steps_per_execution() == 1
     explicit = BPDataModule(compose_cfg("data=digits", "data.steps_per_execution=4").data, seed=0)
     _trainer_for(explicit, max_steps=100)
     assert explicit.steps_per_execution() == 4  # a number is taken as given
@@ -389,3 +404,46 @@ def test_the_divergence_check_names_a_non_finite_gradient_and_lets_an_overflowin
         module._check_finite(loss, grads(0.0, inf_at_weight_2=True))
     with pytest.raises(NonFiniteError, match=r"^step 2: train/loss became non-finite \(nan\)"):
         module._check_finite(torch.tensor(float("nan")), grads(1.0))
+
+
+def test_a_run_stopped_mid_chunk_resumes_at_the_optimizer_step_it_stopped_at(compose_cfg, tmp_path):
+    """A SIGTERM during optimizer step 7, inside the second chunk of 5: the chunk stops after that step (Lightning
+    would only stop at the chunk's end), bp-train's checkpoint is written as on a real SIGTERM, and the run resumed
+    from it ends with the same weights as a run straight to step 12. Counting Lightning's chunks instead (2 begun,
+    so 10 batches) would skip batches 7 to 9."""
+    import os
+    import signal
+    from functools import partial
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from bp_service.layers import MLP
+    from bp_service.training.module import BPModule
+
+    class TermAt(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            if trainer.global_step == 6:  # during the 7th step
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def run(ckpt_path=None, callbacks=()) -> tuple[BPModule, pl.Trainer, bool]:
+        torch.manual_seed(0)
+        datamodule = BPDataModule(compose_cfg("data=digits", "data.steps_per_execution=5").data, seed=0)
+        module = BPModule(MLP((64, 16, 10)), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+        trainer = _trainer_for(
+            datamodule, max_steps=12, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[*callbacks]
+        )
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            trainer.save_checkpoint(tmp_path / "last.ckpt")  # what bp-train writes on a SIGTERM (lifecycle.Run.fit)
+            return module, trainer, True
+        return module, trainer, False
+
+    straight, _, _ = run()
+    _, trainer, stopped = run(callbacks=[TermAt()])
+    assert stopped and trainer.global_step == 7
+    resumed, trainer, _ = run(ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 12 and resumed.epoch_so_far.epoch == 0 and resumed.epoch_so_far.steps == 12
+    for key, value in straight.net.state_dict().items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key

@@ -13,8 +13,8 @@ class InMemoryLoader:
     """Batches of in-memory tensors by slicing a shuffled index: no per-sample ``__getitem__`` + collate.
 
     Each epoch's order is a pure function of ``(seed, epoch)``. Given ``position`` (a callable
-    returning the current epoch and how many of its chunks are already done, read from the
-    Lightning loop when iteration starts), a run resumed mid-epoch from a checkpoint continues
+    returning the current epoch and how many of its batches, optimizer steps, are already done, read
+    when iteration starts), a run resumed mid-epoch from a checkpoint continues
     with exactly the batches an uninterrupted run would see: no random-number state to save.
 
     With ``world_size > 1`` every global batch of ``batch_size * world_size`` rows is dealt
@@ -64,11 +64,11 @@ class InMemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[tuple[Tensor, Tensor], ...]]:
         # A generator: the position is read at the first next(), after Lightning restored its loop.
-        epoch, done_chunks = self.position() if self.position else (self.epoch, 0)
+        epoch, done = self.position() if self.position else (self.epoch, 0)
         order = self._order(epoch).to(self.x.device)  # on CUDA the batches are gathered there
         global_batch = self.batch_size * self.world_size
         chunk: list[tuple[Tensor, Tensor]] = []
-        for i in range(done_chunks * self.steps_per_execution, self.n_batches):
+        for i in range(done, self.n_batches):
             idx = order[i * global_batch : (i + 1) * global_batch][self.rank :: self.world_size]
             chunk.append((self.x[idx], self.y[idx]))
             if len(chunk) == self.steps_per_execution:

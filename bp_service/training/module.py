@@ -6,6 +6,7 @@ import inspect
 import math
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +31,18 @@ def accuracy(pred: Tensor, target: Tensor) -> Tensor:
     if pred.shape[-1] == 1:
         return ((pred > 0.5) == (target > 0.5)).float().mean()
     return (pred.argmax(-1) == target.argmax(-1)).float().mean()
+
+
+@dataclass
+class EpochSoFar:
+    """The training epoch so far: what ``train/loss`` averages, and how many optimizer steps it has taken (where a
+    run resumed mid-epoch picks up, however its steps were grouped into Lightning steps). A plain object: writing a
+    field costs nothing beside a LightningModule attribute's write (``nn.Module.__setattr__``, microseconds)."""
+
+    epoch: int  # the Trainer's current_epoch these sums belong to
+    loss_sum: Tensor  # sum over the epoch's steps of loss * rows
+    rows: int = 0
+    steps: int | None = 0  # None: restored from a checkpoint that did not count them (bp-service before 2026-12)
 
 
 class BPModule(pl.LightningModule):
@@ -86,8 +99,7 @@ class BPModule(pl.LightningModule):
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.meta = dict(meta or {})
         self.gradient_clip_val = gradient_clip_val
-        self._epoch_loss_sum = torch.zeros(())
-        self._epoch_rows = 0
+        self.epoch_so_far = EpochSoFar(epoch=-1, loss_sum=torch.zeros(()))
         if task == "regression":
             # torchmetrics objects: summed over batches, synced across DDP ranks, reset each epoch by Lightning.
             units = MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()})
@@ -98,8 +110,7 @@ class BPModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:  # not called when resuming mid-epoch: sums come from the checkpoint
-        self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_rows = 0
+        self.epoch_so_far = EpochSoFar(epoch=self.current_epoch, loss_sum=torch.zeros((), device=self.device))
 
     def on_train_start(self) -> None:
         reason = self._why_not_captured()
@@ -139,11 +150,12 @@ class BPModule(pl.LightningModule):
         opt, trainer, logger = self.optimizers(), self.trainer, self.logger
         log_every, max_steps, step = trainer.log_every_n_steps, trainer.max_steps, self.global_step
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs if config.interval == "step"]
-        # The epoch's sums, kept in locals and stored once per chunk (a module's attribute write costs microseconds),
-        # added to in the same order whatever the chunk's size: the same train/loss to the last bit.
-        loss_sum, rows = self._epoch_loss_sum, self._epoch_rows
+        so_far = self.epoch_so_far  # added to in the same order whatever the chunk's size: the same train/loss
+        # A chunk stops where Lightning would between its steps: at max_steps, and at a SIGTERM (on one process: under
+        # DDP every rank must take the same steps, and Lightning stops them together at the chunk's end).
+        stoppable = trainer.world_size == 1
         for x, y in chunk:
-            if step == max_steps:  # a chunk of steps never carries the run past trainer.max_steps
+            if step == max_steps or (stoppable and trainer.received_sigterm):
                 break
             if self._captured is not None and self._captured.fits(x, y):
                 loss = self._captured_step(opt, x, y)
@@ -152,11 +164,11 @@ class BPModule(pl.LightningModule):
             step = self.global_step
             for scheduler in schedulers:
                 scheduler.step()
-            loss_sum = loss_sum.to(loss.device) + loss.detach() * len(x)
-            rows += len(x)
+            so_far.loss_sum = so_far.loss_sum.to(loss.device) + loss.detach() * len(x)
+            so_far.rows += len(x)
+            so_far.steps = (so_far.steps or 0) + 1
             if step % log_every == 0 and logger is not None:
                 logger.log_metrics({"train/loss_step": loss.item()}, step=step)
-        self._epoch_loss_sum, self._epoch_rows = loss_sum, rows
 
     def _eager_step(self, opt, x: Tensor, y: Tensor) -> Tensor:
         if self._captured is not None and not self._said_ragged:
@@ -185,7 +197,7 @@ class BPModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         # Mean over rows, independent of how optimizer steps were grouped into Lightning steps.
-        epoch_loss = self._epoch_loss_sum / max(self._epoch_rows, 1)
+        epoch_loss = self.epoch_so_far.loss_sum / max(self.epoch_so_far.rows, 1)
         epoch_loss = self.trainer.strategy.reduce(epoch_loss, reduce_op="mean")  # DDP: the ranks' mean
         self.log("train/loss", epoch_loss, prog_bar=True, logger=False)
         # Recorded now, not at Lightning's flush after the epoch: last.ckpt is written in between, and
@@ -268,8 +280,10 @@ class BPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
         checkpoint["bp_service"] = checkpoint_entry(self.net, self.meta)
-        checkpoint["bp_service_epoch_sums"] = [float(self._epoch_loss_sum), self._epoch_rows]
+        so_far = self.epoch_so_far
+        checkpoint["bp_service_epoch_sums"] = [float(so_far.loss_sum), so_far.rows, so_far.steps, so_far.epoch]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss_sum, rows = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
-        self._epoch_loss_sum, self._epoch_rows = torch.tensor(loss_sum), rows
+        loss_sum, rows, *counted = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
+        steps, epoch = counted if counted else (None, checkpoint.get("epoch", -1))
+        self.epoch_so_far = EpochSoFar(epoch=epoch, loss_sum=torch.tensor(loss_sum), rows=rows, steps=steps)

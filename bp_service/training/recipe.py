@@ -29,6 +29,7 @@ from bp_service.training.checkpoints import (
 )
 from bp_service.training.config import instantiate
 from bp_service.training.data import BPDataModule, Prepared
+from bp_service.training.data.datamodule import stepwise_callbacks
 from bp_service.training.guard import check_callback_paths
 from bp_service.training.lifecycle import Run, claim_node_rank, open_run, slurm_root
 from bp_service.training.preflight import check_config, check_data, monitored_metric
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg, hydra.overrides.task)  # 1. everything knowable before the data is read
     claim_node_rank(cfg.trainer)  # another node's process records nothing
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = BPDataModule(cfg.data, cfg.seed)  # 2. load, split (seeded, stratified), scale on train
+    datamodule = BPDataModule(cfg.data, cfg.seed, stepwise_callbacks(cfg.callbacks))  # 2. load, split, scale
     datamodule.setup()
     data = datamodule.data
     cfg.model.loss = resolve_loss(cfg.model.loss, data.task)  # auto: what the task wants, recorded as such

@@ -9,16 +9,27 @@ from bp_service.training.data.prepare import Prepared, prepare
 from bp_service.training.loader import InMemoryLoader
 
 # data.steps_per_execution=auto groups the optimizer steps of up to this many rows into one Lightning step: all of a
-# small table's epoch (digits: 18 steps), a few seconds of a large one's at most, so a stop or a bar is never far off.
+# small table's epoch (digits: 20 steps, a CSV of a few thousand rows), a few Lightning steps of a large one's.
 AUTO_ROWS = 65_536
+# Callback settings that act every N optimizer steps or every so often, checked by Lightning between its steps.
+STEPWISE_CALLBACK_KEYS = ("every_n_train_steps", "train_time_interval")
+
+
+def stepwise_callbacks(callbacks) -> list[str]:
+    """The callbacks (config nodes by name) that act every N optimizer steps or every so many seconds of training:
+    with several optimizer steps per Lightning step they would act late, so ``auto`` does not group steps."""
+    return [
+        name for name, node in (callbacks or {}).items() if node and any(node.get(k) for k in STEPWISE_CALLBACK_KEYS)
+    ]
 
 
 class BPDataModule(pl.LightningDataModule):
     """Wraps :func:`prepare` for Lightning; evaluation splits are small, so they go in large batches."""
 
-    def __init__(self, cfg, seed: int) -> None:
+    def __init__(self, cfg, seed: int, stepwise: list[str] | None = None) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
+        self.stepwise = stepwise or []  # callbacks acting every N steps (:func:`stepwise_callbacks`): auto is 1
         self.data: Prepared | None = None
         self.train_loader: InMemoryLoader | None = None  # the latest train_dataloader()
         self._resident: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
@@ -45,8 +56,16 @@ class BPDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> InMemoryLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
+        k = self.steps_per_execution()
+
         def position() -> tuple[int, int]:
-            return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            """(epoch, optimizer steps of it already taken): on a resume mid-epoch, the module's own count, which a
+            chunk cut short (a SIGTERM, max_steps) or another grouping on resume does not disturb."""
+            epoch, so_far = self.trainer.current_epoch, getattr(self.trainer.lightning_module, "epoch_so_far", None)
+            if so_far is not None and so_far.epoch == epoch and so_far.steps is not None:
+                return epoch, so_far.steps
+            # A new epoch (its count not yet reset), or a checkpoint that did not count steps: Lightning's chunks.
+            return epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready * k
 
         self.train_loader = InMemoryLoader(
             *self.split("train"),
@@ -55,29 +74,34 @@ class BPDataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
-            steps_per_execution=self.steps_per_execution(),
+            steps_per_execution=k,
             position=position if self.trainer else None,
         )
         return self.train_loader
 
     def steps_per_execution(self) -> int:
         """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows per
-        Lightning step, or 1 when a setting counts Lightning's steps (they would count groups instead)."""
+        Lightning step, or 1 when a setting counts Lightning's steps (they would count groups instead) or acts
+        between them (a time limit, a step-wise checkpoint, SLURM's requeue)."""
         k = self.cfg.get("steps_per_execution", 1)
         if k != "auto":
             return int(k)
         trainer = self.trainer
         if trainer is None:
             return 1
-        from bp_service.training.checkpoints import LastCheckpoint
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+        from lightning.pytorch.callbacks import Timer
 
         counts_steps = (
             trainer.max_steps != -1
             or bool(trainer.fast_dev_run)
             or trainer.limit_train_batches != 1.0
-            or isinstance(trainer.val_check_interval, int)
+            or trainer.val_check_interval != 1.0  # a number of Lightning steps, a fraction of them, or a time
             or any(config.interval == "step" for config in trainer.lr_scheduler_configs)  # and LR monitor's cadence
-            or any(isinstance(c, LastCheckpoint) and c.every_n_steps for c in trainer.callbacks)
+            or any(isinstance(c, Timer) for c in trainer.callbacks)  # trainer.max_time
+            or bool(self.stepwise)
+            # SLURM's requeue signal saves a checkpoint where the step is: at most one step is taken again.
+            or SLURMEnvironment.detect()
         )
         return 1 if counts_steps else max(1, AUTO_ROWS // self.cfg.batch_size)
 

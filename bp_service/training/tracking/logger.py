@@ -7,7 +7,7 @@ import errno
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self.pending: list[Metric] = []
         self.history: dict[str, list[tuple[int, float]]] = {}
         self._flushed_at = time.monotonic()
+        self.optimizer_steps: Callable[[], int] | None = None  # the Trainer's global_step (:class:`OptimizerSteps`)
 
     def skip_replayed_steps(self) -> None:
         """On resume, drop metrics at steps the run already has: a replayed step is logged once."""
@@ -64,6 +65,13 @@ class ResilientMLFlowLogger(MLFlowLogger):
             warnings.warn(f"MLflow tracking lost, training goes on without it ({self.lost})", stacklevel=2)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Every metric at the run's optimizer step. Lightning gives validation, test and the learning-rate monitor
+        its count of Lightning steps, which is another number when a Lightning step runs several optimizer steps
+        (``data.steps_per_execution``): the curves would not line up with ``train/loss``."""
+        self.record(metrics, self.optimizer_steps() if self.optimizer_steps is not None else step)
+
+    def record(self, metrics: Mapping[str, float], step: int | None) -> None:
+        """Hold ``metrics`` at ``step`` as given (metrics replayed from a checkpoint keep the step they had)."""
         step = step or 0
         stamp = int(time.time() * 1000)
         for key, value in metrics.items():
@@ -117,7 +125,17 @@ class PendingMetrics(pl.Callback):
             return
         self._armed = False
         for key, value, _, step in state_dict.get("metrics", []):
-            self.logger.log_metrics({key: value}, step=step)
+            self.logger.record({key: value}, step=step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._armed = False
+
+
+class OptimizerSteps(pl.Callback):
+    """Gives the logger the Trainer's optimizer step (``global_step``) to record every metric at."""
+
+    def __init__(self, logger: ResilientMLFlowLogger) -> None:
+        self.logger = logger
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.logger.optimizer_steps = lambda: trainer.global_step

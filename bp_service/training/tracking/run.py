@@ -44,7 +44,7 @@ from bp_service.training.store import (
 )
 from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
 from bp_service.training.tracking.interface import Job, Tracker
-from bp_service.training.tracking.logger import PendingMetrics, ResilientMLFlowLogger
+from bp_service.training.tracking.logger import OptimizerSteps, PendingMetrics, ResilientMLFlowLogger
 from bp_service.training.tracking.names import experiment_name, resolve_uri, run_name
 from bp_service.training.tracking.sweep import parent_run_id, sweep_store
 
@@ -128,8 +128,9 @@ class MLflowTracker(Tracker):
         )
         self.run_id: str = self.logger.run_id
         self.resumed = resume_run_id is not None
-        # For the Trainer: the metrics not yet written travel in checkpoints (see PendingMetrics).
-        self._callbacks: list[pl.Callback] = [PendingMetrics(self.logger)]
+        # For the Trainer: the metrics not yet written travel in checkpoints (see PendingMetrics), and every metric
+        # is recorded at the optimizer step.
+        self._callbacks: list[pl.Callback] = [PendingMetrics(self.logger), OptimizerSteps(self.logger)]
         self.finished_before: int | None = None  # end time of a FINISHED run this job continues
         self._pictures: list[str] = []
         self._artifact_uri: str | None = None  # where the pictures are written
