@@ -406,11 +406,18 @@ def test_the_divergence_check_names_a_non_finite_gradient_and_lets_an_overflowin
         module._check_finite(torch.tensor(float("nan")), grads(1.0))
 
 
-def test_a_run_stopped_mid_chunk_resumes_at_the_optimizer_step_it_stopped_at(compose_cfg, tmp_path):
-    """A SIGTERM during optimizer step 7, inside the second chunk of 5: the chunk stops after that step (Lightning
-    would only stop at the chunk's end), bp-train's checkpoint is written as on a real SIGTERM, and the run resumed
-    from it ends with the same weights as a run straight to step 12. Counting Lightning's chunks instead (2 begun,
-    so 10 batches) would skip batches 7 to 9."""
+@pytest.mark.parametrize(
+    ("stopped_with", "resumed_with", "older_checkpoint", "stopped_at"),
+    [("5", "5", False, 10), ("5", "auto", False, 10), ("1", "auto", True, 7), ("auto", "auto", False, 20)],
+)
+def test_a_run_stopped_by_sigterm_mid_epoch_resumes_with_the_grouping_it_was_written_with(
+    compose_cfg, tmp_path, stopped_with, resumed_with, older_checkpoint, stopped_at
+):
+    """A SIGTERM during optimizer step 7: Lightning stops at the end of its step (the chunk: 10 with 5 a chunk, 20
+    with auto's whole epoch), bp-train writes the checkpoint as on a real SIGTERM, and the run resumed from it ends
+    the epoch with the same weights as a run straight through. Lightning counts the epoch's progress in its own
+    steps, so the resumed run groups as the checkpoint did, whatever its config says now; a checkpoint written
+    before that was recorded (one optimizer step per Lightning step then) resumes with 1."""
     import os
     import signal
     from functools import partial
@@ -426,12 +433,12 @@ def test_a_run_stopped_mid_chunk_resumes_at_the_optimizer_step_it_stopped_at(com
             if trainer.global_step == 6:  # during the 7th step
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    def run(ckpt_path=None, callbacks=()) -> tuple[BPModule, pl.Trainer, bool]:
+    def run(k: str, ckpt_path=None, callbacks=()) -> tuple[BPModule, pl.Trainer, bool]:
         torch.manual_seed(0)
-        datamodule = BPDataModule(compose_cfg("data=digits", "data.steps_per_execution=5").data, seed=0)
+        datamodule = BPDataModule(compose_cfg("data=digits", f"data.steps_per_execution={k}").data, seed=0)
         module = BPModule(MLP((64, 16, 10)), optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
         trainer = _trainer_for(
-            datamodule, max_steps=12, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[*callbacks]
+            datamodule, max_epochs=1, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[*callbacks]
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -440,10 +447,16 @@ def test_a_run_stopped_mid_chunk_resumes_at_the_optimizer_step_it_stopped_at(com
             return module, trainer, True
         return module, trainer, False
 
-    straight, _, _ = run()
-    _, trainer, stopped = run(callbacks=[TermAt()])
-    assert stopped and trainer.global_step == 7
-    resumed, trainer, _ = run(ckpt_path=tmp_path / "last.ckpt")
-    assert trainer.global_step == 12 and resumed.epoch_so_far.epoch == 0 and resumed.epoch_so_far.steps == 12
+    straight, _, _ = run("1")
+    _, trainer, stopped = run(stopped_with, callbacks=[TermAt()])
+    assert stopped and trainer.global_step == stopped_at
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert checkpoint["BPDataModule"] == {"steps_per_execution": {"5": 5, "1": 1, "auto": 1024}[stopped_with]}
+    if older_checkpoint:
+        del checkpoint["BPDataModule"]
+        torch.save(checkpoint, tmp_path / "last.ckpt")
+    resumed, trainer, _ = run(resumed_with, ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 20
+    assert resumed.epoch_so_far.rows == 1257  # the epoch's train/loss over each of digits' training rows once
     for key, value in straight.net.state_dict().items():
         assert torch.equal(value, resumed.net.state_dict()[key]), key

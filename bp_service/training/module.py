@@ -35,14 +35,11 @@ def accuracy(pred: Tensor, target: Tensor) -> Tensor:
 
 @dataclass
 class EpochSoFar:
-    """The training epoch so far: what ``train/loss`` averages, and how many optimizer steps it has taken (where a
-    run resumed mid-epoch picks up, however its steps were grouped into Lightning steps). A plain object: writing a
-    field costs nothing beside a LightningModule attribute's write (``nn.Module.__setattr__``, microseconds)."""
+    """What ``train/loss`` averages over the training epoch so far. A plain object: writing a field costs nothing
+    beside a LightningModule attribute's write (``nn.Module.__setattr__``, microseconds a step)."""
 
-    epoch: int  # the Trainer's current_epoch these sums belong to
     loss_sum: Tensor  # sum over the epoch's steps of loss * rows
     rows: int = 0
-    steps: int | None = 0  # None: restored from a checkpoint that did not count them (bp-service before 2026-12)
 
 
 class BPModule(pl.LightningModule):
@@ -99,7 +96,7 @@ class BPModule(pl.LightningModule):
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.meta = dict(meta or {})
         self.gradient_clip_val = gradient_clip_val
-        self.epoch_so_far = EpochSoFar(epoch=-1, loss_sum=torch.zeros(()))
+        self.epoch_so_far = EpochSoFar(loss_sum=torch.zeros(()))
         if task == "regression":
             # torchmetrics objects: summed over batches, synced across DDP ranks, reset each epoch by Lightning.
             units = MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()})
@@ -110,7 +107,7 @@ class BPModule(pl.LightningModule):
 
     # ----------------------------------------------------------------------- training
     def on_train_epoch_start(self) -> None:  # not called when resuming mid-epoch: sums come from the checkpoint
-        self.epoch_so_far = EpochSoFar(epoch=self.current_epoch, loss_sum=torch.zeros((), device=self.device))
+        self.epoch_so_far = EpochSoFar(loss_sum=torch.zeros((), device=self.device))
 
     def on_train_start(self) -> None:
         reason = self._why_not_captured()
@@ -151,11 +148,8 @@ class BPModule(pl.LightningModule):
         log_every, max_steps, step = trainer.log_every_n_steps, trainer.max_steps, self.global_step
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs if config.interval == "step"]
         so_far = self.epoch_so_far  # added to in the same order whatever the chunk's size: the same train/loss
-        # A chunk stops where Lightning would between its steps: at max_steps, and at a SIGTERM (on one process: under
-        # DDP every rank must take the same steps, and Lightning stops them together at the chunk's end).
-        stoppable = trainer.world_size == 1
         for x, y in chunk:
-            if step == max_steps or (stoppable and trainer.received_sigterm):
+            if step == max_steps:  # a chunk of steps never carries the run past trainer.max_steps
                 break
             if self._captured is not None and self._captured.fits(x, y):
                 loss = self._captured_step(opt, x, y)
@@ -166,7 +160,6 @@ class BPModule(pl.LightningModule):
                 scheduler.step()
             so_far.loss_sum = so_far.loss_sum.to(loss.device) + loss.detach() * len(x)
             so_far.rows += len(x)
-            so_far.steps = (so_far.steps or 0) + 1
             if step % log_every == 0 and logger is not None:
                 logger.log_metrics({"train/loss_step": loss.item()}, step=step)
 
@@ -280,10 +273,8 @@ class BPModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Only plain Python values: a checkpoint must load with torch.load(weights_only=True).
         checkpoint["bp_service"] = checkpoint_entry(self.net, self.meta)
-        so_far = self.epoch_so_far
-        checkpoint["bp_service_epoch_sums"] = [float(so_far.loss_sum), so_far.rows, so_far.steps, so_far.epoch]
+        checkpoint["bp_service_epoch_sums"] = [float(self.epoch_so_far.loss_sum), self.epoch_so_far.rows]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss_sum, rows, *counted = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
-        steps, epoch = counted if counted else (None, checkpoint.get("epoch", -1))
-        self.epoch_so_far = EpochSoFar(epoch=epoch, loss_sum=torch.tensor(loss_sum), rows=rows, steps=steps)
+        loss_sum, rows = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
+        self.epoch_so_far = EpochSoFar(loss_sum=torch.tensor(loss_sum), rows=rows)

@@ -8,9 +8,12 @@ from torch import Tensor
 from bp_service.training.data.prepare import Prepared, prepare
 from bp_service.training.loader import InMemoryLoader
 
-# data.steps_per_execution=auto groups the optimizer steps of up to this many rows into one Lightning step: all of a
-# small table's epoch (digits: 20 steps, a CSV of a few thousand rows), a few Lightning steps of a large one's.
+# data.steps_per_execution=auto groups the optimizer steps of up to this many rows into one Lightning step, and of at
+# most this much arithmetic (6 multiply-adds a parameter and a row: forward and backward), about a second of one slow
+# core: all of a small table's epoch (digits: its 20 steps), a few steps of a wide network, so that a SIGTERM, which
+# Lightning acts on between its steps, is never long in coming.
 AUTO_ROWS = 65_536
+AUTO_FLOP = 2 * 10**10
 # Callback settings that act every N optimizer steps or every so often, checked by Lightning between its steps.
 STEPWISE_CALLBACK_KEYS = ("every_n_train_steps", "train_time_interval")
 
@@ -30,6 +33,7 @@ class BPDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = cfg, seed
         self.stepwise = stepwise or []  # callbacks acting every N steps (:func:`stepwise_callbacks`): auto is 1
+        self.resumed_steps_per_execution: int | None = None  # the grouping of the checkpoint a run resumes from
         self.data: Prepared | None = None
         self.train_loader: InMemoryLoader | None = None  # the latest train_dataloader()
         self._resident: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
@@ -59,13 +63,8 @@ class BPDataModule(pl.LightningDataModule):
         k = self.steps_per_execution()
 
         def position() -> tuple[int, int]:
-            """(epoch, optimizer steps of it already taken): on a resume mid-epoch, the module's own count, which a
-            chunk cut short (a SIGTERM, max_steps) or another grouping on resume does not disturb."""
-            epoch, so_far = self.trainer.current_epoch, getattr(self.trainer.lightning_module, "epoch_so_far", None)
-            if so_far is not None and so_far.epoch == epoch and so_far.steps is not None:
-                return epoch, so_far.steps
-            # A new epoch (its count not yet reset), or a checkpoint that did not count steps: Lightning's chunks.
-            return epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready * k
+            """(epoch, optimizer steps of it already taken): Lightning's count of its steps, each ``k`` of ours."""
+            return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.ready * k
 
         self.train_loader = InMemoryLoader(
             *self.split("train"),
@@ -80,14 +79,18 @@ class BPDataModule(pl.LightningDataModule):
         return self.train_loader
 
     def steps_per_execution(self) -> int:
-        """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows per
-        Lightning step, or 1 when a setting counts Lightning's steps (they would count groups instead) or acts
-        between them (a time limit, a step-wise checkpoint, SLURM's requeue)."""
+        """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows and
+        :data:`AUTO_FLOP` arithmetic per Lightning step, or 1 when a setting counts Lightning's steps (they would
+        count groups instead) or acts between them (a time limit, a step-wise checkpoint, SLURM's requeue). A run
+        resumed from a checkpoint groups as the run that wrote it."""
+        if self.resumed_steps_per_execution is not None:
+            # Lightning counts an epoch's progress in its own steps: a run resumed mid-epoch must group as it did.
+            return self.resumed_steps_per_execution
         k = self.cfg.get("steps_per_execution", 1)
         if k != "auto":
             return int(k)
         trainer = self.trainer
-        if trainer is None:
+        if trainer is None or trainer.ckpt_path:  # resumed from a checkpoint without a grouping: it predates auto
             return 1
         from lightning.fabric.plugins.environments import SLURMEnvironment
         from lightning.pytorch.callbacks import Timer
@@ -103,7 +106,18 @@ class BPDataModule(pl.LightningDataModule):
             # SLURM's requeue signal saves a checkpoint where the step is: at most one step is taken again.
             or SLURMEnvironment.detect()
         )
-        return 1 if counts_steps else max(1, AUTO_ROWS // self.cfg.batch_size)
+        if counts_steps:
+            return 1
+        batch = self.cfg.batch_size
+        params = sum(p.numel() for p in trainer.lightning_module.parameters()) if trainer.lightning_module else 0
+        return max(1, min(AUTO_ROWS // batch, AUTO_FLOP // max(6 * params * batch, 1)))
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the grouping of optimizer steps its epoch's progress is counted in."""
+        return {"steps_per_execution": self.train_loader.steps_per_execution} if self.train_loader else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resumed_steps_per_execution = state_dict.get("steps_per_execution")
 
     def _eval_loader(self, split: str) -> InMemoryLoader:
         return InMemoryLoader(*self.split(split), batch_size=4096)
