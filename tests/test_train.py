@@ -197,12 +197,20 @@ def _trainer_for(datamodule, **settings):
 
 
 def test_auto_steps_per_execution_groups_unless_a_setting_counts_lightning_steps(compose_cfg, monkeypatch):
+    from functools import partial
+
+    from bp_service.layers import MLP
     from bp_service.training.data.datamodule import stepwise_callbacks
+    from bp_service.training.module import BPModule
 
     datamodule = BPDataModule(compose_cfg("data=digits").data, seed=0)
     assert datamodule.cfg.steps_per_execution == "auto"
     _trainer_for(datamodule)
-    assert datamodule.steps_per_execution() == 65_536 // 64  # more than an epoch of digits: the whole epoch
+    assert datamodule.steps_per_execution() == 256  # the cap of steps; more than digits' 20: its whole epoch
+    wide = BPDataModule(compose_cfg("data=digits", "data.batch_size=512").data, seed=0)
+    module = BPModule(MLP((784, 1024, 1024, 10)), optimizer=partial(torch.optim.SGD, lr=0.1))
+    _trainer_for(wide).strategy.connect(module)
+    assert wide.steps_per_execution() == 3  # 2e10 multiply-adds / (6 x 1.86M parameters x 512 rows)
     for counted in (
         {"max_steps": 100},
         {"limit_train_batches": 0.5},
@@ -451,7 +459,7 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_with_the_grouping_it_was_wri
     _, trainer, stopped = run(stopped_with, callbacks=[TermAt()])
     assert stopped and trainer.global_step == stopped_at
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    assert checkpoint["BPDataModule"] == {"steps_per_execution": {"5": 5, "1": 1, "auto": 1024}[stopped_with]}
+    assert checkpoint["BPDataModule"] == {"steps_per_execution": {"5": 5, "1": 1, "auto": 256}[stopped_with]}
     if older_checkpoint:
         del checkpoint["BPDataModule"]
         torch.save(checkpoint, tmp_path / "last.ckpt")

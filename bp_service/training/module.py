@@ -276,5 +276,5 @@ class BPModule(pl.LightningModule):
         checkpoint["bp_service_epoch_sums"] = [float(self.epoch_so_far.loss_sum), self.epoch_so_far.rows]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        loss_sum, rows = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
+        loss_sum, rows, *_ = checkpoint.get("bp_service_epoch_sums", [0.0, 0])
         self.epoch_so_far = EpochSoFar(loss_sum=torch.tensor(loss_sum), rows=rows)

@@ -14,6 +14,7 @@ from bp_service.training.loader import InMemoryLoader
 # Lightning acts on between its steps, is never long in coming.
 AUTO_ROWS = 65_536
 AUTO_FLOP = 2 * 10**10
+AUTO_STEPS = 256  # and at most this many steps: tiny ones cost Lightning's overhead each (0.2 ms), not arithmetic
 # Callback settings that act every N optimizer steps or every so often, checked by Lightning between its steps.
 STEPWISE_CALLBACK_KEYS = ("every_n_train_steps", "train_time_interval")
 
@@ -79,18 +80,21 @@ class BPDataModule(pl.LightningDataModule):
         return self.train_loader
 
     def steps_per_execution(self) -> int:
-        """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows and
-        :data:`AUTO_FLOP` arithmetic per Lightning step, or 1 when a setting counts Lightning's steps (they would
-        count groups instead) or acts between them (a time limit, a step-wise checkpoint, SLURM's requeue). A run
-        resumed from a checkpoint groups as the run that wrote it."""
-        if self.resumed_steps_per_execution is not None:
-            # Lightning counts an epoch's progress in its own steps: a run resumed mid-epoch must group as it did.
-            return self.resumed_steps_per_execution
+        """``data.steps_per_execution``, ``auto`` resolved: the optimizer steps of :data:`AUTO_ROWS` rows,
+        :data:`AUTO_FLOP` arithmetic and :data:`AUTO_STEPS` steps at most per Lightning step, or 1 when a setting
+        counts Lightning's steps (they would count groups instead) or acts between them (a time limit, a step-wise
+        checkpoint, SLURM's requeue). A run resumed mid-epoch groups as the run that wrote its checkpoint."""
+        if self.trainer is not None and self.trainer.ckpt_path:
+            # Lightning counts an epoch's progress in its own steps: a run resumed mid-epoch groups as the run that
+            # wrote its checkpoint (one step at a time before that was recorded), for the rest of the run.
+            saved = self.resumed_steps_per_execution or 1
+            if 0 < self.trainer.fit_loop.epoch_loop.batch_progress.current.ready * saved < self._epoch_steps():
+                return saved
         k = self.cfg.get("steps_per_execution", 1)
         if k != "auto":
             return int(k)
         trainer = self.trainer
-        if trainer is None or trainer.ckpt_path:  # resumed from a checkpoint without a grouping: it predates auto
+        if trainer is None:
             return 1
         from lightning.fabric.plugins.environments import SLURMEnvironment
         from lightning.pytorch.callbacks import Timer
@@ -110,7 +114,11 @@ class BPDataModule(pl.LightningDataModule):
             return 1
         batch = self.cfg.batch_size
         params = sum(p.numel() for p in trainer.lightning_module.parameters()) if trainer.lightning_module else 0
-        return max(1, min(AUTO_ROWS // batch, AUTO_FLOP // max(6 * params * batch, 1)))
+        return max(1, min(AUTO_STEPS, AUTO_ROWS // batch, AUTO_FLOP // max(6 * params * batch, 1)))
+
+    def _epoch_steps(self) -> int:
+        world = self.trainer.world_size if self.trainer else 1
+        return InMemoryLoader(*self.split("train"), self.cfg.batch_size, world_size=world).n_batches
 
     def state_dict(self) -> dict[str, int]:
         """Saved in every checkpoint: the grouping of optimizer steps its epoch's progress is counted in."""
