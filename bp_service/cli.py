@@ -9,7 +9,7 @@ import os
 import sys
 from importlib import import_module
 
-from bp_service.commands import EXIT_INTERRUPT, pause_collector, startup_done
+from bp_service.commands import EXIT_INTERRUPT, pause_collector, startup_done, watch_interrupts
 
 
 def _run(module: str, command: str, settles_itself: bool = False) -> None:
@@ -17,15 +17,19 @@ def _run(module: str, command: str, settles_itself: bool = False) -> None:
     after its config and data checks), and it calls :func:`~bp_service.commands.startup_done` once they are
     over; for the others, start-up ends with the import of their module."""
     pause_collector()
+    watch_interrupts()
     try:
         main = import_module(module).main
+        if not settles_itself:
+            startup_done()
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPT) from None
-    if not settles_itself:
-        startup_done()
     try:
         sys.exit(main())
+    except KeyboardInterrupt:  # one the command did not answer itself
+        print(f"{command}: interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPT) from None
     finally:
         # The command is done: without this, the interpreter's last collections walk every object torch,
         # Lightning and MLflow created at import (about 0.8 s of a 2-core machine's exit). Frozen objects are

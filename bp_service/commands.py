@@ -27,9 +27,39 @@ def pause_collector() -> None:
 
 def startup_done() -> None:
     """The command's imports and set-up are done: what exists now is frozen (left out of every later
-    collection; reference counting still frees it), and the collector runs again on what comes next."""
+    collection; reference counting still frees it), and the collector runs again on what comes next.
+
+    A Ctrl-C of the start-up that something on the way swallowed (:func:`watch_interrupts`) is raised again here.
+    """
     gc.freeze()
     gc.enable()
+    with contextlib.suppress(ValueError):  # not the main thread
+        if signal.getsignal(signal.SIGINT) is _remember_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+_interrupted = False  # a Ctrl-C arrived during start-up
+
+
+def watch_interrupts() -> None:
+    """Start-up: a Ctrl-C raises KeyboardInterrupt, as always, and is remembered. Library code on the way can
+    swallow the exception (seen: a Ctrl-C while Hydra composed, then reported as a config error; another while it
+    wrote the job's config, then ignored): :func:`interrupted` still tells, and :func:`startup_done` stops there."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, _remember_interrupt)
+
+
+def _remember_interrupt(signum: int, frame: Any) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C arrived during start-up (:func:`watch_interrupts`)."""
+    return _interrupted
 
 
 def first_line(exc: BaseException) -> str:
@@ -69,3 +99,31 @@ def sigterm_handler(handler: Callable[[int, Any], None]) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred(*signums: int) -> Iterator[None]:
+    """Hold these signals for the block, then deliver each once to the handler in force after it.
+
+    Around the creation of a run: a SIGTERM (or Ctrl-C) between the moment the store records the run and the
+    moment its id is known here would leave it RUNNING for good. Held, it arrives when the id is known, and the
+    run is closed KILLED like any stopped run. Around each call to the run's tracking process: a call cut in
+    the middle of its answer would leave the next call reading the rest of it.
+    """
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, lambda s, f: pending.append(s))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)

@@ -164,9 +164,13 @@ def test_every_data_option_names_its_schema_and_no_code_branches_on_its_name():
 
 # --------------------------------------------------------------------------- the tracker behind its interface
 TRACKING = "bp_service.training.tracking"
-# The interface (and its no-op twin), the one place that names a backend, and backend-neutral records; then
-# MLflow's backend: its run, its Lightning logger, its sweeps, its dashboard views.
-TRACKING_MODULES = {"interface", "backends", "names", "params", "run", "logger", "sweep", "dashboard"}
+# The interface (and its no-op twin), the one place that names a backend, and backend-neutral records (params,
+# names, the metric buffer, the pictures); then MLflow's backend: its run, its writer, its Lightning logger, its
+# tracking process, its sweeps, its dashboard views.
+TRACKING_MODULES = {
+    *("interface", "backends", "names", "params", "buffer", "pictures"),
+    *("run", "writer", "logger", "sidecar", "sweep", "dashboard"),
+}
 # What records a run through the interface alone: adding a tracking backend leaves these as they are.
 TRACKED_THROUGH_INTERFACE = ("recipe", "lifecycle", "artifacts")
 
@@ -198,5 +202,5 @@ def test_the_recipe_records_through_the_tracking_interface(name):
 def test_only_open_tracker_names_a_backend():
     """MLflow's tracker is imported in one place (backends.py), and the interface's modules never load MLflow."""
     assert {m for m in MODULES if f"{TRACKING}.run" in imports_of(m)} == {f"{TRACKING}.backends"}
-    for name in ("interface", "names", "params"):
+    for name in ("interface", "names", "params", "buffer", "pictures"):
         assert "mlflow" not in third_party_imports(MODULES[f"{TRACKING}.{name}"].read_text()), name

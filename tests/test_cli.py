@@ -1,6 +1,8 @@
 """The console entry points: a Ctrl-C at any moment of start-up is one line and exit 130."""
 
 import ast
+import gc
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +27,45 @@ def test_ctrl_c_during_startup_is_one_line_and_130(tmp_path, command, delay):
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"{command}: interrupted"
+
+
+@pytest.fixture
+def command_state():
+    """Undo what a command's start-up does to this process: the collector, the SIGINT handler."""
+    from bp_service import commands
+
+    yield commands
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    commands._interrupted = False
+    gc.enable()
+    gc.unfreeze()
+
+
+def test_a_ctrl_c_swallowed_during_startup_still_stops_the_command(command_state):
+    """A Ctrl-C during start-up that library code catches (Hydra's composition did, then reported a config error;
+    or ran on) is remembered: the command's error path reads it, and start-up's end raises it again."""
+    command_state.watch_interrupts()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C ...
+        time.sleep(5)
+        pytest.fail("SIGINT was not delivered")
+    except KeyboardInterrupt:
+        pass  # ... swallowed on the way
+    assert command_state.interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        command_state.startup_done()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # after start-up, Python's own
+
+
+def test_a_ctrl_c_a_command_does_not_answer_is_one_line_and_130(command_state, tmp_path, monkeypatch, capsys):
+    from bp_service.cli import _run
+
+    (tmp_path / "stopped_command.py").write_text("def main():\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        _run("stopped_command", "bp-stopped")
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "bp-stopped: interrupted\n"
 
 
 PROBE = """

@@ -244,3 +244,73 @@ def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_pat
     _, after = _only_run(tmp_path)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert after.data.tags["bp.resume_status"] == "KILLED" and after.data.tags["bp.resumed"] == "true"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie no one has reaped yet counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_the_tracking_process_killed_mid_run_loses_tracking_not_the_training(tmp_path):
+    """bp-train's tracking process killed while the network trains: one warning, the training completes, and the
+    run is closed from bp-train, not left RUNNING."""
+    proc = _popen(tmp_path, *LONG, "trainer.max_epochs=2", "task_name=sidecar")
+    _wait_for(lambda: _checkpoint(tmp_path, "sidecar", "best-*.ckpt"), what="the first epoch", proc=proc)
+    (tracking,) = _children(proc.pid)  # the only child while it trains: no loader workers, no pictures yet
+    os.kill(tracking, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert _step_of(_checkpoint(tmp_path, "sidecar")) == 2 * 875
+    assert stderr.count("MLflow tracking lost, training goes on without it (the tracking process ended") == 1
+    assert "MLflow tracking was lost mid-run" in stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("blog").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.max_epochs"] == "2"  # written before it died
+
+
+@pytest.mark.slow
+def test_bp_train_killed_takes_its_tracking_process_with_it(tmp_path):
+    """kill -9 of bp-train kills its tracking process too, leaving the run as one process would (RUNNING, for
+    `bp-runs stale --close`), not an orphan holding the store."""
+    proc = _popen(tmp_path, *LONG, "trainer.max_epochs=2", "task_name=orphan")
+    _wait_for(lambda: _checkpoint(tmp_path, "orphan"), what="a first checkpoint", proc=proc)
+    (tracking,) = _children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _wait_for(lambda: _gone(tracking), timeout=30, what="the tracking process to exit")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("blog").experiment_id])
+    assert run.info.status == "RUNNING" and run.data.tags["bp.pid"] == str(proc.pid)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_the_run_once_KILLED_and_130(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, the tracking process too: it leaves the signal to
+    bp-train, which closes the run KILLED, says "interrupted" once, and exits 130 with both processes gone."""
+    full_env = clean_env(BP_SERVICE_HOME=str(tmp_path))
+    exe = Path(sys.executable).parent / "bp-train"
+    proc = subprocess.Popen([str(exe), *LONG, "trainer.max_epochs=50", "task_name=ctrlc"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env, start_new_session=True)  # fmt: skip
+    _wait_for(lambda: _checkpoint(tmp_path, "ctrlc"), what="a first checkpoint", proc=proc)
+    (tracking,) = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "bp-train: interrupted" and stderr.count("interrupted") == 1
+    assert "Traceback" not in stderr and "tracking lost" not in stderr
+    _wait_for(lambda: _gone(tracking), timeout=30, what="the tracking process to exit")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("blog").experiment_id])
+    assert run.info.status == "KILLED"

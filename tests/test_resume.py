@@ -208,7 +208,7 @@ def test_stale_runs_close_leaves_a_live_run_of_another_pid_namespace_and_says_ca
 def test_only_an_owner_proven_gone_is_stale():
     from bp_service.training.store import owner_state
 
-    mine = owner_tags()
+    mine = owner_tags(os.getpid())
     assert owner_state(mine) == ("alive", f"process {mine['bp.pid']} is running")
     other_ns = {**mine, "bp.pid_ns": "pid:[1]"}
     assert owner_state(other_ns)[0] == "cannot tell"

@@ -98,6 +98,49 @@ def test_run_records_params_metrics_tags_and_artifacts(tracked_run, tmp_path):
     )
 
 
+# bp-train as a user starts it, but for a last line saying whether MLflow was loaded in its own process.
+NO_MLFLOW_PROBE = """
+import sys
+from bp_service.cli import bp_train
+sys.argv = ["bp-train", *sys.argv[1:]]
+try:
+    bp_train()
+finally:
+    print("MLFLOW LOADED", "mlflow" in sys.modules, flush=True)
+"""
+
+
+def test_bp_train_writes_its_run_from_its_tracking_process(tmp_path):
+    """The command's run is written by its tracking process, and MLflow never loads beside the training: the same
+    record (params, every curve at the optimizer step, tags naming the training process, pictures, the model) as
+    a run recorded in one process (above)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NO_MLFLOW_PROBE, *SHORT, "trainer=cpu", "model.net.hidden=[8]"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(BP_SERVICE_HOME=str(tmp_path)),
+    )  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1] == "MLFLOW LOADED False"
+    assert "Traceback" not in stderr and "warning" not in stderr.lower(), stderr[-2000:]
+    client, run = _only_run(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id in stdout  # the summary names it
+    assert run.data.params["model.net.hidden"] == "[8]" and run.data.params["data.name"] == "iris"
+    assert run.data.tags["bp.pid"] == str(proc.pid)  # who holds the run: the training process
+    assert run.data.tags["version.torch"] == torch.__version__
+    train_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == train_steps == [7, 14, 21]
+    assert {"test/acc", "best/val/acc"} <= run.data.metrics.keys()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    pictures = {"curves.png", "confusion_matrix.png", "gradient_flow.png"}
+    assert {"config.yaml", "gradcheck.json", "checkpoint.json", "checkpoints", *pictures} <= artifacts
+    assert all(name in run.data.tags["mlflow.note.content"] for name in pictures)
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
+    files = {Path(a.path).name for a in client.list_logged_model_artifacts(model.model_id)}
+    assert {"MLmodel", "input_example.json", "requirements.txt"} <= files
+
+
 @pytest.mark.slow
 def test_pictures_are_whole_files_and_leave_no_temporary_ones(tracked_run):
     """Pictures are written to a temporary name and renamed: each is a complete PNG, and nothing else is left."""

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Only light imports up here: `bp-train --help` and Hydra's errors answer without torch, Lightning
 # and MLflow (seconds). The run itself imports them in _hydra_entry.
-from bp_service.commands import EXIT_INTERRUPT, full_error_requested
+from bp_service.commands import EXIT_INTERRUPT, full_error_requested, interrupted
 from bp_service.files import discard_unused_run_dir, unique_run_dir
 from bp_service.home import project_root
 from bp_service.training import guard
@@ -134,11 +134,19 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     try:
         # Before torch, Lightning and MLflow are imported (seconds): every problem of the config and the data at once.
         precheck(cfg, hydra_cfg.overrides.task)
-        from bp_service.training.recipe import train
+        from bp_service.training.tracking.backends import discard_tracking_process, start_tracking_process
 
-        quiet_library_warnings()
-        result = train(cfg)
+        start_tracking_process(cfg)  # MLflow loads there while torch loads here
+        try:
+            from bp_service.training.recipe import train
+
+            quiet_library_warnings()
+            result = train(cfg)
+        finally:
+            discard_tracking_process()  # one the run did not take (it stopped before its record opened)
     except Exception as exc:
+        if interrupted():  # what failed was cut by a Ctrl-C that something on the way swallowed
+            raise KeyboardInterrupt from None
         if hydra_cfg.mode != RunMode.MULTIRUN:  # a run refused before it wrote anything leaves no folder
             discard_unused_run_dir(hydra_cfg.runtime.output_dir)
         if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -245,6 +253,10 @@ def main() -> None:
         print("bp-train: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPT)
     except Exception as exc:
+        if interrupted():  # a Ctrl-C that Hydra's composition swallowed, then failed on what it had half read
+            end_open_sweeps("interrupted")
+            print("bp-train: interrupted", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPT)
         end_open_sweeps(one_line(exc))
         if full_error_requested():
             raise

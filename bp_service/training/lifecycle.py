@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, sigterm_handler, startup_done
+from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, signals_deferred, sigterm_handler, startup_done
 from bp_service.training.tracking import Job, NoTracker, Tracker, open_tracker
 
 
@@ -132,30 +132,3 @@ def slurm_root(slurm: DictConfig, paths: DictConfig, task_name: str) -> tuple[st
     hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: p.stat().st_mtime)
     plugin = SLURMEnvironment(slurm.auto_requeue, getattr(signal, slurm.requeue_signal))
     return str(root), (hpc[-1] if hpc else None), [plugin]
-
-
-@contextlib.contextmanager
-def signals_deferred(*signums: int) -> Iterator[None]:
-    """Hold these signals for the block, then deliver each once to the handler in force after it.
-
-    Around the creation of a run: a SIGTERM (or Ctrl-C) between the moment the store records the run
-    and the moment its id is known here would leave it RUNNING for good. Held, it arrives when the id
-    is known, and the run is closed KILLED like any stopped run.
-    """
-    pending: list[int] = []
-    previous: dict[int, Any] = {}
-    try:
-        for signum in signums:
-            previous[signum] = signal.signal(signum, lambda s, f: pending.append(s))
-    except ValueError:  # not the main thread: signals are not ours to handle
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(pending):
-            signal.raise_signal(signum)

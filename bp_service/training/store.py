@@ -23,14 +23,7 @@ from mlflow import MlflowClient
 
 from bp_service.commands import first_line
 from bp_service.home import store_file
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI."""
-
-
-class StoreUnavailable(TrackingError):
-    """The embedded store could not be created (a full disk): the run trains on without tracking."""
+from bp_service.training.tracking.interface import StoreUnavailable, TrackingError  # raised in the tracking process
 
 
 def _disk_full(exc: BaseException | None) -> bool:

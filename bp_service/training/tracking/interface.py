@@ -11,10 +11,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import Logger
+if TYPE_CHECKING:  # no Lightning at import: MLflow's tracking process (.sidecar) runs a tracker without it
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI."""
+
+
+class StoreUnavailable(TrackingError):
+    """The embedded store could not be created (a full disk): the run trains on without tracking."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,7 @@ class Job:
     resume_id: str | None = None  # the run to continue (read from the checkpoint being resumed)
     sweep_dir: str | None = None  # a multirun's folder: the job's run is a child of the sweep's parent run
     origin: dict[str, str] = field(default_factory=dict)  # tags of a new run started from another's checkpoint
+    owner_pid: int | None = None  # the process that trains, when another one writes the run (.sidecar); None: this
 
 
 class Tracker(ABC):

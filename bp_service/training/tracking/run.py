@@ -7,33 +7,27 @@
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
-import lightning
-import lightning.pytorch as pl
 import mlflow
-import torch
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 import bp_service
-from bp_service.commands import first_line
 from bp_service.files import atomic_path
 from bp_service.home import default_uri
 from bp_service.training.store import (
     TrackingError,
-    artifact_location,
     boot_id,
     check_reachable,
     ensure_experiment,
@@ -44,9 +38,10 @@ from bp_service.training.store import (
 )
 from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
 from bp_service.training.tracking.interface import Job, Tracker
-from bp_service.training.tracking.logger import OptimizerSteps, PendingMetrics, ResilientMLFlowLogger
 from bp_service.training.tracking.names import experiment_name, resolve_uri, run_name
+from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart, render
 from bp_service.training.tracking.sweep import parent_run_id, sweep_store
+from bp_service.training.tracking.writer import RunWriter
 
 
 def git_commit() -> str | None:
@@ -60,32 +55,38 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def owner_tags() -> dict[str, str]:
+def owner_tags(pid: int) -> dict[str, str]:
     """Which process holds a run RUNNING: host, the kernel's boot, the PID namespace its pid is counted in, the
     pid and its start time (a reused pid is another process). Containers on one host share its name and boot."""
     found = {
-        "bp.pid_start": process_start(os.getpid()),
+        "bp.pid_start": process_start(pid),
         "bp.pid_ns": pid_namespace(),
         "bp.boot_id": boot_id(),
     }
-    return {"bp.host": socket.gethostname(), "bp.pid": str(os.getpid()), **{k: v for k, v in found.items() if v}}
+    return {"bp.host": socket.gethostname(), "bp.pid": str(pid), **{k: v for k, v in found.items() if v}}
 
 
-def run_tags(overrides: list[str], device: str, output_dir: str) -> dict[str, str]:
+def run_tags(overrides: list[str], device: str, output_dir: str, pid: int) -> dict[str, str]:
     tags = {
-        **owner_tags(),
+        **owner_tags(pid),
         "hydra.overrides": " ".join(overrides),
         "bp.output_dir": output_dir,
         "device": device,
         "host.python": platform.python_version(),
-        "version.torch": torch.__version__,
-        "version.lightning": lightning.__version__,
+        "version.torch": package_version("torch"),
+        "version.lightning": package_version("lightning"),
         "version.bp_service": bp_service.__version__,
     }
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def package_version(name: str) -> str:
+    """A package's version: as the loaded module says it, else as installed (MLflow's own process loads no torch)."""
+    module = sys.modules.get(name)
+    return getattr(module, "__version__", None) or metadata.version(name)
 
 
 # --------------------------------------------------------------------------- one run
@@ -102,6 +103,7 @@ class MLflowTracker(Tracker):
     name = "MLflow"
 
     def __init__(self, tracking: DictConfig, paths: DictConfig, job: Job) -> None:
+        self.owner_pid = job.owner_pid or os.getpid()  # the process that trains: it holds the run
         self.uri = sweep_store(job.sweep_dir) or resolve_uri(tracking, paths)  # a sweep's jobs: its parent's store
         # A server lost mid-run must cost seconds, not MLflow's default minutes of retries per call.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -112,25 +114,23 @@ class MLflowTracker(Tracker):
         parent = parent_run_id(job.sweep_dir)
         tracking.experiment = self._parent_experiment(parent) or experiment_name(tracking.experiment, job.dataset)
         self.experiment = tracking.experiment
-        share_view(self.uri, ensure_experiment(self.uri, self.experiment, paths.root_dir))
-        tags = {**run_tags(job.overrides, job.device, paths.output_dir), **job.origin}
+        experiment_id = ensure_experiment(self.uri, self.experiment, paths.root_dir)
+        share_view(self.uri, experiment_id)
+        tags = {**run_tags(job.overrides, job.device, paths.output_dir, self.owner_pid), **job.origin}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        self.logger = ResilientMLFlowLogger(
-            experiment_name=self.experiment,
+        self.writer = RunWriter(
+            MlflowClient(self.uri),
+            experiment_id,
             # MLflow's generated names come from `random`, which the run has just seeded: every run would
             # be called the same.
-            run_name=run_name(tracking.run_name, job.task_name, job.overrides, paths.output_dir),
-            tracking_uri=self.uri,
-            tags=tags,
-            artifact_location=artifact_location(self.uri, paths.root_dir),
+            run_name(tracking.run_name, job.task_name, job.overrides, paths.output_dir),
+            tags,
             run_id=resume_run_id,
         )
-        self.run_id: str = self.logger.run_id
+        self.run_id: str = self.writer.run_id
         self.resumed = resume_run_id is not None
-        # For the Trainer: the metrics not yet written travel in checkpoints (see PendingMetrics), and every metric
-        # is recorded at the optimizer step.
-        self._callbacks: list[pl.Callback] = [PendingMetrics(self.logger), OptimizerSteps(self.logger)]
+        self._lightning: tuple[Any, list[Any]] | None = None  # the Trainer's logger and callbacks, built on first use
         self.finished_before: int | None = None  # end time of a FINISHED run this job continues
         self._pictures: list[str] = []
         self._artifact_uri: str | None = None  # where the pictures are written
@@ -177,105 +177,104 @@ class MLflowTracker(Tracker):
             info = self.client.get_run(self.run_id).info
             if info.status == "FINISHED":
                 self.finished_before = info.end_time
-        self.logger.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
-        self.logger.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
-        for key, value in owner_tags().items():  # this process holds the run now
-            self.logger.call("set_tag", self.client.set_tag, self.run_id, key, value)
-        self.logger.call("read metric history", self.logger.skip_replayed_steps)
+        self.writer.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
+        self.writer.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
+        for key, value in owner_tags(self.owner_pid).items():  # this process holds the run now
+            self.writer.call("set_tag", self.client.set_tag, self.run_id, key, value)
+        self.writer.call("read metric history", self.writer.skip_replayed_steps)
 
     @property
     def client(self) -> MlflowClient:
-        return self.logger.experiment
+        return self.writer.client
 
     @property
     def lost(self) -> str | None:
-        return self.logger.lost
+        return self.writer.lost
 
     @property
-    def trainer_logger(self) -> ResilientMLFlowLogger:
-        return self.logger
+    def artifact_uri(self) -> str | None:
+        return self._artifact_uri
 
     @property
-    def trainer_callbacks(self) -> list[pl.Callback]:
-        return self._callbacks
+    def trainer_logger(self):
+        return self._lightning_side()[0]
+
+    @property
+    def trainer_callbacks(self) -> list:
+        return self._lightning_side()[1]
+
+    def _lightning_side(self) -> tuple[Any, list[Any]]:
+        if self._lightning is None:
+            from bp_service.training.tracking.logger import run_logger  # Lightning: in the training's process only
+
+            self._lightning = run_logger(self.writer)
+        return self._lightning
 
     def log_params(self, params: Mapping[str, str]) -> None:
         if not self.resumed:  # params are immutable in MLflow: a resumed run keeps those it started with
-            self.logger.log_hyperparams(params)
+            self.writer.log_params(params)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.logger.call("set_tag", self.client.set_tag, self.run_id, key, value)
+        self.writer.call("set_tag", self.client.set_tag, self.run_id, key, value)
 
     def flush(self) -> None:
-        self.logger.flush()
+        self.writer.flush()
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.logger.call(name, self.client.log_dict, self.run_id, data, name)
+        self.writer.call(name, self.client.log_dict, self.run_id, data, name)
 
     def log_text(self, text: str, name: str) -> None:
-        self.logger.call(name, self.client.log_text, self.run_id, text, name)
+        self.writer.call(name, self.client.log_text, self.run_id, text, name)
 
     def log_figure(self, figure, name: str) -> None:
-        """Writes the picture, whole or not at all; :meth:`end` names the run's pictures on its page, in one write
-        to the store rather than one per picture."""
-        self.logger.call(name, self._write_figure, figure, name)
+        self.write_picture(render(figure, name), name)
+
+    def write_picture(self, data: bytes, name: str) -> None:
+        """Writes a picture's file, whole or not at all; :meth:`end` names the run's pictures on its page, in one
+        write to the store rather than one per picture."""
+        self.writer.call(name, self._write_picture, data, name)
         self._pictures.append(name)
+
+    def _write_picture(self, data: bytes, name: str) -> None:
+        folder = local_artifact_dir(self._artifact_uri)
+        if folder is not None:  # a process stopped mid-write leaves the previous picture or none, never half a PNG
+            with atomic_path(folder / name) as tmp:
+                Path(tmp).write_bytes(data)
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # a server's store: one upload, stored whole or not at all
+            local = Path(tmp) / Path(name).name
+            local.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(local), str(Path(name).parent) if "/" in name else None)
 
     def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
         """Into a store on this machine, the pictures are drawn by a forked process while this one goes on (the
-        model's logging): matplotlib's work, about half a second, then runs on another core. Python threads would
-        not do: both sides hold the GIL, and together took longer than one after the other. The child writes
-        files only (each whole or not at all), never the store's database; the returned wait names them."""
+        model's logging); the returned wait names them (:func:`~.pictures.log_apart`)."""
         folder = local_artifact_dir(self._artifact_uri)
-        if folder is None or not drawn or self.lost or "fork" not in multiprocessing.get_all_start_methods():
+        if not drawn or self.lost or not can_draw_apart(folder):
             return super().log_figures(drawn)
-        context = multiprocessing.get_context("fork")
-        receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=_draw_apart, args=(drawn, folder, send), name="bp-train pictures")
-        child.start()
-        send.close()
+        return log_apart(self, drawn, folder)
 
-        def wait() -> None:
-            try:
-                written, failed, error = receive.recv()
-            except EOFError:  # it ended without a word (a signal)
-                child.join()
-                written, failed, error = [], "pictures", f"the drawing process ended with code {child.exitcode}"
-            finally:
-                child.join()
-                receive.close()
-            self._pictures.extend(written)
-            if failed is None:
-                return
-            if failed == "draw":
-                raise RuntimeError(f"drawing {error}")
+    def pictures_written(self, names: list[str]) -> None:
+        self._pictures.extend(names)
 
-            def lose() -> None:
-                raise OSError(error)
+    def lose(self, what: str, error: str) -> None:
+        """Tracking lost for a reason found elsewhere (a picture's write failed in the drawing process)."""
 
-            self.logger.call(failed, lose)  # a full disk: tracking lost, with its warning; the run stands
+        def fail() -> None:
+            raise OSError(error)
 
-        return wait
-
-    def _write_figure(self, figure, name: str) -> None:
-        folder = local_artifact_dir(self._artifact_uri)
-        if folder is None:  # a server's store: one upload, stored whole or not at all
-            self.client.log_figure(self.run_id, figure, name)
-            return
-        # A process stopped mid-write leaves the previous picture or none, never half a PNG.
-        with atomic_path(folder / name) as tmp:
-            figure.savefig(tmp, format=Path(name).suffix.lstrip(".") or "png")
+        self.writer.call(what, fail)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        self.logger.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
+        self.writer.call(str(path), self.client.log_artifact, self.run_id, str(path), folder)
 
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         """Each metric's (step, value) pairs: as logged by this process, or for a resumed run read back whole."""
         if not self.resumed:
-            return {key: self.logger.history[key] for key in keys if key in self.logger.history}
+            return {key: self.writer.history[key] for key in keys if key in self.writer.history}
         history: dict[str, list[tuple[int, float]]] = {}
-        self.logger.flush()
-        if self.logger.lost:
+        self.writer.flush()
+        if self.writer.lost:
             return history
         for key in keys:
             with contextlib.suppress(Exception):
@@ -284,6 +283,7 @@ class MLflowTracker(Tracker):
 
     def log_model(self, bundle_path: Path, input_example, register_as: str | None) -> None:
         """Log the pyfunc model (weights, scaling, labels) so MLflow's own tools load and serve it."""
+        import torch
         from mlflow.models import infer_signature
 
         from bp_service.bundle import load_bundle, net_from_bundle, predict_frame
@@ -317,12 +317,12 @@ class MLflowTracker(Tracker):
                     registered_model_name=register_as,
                 )
 
-        self.logger.call("log_model", log)
+        self.writer.call("log_model", log)
 
     def end(self, status: str) -> None:
         """FINISHED, FAILED or KILLED: never leave the run RUNNING, even after tracking calls failed."""
         with quick_http(retries=1):
-            self.logger.flush()  # what the run measured before it stopped, whatever stopped it
+            self.writer.flush()  # what the run measured before it stopped, whatever stopped it
             if self._pictures:  # shown on the run's Overview page, not one click each in the Artifacts tab
                 self.set_tag(NOTE_TAG, run_note(self.run_id, self._pictures))
         try:
@@ -341,41 +341,12 @@ class MLflowTracker(Tracker):
         """The run's page in MLflow's training-runs view: on the server that records it, else where ``make ui``
         serves the home's store (other stores need their own ``mlflow ui``, and the line says so)."""
         served = self.uri.startswith(("http:", "https:"))
-        link = run_link(self.uri.rstrip("/") if served else dashboard(), self.logger.experiment_id, self.run_id)
+        link = run_link(self.uri.rstrip("/") if served else dashboard(), self.writer.experiment_id, self.run_id)
         if served:
             return link
         if self.uri == f"sqlite:///{Path(self.root_dir).resolve() / 'mlflow.db'}":
             return f"{link}   (after `make ui`; store: {self.uri})"
         return f"{link}   (after `mlflow ui --backend-store-uri {self.uri}`)"
-
-
-def _draw_apart(drawn: Mapping[str, Callable[[], Any]], folder: Path, send) -> None:
-    """The forked child of :meth:`MLflowTracker.log_figures`: draws and writes, and sends back (names written,
-    None | "draw" | the picture whose write failed, what went wrong)."""
-    written: list[str] = []
-    for name, draw in drawn.items():
-        try:
-            figure = draw()
-            with atomic_path(folder / name) as tmp:
-                figure.savefig(tmp, format=Path(name).suffix.lstrip(".") or "png")
-        except OSError as exc:  # the disk, not the drawing
-            send.send((written, name, first_line(exc)))
-            return
-        except BaseException as exc:
-            send.send((written, "draw", f"{name}: {type(exc).__name__}: {first_line(exc)}"))
-            return
-        written.append(name)
-    send.send((written, None, None))
-
-
-def local_artifact_dir(artifact_uri: str | None) -> Path | None:
-    """The folder of a run's artifacts when it is on this machine (``file:`` or a plain path), else None."""
-    if not artifact_uri:
-        return None
-    location = urlparse(artifact_uri)
-    if location.scheme not in ("", "file") or location.netloc not in ("", "localhost"):
-        return None
-    return Path(url2pathname(location.path))
 
 
 def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
@@ -384,3 +355,26 @@ def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
     if experiment_id is None:  # MLflow's direct route finds the experiment itself
         return f"{base}/#/runs/{run_id}?workflowType=machine_learning"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def model_logging_steps() -> list[Callable[[], None]]:
+    """What :meth:`MLflowTracker.log_model` loads, as steps a tracking process takes ahead of it: torch (the model
+    is tried on its input example), MLflow's pyfunc flavor, and MLflow's map of the installed packages, which its
+    requirements check builds on first use (0.4 s)."""
+
+    def torch() -> None:
+        import torch  # noqa: F401
+
+        import bp_service.bundle  # noqa: F401
+
+    def pyfunc() -> None:
+        import mlflow.pyfunc  # noqa: F401
+        from mlflow.models import infer_signature  # noqa: F401
+
+    def packages() -> None:
+        from mlflow.utils import requirements_utils
+
+        with contextlib.suppress(Exception):  # a head start only: an MLflow without it builds the map when it logs
+            requirements_utils._init_packages_to_modules_map()
+
+    return [torch, pyfunc, packages]
