@@ -121,6 +121,30 @@ class Tracker(ABC):
         """Close the record as FINISHED, FAILED or KILLED; never raises."""
 
 
+class WrittenTracker(Tracker):
+    """A tracker whose metrics reach the record through a writer (``self.writer``: record, flush, pending_rows,
+    log_params, run_id, experiment_id): the Trainer's logger and callbacks are built over it on first use, in the
+    process that trains (:mod:`.logger`, Lightning's side)."""
+
+    writer: Any
+    _lightning: tuple[Any, list[Any]] | None = None
+
+    @property
+    def trainer_logger(self) -> Logger:
+        return self._lightning_side()[0]
+
+    @property
+    def trainer_callbacks(self) -> list[pl.Callback]:
+        return self._lightning_side()[1]
+
+    def _lightning_side(self) -> tuple[Any, list[Any]]:
+        if self._lightning is None:
+            from bp_service.training.tracking.logger import run_logger
+
+            self._lightning = run_logger(self.writer)
+        return self._lightning
+
+
 class NoTracker(Tracker):
     """``tracking.enabled=false`` (and every DDP process but the first): every call is answered with nothing."""
 

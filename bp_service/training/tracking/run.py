@@ -37,7 +37,7 @@ from bp_service.training.store import (
     quick_http,
 )
 from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
-from bp_service.training.tracking.interface import Job, Tracker
+from bp_service.training.tracking.interface import Job, WrittenTracker
 from bp_service.training.tracking.names import experiment_name, resolve_uri, run_name
 from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart, render
 from bp_service.training.tracking.sweep import parent_run_id, sweep_store
@@ -90,7 +90,7 @@ def package_version(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- one run
-class MLflowTracker(Tracker):
+class MLflowTracker(WrittenTracker):
     """The MLflow run of one ``bp-train`` job: created (or continued) at start, closed with a status.
 
     Args:
@@ -130,7 +130,6 @@ class MLflowTracker(Tracker):
         )
         self.run_id: str = self.writer.run_id
         self.resumed = resume_run_id is not None
-        self._lightning: tuple[Any, list[Any]] | None = None  # the Trainer's logger and callbacks, built on first use
         self.finished_before: int | None = None  # end time of a FINISHED run this job continues
         self._pictures: list[str] = []
         self._artifact_uri: str | None = None  # where the pictures are written
@@ -194,21 +193,6 @@ class MLflowTracker(Tracker):
     @property
     def artifact_uri(self) -> str | None:
         return self._artifact_uri
-
-    @property
-    def trainer_logger(self):
-        return self._lightning_side()[0]
-
-    @property
-    def trainer_callbacks(self) -> list:
-        return self._lightning_side()[1]
-
-    def _lightning_side(self) -> tuple[Any, list[Any]]:
-        if self._lightning is None:
-            from bp_service.training.tracking.logger import run_logger  # Lightning: in the training's process only
-
-            self._lightning = run_logger(self.writer)
-        return self._lightning
 
     def log_params(self, params: Mapping[str, str]) -> None:
         if not self.resumed:  # params are immutable in MLflow: a resumed run keeps those it started with

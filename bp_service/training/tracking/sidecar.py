@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from bp_service.commands import first_line, signals_deferred
 from bp_service.training.tracking.buffer import MetricBuffer
-from bp_service.training.tracking.interface import Job, Tracker
+from bp_service.training.tracking.interface import Job, WrittenTracker
 from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart, render
 
 # A process whose rank is not zero records nothing (DDP's other processes, another node's, an srun task's).
@@ -213,7 +213,7 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {first_line(exc)}")
 
 
-class RemoteTracker(Tracker):
+class RemoteTracker(WrittenTracker):
     """The tracker of a run whose MLflow calls run in the tracking process (see the module's docstring).
 
     Args:
@@ -234,8 +234,7 @@ class RemoteTracker(Tracker):
         tracking.experiment = opened["experiment"]
         self.run_id, self.experiment, self.uri = opened["run_id"], opened["experiment"], opened["uri"]
         self.resumed, self._artifact_uri = opened["resumed"], opened["artifact_uri"]
-        self._writer = RemoteWriter(self, opened["run_id"], opened["experiment_id"], opened["replayed_until"])
-        self._lightning: tuple[Any, list[Any]] | None = None
+        self.writer = RemoteWriter(self, opened["run_id"], opened["experiment_id"], opened["replayed_until"])
         self._gone: str | None = None  # why tracking stopped when the process ended
         self._ended: dict[str, Any] | None = None  # what the run's end answered
 
@@ -265,21 +264,6 @@ class RemoteTracker(Tracker):
         if self._ended is not None:
             return self._ended["lost"]
         return self._gone or self._call("tracker", "lost")
-
-    @property
-    def trainer_logger(self):
-        return self._lightning_side()[0]
-
-    @property
-    def trainer_callbacks(self) -> list:
-        return self._lightning_side()[1]
-
-    def _lightning_side(self) -> tuple[Any, list[Any]]:
-        if self._lightning is None:
-            from bp_service.training.tracking.logger import run_logger
-
-            self._lightning = run_logger(self._writer)
-        return self._lightning
 
     # What cannot fail there (a failed write loses tracking, with its warning) is sent without waiting.
     def log_params(self, params: Mapping[str, str]) -> None:
@@ -313,11 +297,11 @@ class RemoteTracker(Tracker):
         self._send("tracker", "set_tag", key, value)
 
     def flush(self) -> None:
-        self._writer.flush()
+        self.writer.flush()
 
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         if not self.resumed:  # as logged by this process
-            return {key: self._writer.history[key] for key in keys if key in self._writer.history}
+            return {key: self.writer.history[key] for key in keys if key in self.writer.history}
         self.flush()
         return self._call("tracker", "metric_history", keys) or {}
 
@@ -333,7 +317,7 @@ class RemoteTracker(Tracker):
         """Close the run there, then the process; never raises (the run is closed here if the process is gone)."""
         try:
             if not self._gone and self._ended is None:
-                self._writer.flush()  # what the run measured before it stopped, whatever stopped it
+                self.writer.flush()  # what the run measured before it stopped, whatever stopped it
                 self._ended = self._process.call("tracker", "end", status)
         except TrackingProcessGone as exc:
             self._gone = str(exc)
