@@ -41,7 +41,8 @@ from bp_service.training.tracking.pictures import can_draw_apart, local_artifact
 # A process whose rank is not zero records nothing (DDP's other processes, another node's, an srun task's).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 PR_SET_PDEATHSIG = 1  # prctl(2)
-IGNORED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")  # bp-train's to handle: it ends the run
+# bp-train's to handle (a terminal or scancel signals the whole group): it ends the run.
+IGNORED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
 _waiting: TrackingProcess | None = None  # started for the job about to run, not yet taken by its tracker
 
@@ -63,6 +64,8 @@ def start(cfg: DictConfig, tracker: Callable[..., Any], head_start: Callable[[bo
     global _waiting
     discard()
     if not cfg.tracking.enabled or not sys.platform.startswith("linux") or "torch" in sys.modules:
+        return
+    if "mlflow" in sys.modules:  # a sweep's parent run opened here: its store's connections must not be shared
         return
     if threading.active_count() > 1 or any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
         return
@@ -92,11 +95,19 @@ class TrackingProcess:
         sys.stdout.flush()  # a fork copies what is buffered: printed twice otherwise
         sys.stderr.flush()
         parent = os.getpid()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED)  # a signal now is bp-train's, after the fork
         pid = os.fork()
-        if pid == 0:  # the tracking process: never returns
-            _die_with(parent)
-            here.close()
-            _serve(there, tracker, head_start)
+        if pid == 0:  # the tracking process: never returns into bp-train's code
+            try:
+                for signum in IGNORED:
+                    signal.signal(signum, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                _die_with(parent)
+                here.close()
+                _serve(there, tracker, head_start)
+            finally:
+                os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         there.close()
         self.pid, self._pipe = pid, here
         self._numbers = itertools.count(1)
@@ -121,7 +132,8 @@ class TrackingProcess:
     def send(self, target: str, name: str, *args: Any) -> None:
         """``target.name(*args)`` there, not waiting: in order with the calls before and after it."""
         try:
-            self._pipe.send((0, target, name, args))
+            with signals_deferred(signal.SIGINT, signal.SIGTERM):  # a message cut in two would stall the pipe
+                self._pipe.send((0, target, name, args))
         except OSError as exc:
             raise TrackingProcessGone(f"the tracking process ended ({type(exc).__name__})") from None
 
@@ -147,8 +159,6 @@ def _die_with(parent: int) -> None:
 
 def _serve(pipe, tracker: Callable[..., Any], head_start: Callable[[], list[Callable[[], None]]]) -> None:
     """The tracking process: import MLflow's side, then answer calls in order until the pipe closes."""
-    for name in IGNORED_SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
     code = 0
     try:
         # While bp-train imports torch (one core), MLflow loads here, then what logging the model needs. Whatever
@@ -196,6 +206,7 @@ def _answer(objects: dict[str, Any], opener: Callable[..., Any], target: str, na
             "resumed": tracker.resumed,
             "artifact_uri": tracker.artifact_uri,
             "replayed_until": tracker.writer.replayed_until,
+            "finished_before": tracker.finished_before,
         }
     if name == "end":  # what is read after the run closed, then nothing more
         objects["tracker"].end(*args)
@@ -234,6 +245,7 @@ class RemoteTracker(WrittenTracker):
         tracking.experiment = opened["experiment"]
         self.run_id, self.experiment, self.uri = opened["run_id"], opened["experiment"], opened["uri"]
         self.resumed, self._artifact_uri = opened["resumed"], opened["artifact_uri"]
+        self._finished_before: int | None = opened["finished_before"]  # a FINISHED run this job continues
         self.writer = RemoteWriter(self, opened["run_id"], opened["experiment_id"], opened["replayed_until"])
         self._gone: str | None = None  # why tracking stopped when the process ended
         self._ended: dict[str, Any] | None = None  # what the run's end answered
@@ -314,29 +326,41 @@ class RemoteTracker(WrittenTracker):
         return self._call("tracker", "link")
 
     def end(self, status: str) -> None:
-        """Close the run there, then the process; never raises (the run is closed here if the process is gone)."""
-        try:
-            if not self._gone and self._ended is None:
-                self.writer.flush()  # what the run measured before it stopped, whatever stopped it
-                self._ended = self._process.call("tracker", "end", status)
-        except TrackingProcessGone as exc:
-            self._gone = str(exc)
-        except Exception as exc:
-            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {first_line(exc)[:200]}", stacklevel=2)
-        finally:
-            self._process.close()
-        if self._ended is None:
-            self._ended = {"lost": self._gone, "link": None}
-            self._end_here(status)
+        """Close the run there, then the process, with signals held (a signal meanwhile arrives after it); the run
+        is closed from here if the process is gone."""
+        with signals_deferred(signal.SIGINT, signal.SIGTERM):
+            try:
+                if not self._gone and self._ended is None:
+                    self.writer.flush()  # what the run measured before it stopped, whatever stopped it
+                    self._ended = self._process.call("tracker", "end", status)
+            except TrackingProcessGone as exc:
+                self._gone = str(exc)
+            except Exception as exc:
+                reason = first_line(exc)[:200]
+                warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {reason}", stacklevel=3)
+            finally:
+                self._process.close()
+            if self._ended is None:
+                self._ended = {"lost": self._gone, "link": None}
+                self._end_here(status)
 
     def _end_here(self, status: str) -> None:
-        """The process died with the run open: close it from here, so that it is not left RUNNING."""
+        """The process died with the run open: close it from here, as it would have (a continued FINISHED run keeps
+        its record, the outcome a tag), so that it is not left RUNNING."""
         try:
             from mlflow import MlflowClient
 
-            MlflowClient(self.uri).set_terminated(self.run_id, status)
+            from bp_service.training.store import quick_http
+
+            with quick_http(retries=1):
+                client = MlflowClient(self.uri)
+                if self._finished_before is not None and status != "FINISHED":
+                    client.set_tag(self.run_id, "bp.resume_status", status)
+                    client.set_terminated(self.run_id, "FINISHED", end_time=self._finished_before)
+                else:
+                    client.set_terminated(self.run_id, status)
         except Exception as exc:
-            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {first_line(exc)[:200]}", stacklevel=3)
+            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {first_line(exc)[:200]}", stacklevel=4)
 
 
 class RemoteWriter(MetricBuffer):
