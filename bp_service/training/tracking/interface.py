@@ -144,6 +144,19 @@ class WrittenTracker(Tracker):
             self._lightning = run_logger(self.writer)
         return self._lightning
 
+    _artifact_uri: str | None = None  # where the run's artifacts are
+
+    def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
+        """Into a store on this machine, the pictures are drawn by forked processes while this one goes on (the
+        model's logging); the returned wait names them (:func:`~.pictures.log_apart`, through ``pictures_written``
+        and ``lose``)."""
+        from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart
+
+        folder = local_artifact_dir(self._artifact_uri)
+        if not drawn or self.lost or not can_draw_apart(folder):
+            return super().log_figures(drawn)
+        return log_apart(self, drawn, folder)
+
 
 class NoTracker(Tracker):
     """``tracking.enabled=false`` (and every DDP process but the first): every call is answered with nothing."""

@@ -39,7 +39,7 @@ from bp_service.training.store import (
 from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
 from bp_service.training.tracking.interface import Job, WrittenTracker
 from bp_service.training.tracking.names import experiment_name, resolve_uri, run_name
-from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart, render
+from bp_service.training.tracking.pictures import local_artifact_dir, render
 from bp_service.training.tracking.sweep import parent_run_id, sweep_store
 from bp_service.training.tracking.writer import RunWriter
 
@@ -229,14 +229,6 @@ class MLflowTracker(WrittenTracker):
             local = Path(tmp) / Path(name).name
             local.write_bytes(data)
             self.client.log_artifact(self.run_id, str(local), str(Path(name).parent) if "/" in name else None)
-
-    def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
-        """Into a store on this machine, the pictures are drawn by a forked process while this one goes on (the
-        model's logging); the returned wait names them (:func:`~.pictures.log_apart`)."""
-        folder = local_artifact_dir(self._artifact_uri)
-        if not drawn or self.lost or not can_draw_apart(folder):
-            return super().log_figures(drawn)
-        return log_apart(self, drawn, folder)
 
     def pictures_written(self, names: list[str]) -> None:
         self._pictures.extend(names)

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from bp_service.commands import first_line, signals_deferred
 from bp_service.training.tracking.buffer import MetricBuffer
 from bp_service.training.tracking.interface import Job, WrittenTracker
-from bp_service.training.tracking.pictures import can_draw_apart, local_artifact_dir, log_apart, render
+from bp_service.training.tracking.pictures import render
 
 # A process whose rank is not zero records nothing (DDP's other processes, another node's, an srun task's).
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
@@ -289,12 +289,6 @@ class RemoteTracker(WrittenTracker):
 
     def log_figure(self, figure: Any, name: str) -> None:
         self._send("tracker", "write_picture", render(figure, name), name)
-
-    def log_figures(self, drawn: Mapping[str, Callable[[], Any]]) -> Callable[[], None]:
-        folder = local_artifact_dir(self._artifact_uri)
-        if not drawn or self.lost or not can_draw_apart(folder):
-            return super().log_figures(drawn)
-        return log_apart(self, drawn, folder)
 
     def pictures_written(self, names: list[str]) -> None:
         self._send("tracker", "pictures_written", names)
