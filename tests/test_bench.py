@@ -321,7 +321,7 @@ def test_quick_run_of_the_job_items(tmp_path):
     assert cli.main(["--quick", "--items", "lightning-overhead,peer-job", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows)
-    assert [r["item"] for r in rows] == ["lightning-overhead"] * 4 + ["peer-job"]
+    assert [r["item"] for r in rows] == ["lightning-overhead"] * 4 + ["lightning-floor", "peer-job"]
     # Digits, then a 6,366-row CSV: one optimizer step per Lightning step, then as shipped (auto: a whole epoch,
     # digits' 20 batches of 64 of its 1257 training rows, the CSV's 140 of 32 of its 4456).
     assert "steps_per_execution=1)" in rows[0]["name"] and "digits b64" in rows[0]["name"]
@@ -329,7 +329,9 @@ def test_quick_run_of_the_job_items(tmp_path):
     assert all("own CSV 6366 rows b32" in r["name"] for r in rows[2:4])
     assert [r["details"]["steps_per_epoch"] for r in rows[:4]] == [20, 20, 140, 140]
     assert [r["details"]["lightning_steps_per_epoch"] for r in rows[:4]] == [20, 1, 140, 1]
-    assert [r["details"]["epochs"] for r in rows[:4]] == [[1, 3]] * 4
+    assert [r["details"]["epochs"] for r in rows[:5]] == [[1, 3]] * 5
+    floor = rows[4]  # Lightning around idle steps: a share of the plain epoch, measured like the rows above
+    assert floor["target"] == 0.30 and floor["ours_label"] == "Lightning, idle steps" and "digits b64" in floor["name"]
     peer_job = rows[-1]
     assert "bp-train (tracking off, 5 epochs) vs MLPClassifier" in peer_job["name"]
     # Both accuracies are read from the processes' own output.

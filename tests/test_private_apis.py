@@ -109,3 +109,30 @@ def test_direct_apply_is_function_apply_without_its_python_layer():
     net.zero_grad()
     direct(leaked[0], y, tuple(net.activations), "mse", *net.params()).backward()
     torch.testing.assert_close([p.grad for p in net.parameters()], grads[0], rtol=0, atol=0)
+
+
+def test_lightning_names_its_current_hook_in_current_fx_name(compose_cfg):
+    """``LightningModule._current_fx_name``, written around every hook call: BPModule writes it without
+    ``nn.Module.__setattr__``'s checks. Renamed upstream, the plain write would no longer apply (steps slower)."""
+    import lightning.pytorch as pl
+
+    from bp_service.layers import MLP
+    from bp_service.training.data import BPDataModule
+    from bp_service.training.module import BPModule
+
+    cfg = compose_cfg("data=iris")
+    seen = []
+
+    class Probe(BPModule):
+        def training_step(self, chunk, batch_idx):
+            seen.append((self.__dict__.get("_current_fx_name"), "_current_fx_name" in self.__dict__))
+            return super().training_step(chunk, batch_idx)
+
+    module = Probe(MLP((4, 8, 3)), optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, datamodule=BPDataModule(cfg.data, seed=0))
+    assert seen and all(entry == ("training_step", True) for entry in seen), seen
+    module.extra = torch.nn.Parameter(torch.zeros(1))  # other names still go through nn.Module's registration
+    assert "extra" in dict(module.named_parameters())

@@ -295,6 +295,53 @@ def test_bp_train_killed_takes_its_tracking_process_with_it(tmp_path):
     assert run.info.status == "RUNNING" and run.data.tags["bp.pid"] == str(proc.pid)
 
 
+# Loaded by bp-train's Python (PYTHONPATH): its first forked process, the tracking process, dies right after it
+# created the run, before it could answer bp-train.
+DIE_AFTER_CREATING_THE_RUN = """
+import os
+
+forks = []
+
+
+def _in_child():
+    if forks:  # a later fork (a picture): not the tracking process
+        return
+    import bp_service.training.tracking.writer as writer
+
+    created = writer.RunWriter.__init__
+
+    def create_then_die(self, *args, **kwargs):
+        created(self, *args, **kwargs)
+        os._exit(9)
+
+    writer.RunWriter.__init__ = create_then_die
+
+
+os.register_at_fork(after_in_parent=lambda: forks.append(1), after_in_child=_in_child)
+"""
+
+
+@pytest.mark.slow
+def test_a_tracking_process_dead_before_it_answered_leaves_no_run_running(tmp_path):
+    """The tracking process created the run and died before bp-train heard of it: bp-train records in a run of
+    its own process, and closes the one it never heard of FAILED, saying where the job went on."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(DIE_AFTER_CREATING_THE_RUN)
+    proc = _popen(tmp_path, "experiment=digits", "trainer.max_epochs=2", "task_name=abandoned",
+                  env={"PYTHONPATH": str(inject)})  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    by_status = {run.info.status: run for run in runs}
+    assert len(runs) == 2 and set(by_status) == {"FINISHED", "FAILED"}, [r.info.status for r in runs]
+    kept, abandoned = by_status["FINISHED"], by_status["FAILED"]
+    assert kept.info.run_id in stdout and "test/acc" in kept.data.metrics  # the job's record, as the summary says
+    assert abandoned.data.tags["bp.pid"] == kept.data.tags["bp.pid"]
+    assert abandoned.data.tags["bp.abandoned"].endswith(f"went on in run {kept.info.run_id}")
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_the_run_once_KILLED_and_130(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group, the tracking process too: it leaves the signal to

@@ -170,6 +170,15 @@ def test_steps_per_execution_groups_the_same_batches():
     assert all(torch.equal(a, b) for a, b in zip(one, grouped, strict=True))
 
 
+def test_batches_already_on_the_device_pass_through_and_others_are_moved(compose_cfg):
+    datamodule = BPDataModule(compose_cfg("data=iris").data, seed=0)
+    chunk = ((torch.ones(2, 3), torch.zeros(2, 1)), (torch.ones(1, 3), torch.zeros(1, 1)))
+    assert datamodule.transfer_batch_to_device(chunk, torch.device("cpu"), 0) is chunk
+    moved = datamodule.transfer_batch_to_device(chunk, torch.device("meta"), 0)
+    where = [(x.device.type, y.device.type, tuple(x.shape)) for x, y in moved]
+    assert where == [("meta", "meta", (2, 3)), ("meta", "meta", (1, 3))]
+
+
 def test_steps_per_execution_gives_identical_weights_and_epoch_metrics(compose_cfg):
     results = []
     for k in (1, 5, "auto"):  # auto, the default: iris's 7 batches of 16 in one Lightning step
@@ -266,6 +275,9 @@ def test_a_chunk_of_steps_stops_at_max_steps(compose_cfg):
         ("data.steps_per_execution=0", "data.steps_per_execution must be auto or an integer >= 1, got 0"),
         ("data.steps_per_execution=fast", "data.steps_per_execution must be auto or an integer >= 1, got 'fast'"),
         ("data.steps_per_execution=2.5", "data.steps_per_execution must be auto or an integer >= 1, got 2.5"),
+        ("trainer.strategy=ddp_fork", "trainer.strategy=ddp_fork: the processes Lightning forks or spawns"),
+        ("trainer.strategy=ddp_spawn", "hand back only their weights, not the run's epochs, metrics and pictures"),
+        ("trainer.strategy=ddp_notebook", "use trainer.strategy=ddp (each process runs bp-train"),
     ],
 )
 def test_range_checks_name_the_field(compose_cfg, override, message):

@@ -29,7 +29,8 @@ Items (``--items`` selects them by name; :data:`bp_service.bench.cli.ITEMS` list
    One epoch of bp-train's Lightning loop vs a plain PyTorch loop (``training_job.py``); with
    ``--device cuda|all`` also at the synthetic preset's size (``experiment=synthetic``, composed from
    ``conf/``: 1M x 128, 128-1024-1024-10, batch 4096), Lightning eager and captured vs a native eager
-   loop, float32.
+   loop, float32. Row ``lightning-floor``: Lightning's own epoch around steps that do nothing, as a share of
+   the plain loop's (the part of the 1.30 that Lightning alone takes).
 ``peer-job``
    ``bp-train experiment=digits`` vs scikit-learn's ``MLPClassifier``, each from a cold process.
 ``tracking-overhead``

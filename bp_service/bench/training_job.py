@@ -141,12 +141,17 @@ def lightning_loop(
 
     ``module_kwargs`` go to :class:`~bp_service.training.module.BPModule` (a CUDA row's ``capture`` switch, say).
     """
-    import lightning.pytorch as pl
-
     torch.manual_seed(0)
     net = MLP(sizes, activation=activation, output_activation=output_activation)
     module = BPModule(net, optimizer=instantiate({**optimizer, "_partial_": True}, "optimizer"), **module_kwargs)
-    trainer = pl.Trainer(
+    _bench_trainer(epochs, device).fit(module, datamodule=datamodule)
+    return module.net
+
+
+def _bench_trainer(epochs: int, device: str = "cpu"):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         max_epochs=epochs,
@@ -157,8 +162,29 @@ def lightning_loop(
         num_sanity_val_steps=0,
         log_every_n_steps=10,  # bp-train's default: the module's divergence check under capture follows it
     )
-    trainer.fit(module, datamodule=datamodule)
-    return module.net
+
+
+def idle_lightning_loop(datamodule: BPDataModule, epochs: int) -> None:
+    """Lightning's own loop over the same batches around steps that do nothing (manual optimization, as
+    bp-train's module): what an epoch costs in Lightning whatever the module does, its floor."""
+    import lightning.pytorch as pl
+
+    class Idle(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def training_step(self, chunk, batch_idx: int) -> None:
+            pass
+
+        def validation_step(self, chunk, batch_idx: int) -> None:
+            pass
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    _bench_trainer(epochs).fit(Idle(), datamodule=datamodule)
 
 
 def item_lightning_overhead(cfg: BenchConfig) -> list[Row]:
@@ -195,7 +221,38 @@ def item_lightning_cpu(cfg: BenchConfig) -> list[Row]:
         for job, datamodule in jobs.items():
             for k in (1, "auto"):
                 rows.append(_lightning_row(job, datamodule(1), datamodule(k), k, n1, n2, reps))
+        rows.append(_lightning_floor_row(_digits(1), n1, n2, reps))
     return rows
+
+
+def _lightning_floor_row(datamodule: BPDataModule, n1: int, n2: int, reps: int) -> Row:
+    """Lightning's own epoch (:func:`idle_lightning_loop`) as a share of the plain loop's: at or above 0.30, no
+    module, however little it did per step, would meet the ≤ 1.30 target at one optimizer step per Lightning step."""
+    samples = time_round_robin(
+        {
+            "plain_n1": lambda: plain_loop(datamodule, n1),
+            "plain_n2": lambda: plain_loop(datamodule, n2),
+            "idle_n1": lambda: idle_lightning_loop(datamodule, n1),
+            "idle_n2": lambda: idle_lightning_loop(datamodule, n2),
+        },
+        reps=reps,
+        warmup=1,
+    )
+    med = {name: statistics.median(values) for name, values in samples.items()}
+    return make_row(
+        "lightning-floor",
+        "epoch time, Lightning's own loop around steps that do nothing (steps_per_execution=1) vs the plain loop's "
+        "whole epoch, digits b64: the part of the 1.30 that Lightning alone takes",
+        (med["idle_n2"] - med["idle_n1"]) / (n2 - n1),
+        (med["plain_n2"] - med["plain_n1"]) / (n2 - n1),
+        target=0.30,
+        cmp="<=",
+        unit="s",
+        ours_label="Lightning, idle steps",
+        peer_label="plain loop",
+        epochs=[n1, n2],
+        reps=reps,
+    )
 
 
 def _lightning_row(

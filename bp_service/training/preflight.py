@@ -163,6 +163,9 @@ def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     check_memory(cfg)
 
 
+# Lightning's strategies whose processes start from inside the running command (ddp_spawn, ddp_fork, ddp_notebook and
+# their variants), rather than as the same command started again (ddp).
+IN_PROCESS_LAUNCHES = ("spawn", "fork", "notebook")
 # What Lightning runs on the CPU as configured. It turns 16-mixed into bf16-mixed with only a warning (the run's
 # params still say 16-mixed), and 16-true's float16 weights diverge within steps.
 CPU_PRECISIONS = ("bf16-mixed", "bf16-true", "32-true", "64-true", "bf16", "32", "64")
@@ -419,6 +422,13 @@ def _validate(cfg: DictConfig, found: list[str]) -> None:
     _require(found, t.max_epochs >= 1, f"trainer.max_epochs must be >= 1, got {t.max_epochs}")
     _require(found, t.num_nodes >= 1, f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
     _require(found, t.log_every_n_steps >= 1, f"trainer.log_every_n_steps must be >= 1, got {t.log_every_n_steps}")
+    _require(
+        found,
+        not any(launch in str(t.strategy) for launch in IN_PROCESS_LAUNCHES),
+        f"trainer.strategy={t.strategy}: the processes Lightning forks or spawns from inside bp-train hand back only "
+        "their weights, not the run's epochs, metrics and pictures; use trainer.strategy=ddp (each process runs "
+        "bp-train, see Scaling out)",
+    )
     c = cfg.callbacks
     every = c.last_checkpoint.get("every_n_train_steps") if c.get("last_checkpoint") else None
     _require(

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from bp_service.training.tracking.interface import Job, NoTracker, StoreUnavailable, Tracker
+
+if TYPE_CHECKING:
+    from bp_service.training.tracking.run import MLflowTracker
 
 
 def open_tracker(tracking: DictConfig, paths: DictConfig, job: Job) -> Tracker:
@@ -28,8 +32,10 @@ def open_tracker(tracking: DictConfig, paths: DictConfig, job: Job) -> Tracker:
         if process is not None:
             try:
                 return sidecar.RemoteTracker(process, tracking, paths, job)
-            except sidecar.TrackingProcessGone:
-                pass  # it died before it could start the run: this process starts it
+            except sidecar.TrackingProcessGone:  # it died before it answered: this process opens the run
+                tracker = mlflow_tracker(tracking, paths, job)
+                tracker.close_abandoned()  # the run it may have created first
+                return tracker
         return mlflow_tracker(tracking, paths, job)
     except StoreUnavailable as exc:
         print(f"bp-train: warning: MLflow tracking is off for this run: {exc}; "
@@ -37,7 +43,7 @@ def open_tracker(tracking: DictConfig, paths: DictConfig, job: Job) -> Tracker:
         return NoTracker()
 
 
-def mlflow_tracker(tracking: DictConfig, paths: DictConfig, job: Job) -> Tracker:
+def mlflow_tracker(tracking: DictConfig, paths: DictConfig, job: Job) -> MLflowTracker:
     from bp_service.training.tracking.run import MLflowTracker
 
     return MLflowTracker(tracking, paths, job)

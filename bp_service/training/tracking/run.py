@@ -138,6 +138,22 @@ class MLflowTracker(WrittenTracker):
         if self.resumed:
             self._reopen()
 
+    def close_abandoned(self) -> None:
+        """FAILED for the runs of this experiment that this process holds RUNNING besides its own: one a tracking
+        process created and died before it could answer (:func:`~.backends.open_tracker`), so that bp-train, which
+        went on in this run, leaves none RUNNING. Held means all of :func:`owner_tags` equal: the same process."""
+        mine = owner_tags(self.owner_pid)
+        with contextlib.suppress(Exception):  # a courtesy to the store: the job goes on in its own run whatever
+            held = self.client.search_runs(
+                [self.writer.experiment_id],
+                f"tags.`bp.pid` = '{self.owner_pid}' and attributes.status = 'RUNNING'",
+            )
+            for run in held:
+                if run.info.run_id != self.run_id and all(run.data.tags.get(k) == v for k, v in mine.items()):
+                    why = f"its tracking process died before bp-train heard of it; the job went on in run {self.run_id}"
+                    self.client.set_tag(run.info.run_id, "bp.abandoned", why)
+                    self.client.set_terminated(run.info.run_id, "FAILED")
+
     def _open_store(self, required: bool, resume_run_id: str | None) -> str | None:
         """Reach (or create) the store; the run to continue, if it is there. An unreachable server that is not
         ``tracking.required`` is replaced by the embedded store, with a warning."""
