@@ -73,7 +73,8 @@ def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]
         ax.set_xlabel("epoch")
         ax.set_title(title)
         # Labels as plain text (1e-03): the default 10^-3 goes through mathtext, whose parser costs a tenth of a
-        # second to build in every process that draws one.
-        fig.colorbar(image, ax=ax, format=LogFormatter())
+        # second to build in every process that draws one. Minor ticks are labelled on a range under a decade.
+        colorbar = fig.colorbar(image, ax=ax, format=LogFormatter())
+        colorbar.minorformatter = LogFormatter(labelOnlyBase=False)
     fig.tight_layout()
     return fig

@@ -143,6 +143,8 @@ class MLflowTracker(WrittenTracker):
         process created and died before it could answer (:func:`~.backends.open_tracker`), so that bp-train, which
         went on in this run, leaves none RUNNING. Held means all of :func:`owner_tags` equal: the same process."""
         mine = owner_tags(self.owner_pid)
+        if not {"bp.pid_start", "bp.boot_id"} <= mine.keys():  # not enough to tell this process from a reused pid
+            return
         with contextlib.suppress(Exception):  # a courtesy to the store: the job goes on in its own run whatever
             held = self.client.search_runs(
                 [self.writer.experiment_id],
