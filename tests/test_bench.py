@@ -383,7 +383,8 @@ def test_tracking_overhead_alternates_a_tracked_and_an_untracked_bp_train_in_one
     from bp_service.bench import tracking_overhead
 
     calls = []
-    walls = iter([99.0, 11.0, 10.0, 10.2, 11.4, 12.0, 10.8])  # the first, untimed run; then three rounds
+    # An untimed run of each side; then five rounds, the order alternating.
+    walls = iter([99.0, 98.0, 11.0, 10.0, 10.2, 11.4, 12.0, 10.8, 10.5, 11.5, 11.9, 10.0])
 
     def fake_wall(command, env):
         calls.append(("untracked" if "tracking.enabled=false" in command else "tracked", env["BP_SERVICE_HOME"]))
@@ -395,17 +396,23 @@ def test_tracking_overhead_alternates_a_tracked_and_an_untracked_bp_train_in_one
     monkeypatch.setattr(tracking_overhead, "_wall", fake_wall)
     (row,) = tracking_overhead.item_tracking_overhead(harness.BenchConfig(quick=False))
     sides = [side for side, _ in calls]
-    assert sides == ["tracked", "tracked", "untracked", "untracked", "tracked", "tracked", "untracked"]
+    assert sides == ["tracked", "untracked"] + ["tracked", "untracked", "untracked", "tracked"] * 2 + [
+        "tracked",
+        "untracked",
+    ]
     assert len({home for _, home in calls}) == 1 and not Path(calls[0][1]).exists()  # one home, removed after
     details = row["details"]
-    assert (details["tracked_s"], details["untracked_s"]) == ([11.0, 11.4, 12.0], [10.0, 10.2, 10.8])
-    assert details["paired_overhead_s"] == pytest.approx([1.0, 1.2, 1.2])
+    assert (details["tracked_s"], details["untracked_s"]) == (
+        [11.0, 11.4, 12.0, 11.5, 11.9],
+        [10.0, 10.2, 10.8, 10.5, 10.0],
+    )
+    assert details["paired_overhead_s"] == pytest.approx([1.0, 1.2, 1.2, 1.0, 1.9])
     assert details["overhead_s"] == pytest.approx(1.2) and row["met"] is False
 
 
 @pytest.mark.slow
 def test_tracking_overhead_item_runs_both_sides():
-    """The item itself, one round per side (--quick lists it as skipped; the full run takes three)."""
+    """The item itself, one round per side (--quick lists it as skipped; the full run takes five)."""
     from bp_service.bench import tracking_overhead
 
     (row,) = tracking_overhead.item_tracking_overhead(harness.BenchConfig(quick=True))

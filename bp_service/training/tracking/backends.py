@@ -63,11 +63,14 @@ def discard_tracking_process() -> None:
         sidecar.discard()
 
 
-def head_start(log_model: bool) -> list[Callable[[], None]]:
-    """Load MLflow and its SQL store now; return what else the tracking process (:mod:`.sidecar`) loads before the
-    run opens, step by step: what logging the model needs (:func:`~.run.model_logging_steps`)."""
+def head_start(cfg: DictConfig) -> list[Callable[[], None]]:
+    """Load MLflow and its SQL store now; return what else the tracking process (:mod:`.sidecar`) prepares before
+    the run opens, step by step: the store's client (:func:`~.run.opening_steps`), then what logging the model
+    needs (:func:`~.run.model_logging_steps`)."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - loaded by the first call to the store
 
     import bp_service.training.tracking.run as run
+    from bp_service.training.tracking.names import resolve_uri
 
-    return run.model_logging_steps() if log_model else []
+    steps = run.opening_steps(resolve_uri(cfg.tracking, cfg.paths))
+    return steps + (run.model_logging_steps() if cfg.tracking.log_model else [])

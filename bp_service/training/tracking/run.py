@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import socket
@@ -21,11 +22,12 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig
 
 import bp_service
 from bp_service.files import atomic_path
-from bp_service.home import default_uri
+from bp_service.home import default_uri, store_file
 from bp_service.training.store import (
     TrackingError,
     boot_id,
@@ -44,6 +46,7 @@ from bp_service.training.tracking.sweep import parent_run_id, sweep_store
 from bp_service.training.tracking.writer import RunWriter
 
 
+@functools.cache  # the package's checkout does not change while a process runs
 def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
@@ -349,6 +352,21 @@ def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
     if experiment_id is None:  # MLflow's direct route finds the experiment itself
         return f"{base}/#/runs/{run_id}?workflowType=machine_learning"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def opening_steps(uri: str) -> list[Callable[[], None]]:
+    """What opening a run into ``uri`` builds first, as steps a tracking process takes ahead of it: the store's
+    client (its engine and schema check, 0.04 s) when the embedded store already exists (a new one is created at
+    the run's opening, under :func:`~bp_service.training.store.prepare_store`'s lock), the package's git commit (a
+    subprocess) and MLflow's context tags (its git context imports GitPython, 0.05 s). Reads only: a store that is
+    not the one the run opens into is merely not used."""
+
+    def store() -> None:
+        db = store_file(uri)
+        if db is not None and db.is_file() and db.stat().st_size > 0:
+            MlflowClient(uri).search_experiments(max_results=1)  # MLflow keeps the client's store per URI
+
+    return [store, git_commit, lambda: resolve_tags({})]
 
 
 def model_logging_steps() -> list[Callable[[], None]]:

@@ -51,15 +51,17 @@ class TrackingProcessGone(RuntimeError):
     """The tracking process ended (killed, out of memory) or its pipe broke."""
 
 
-def start(cfg: DictConfig, tracker: Callable[..., Any], head_start: Callable[[bool], list[Callable[[], None]]]) -> None:
+def start(
+    cfg: DictConfig, tracker: Callable[..., Any], head_start: Callable[[DictConfig], list[Callable[[], None]]]
+) -> None:
     """Fork the tracking process for this job, if it will record and forking is safe: on Linux, one thread (a fork
     copies no other), torch not yet loaded (its thread pools do not survive a fork), and this the first process.
 
     Args:
         cfg: the job's config.
         tracker: builds the run's tracker there, from ``(tracking, paths, job)``.
-        head_start: there, loads what opening a run needs and returns what else to load before it opens
-            (given ``tracking.log_model``).
+        head_start: there, loads what opening a run needs and returns what else to prepare before it opens
+            (given the job's config).
     """
     global _waiting
     discard()
@@ -69,7 +71,7 @@ def start(cfg: DictConfig, tracker: Callable[..., Any], head_start: Callable[[bo
         return
     if threading.active_count() > 1 or any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
         return
-    _waiting = TrackingProcess(tracker, lambda: head_start(bool(cfg.tracking.log_model)))
+    _waiting = TrackingProcess(tracker, lambda: head_start(cfg))
 
 
 def take() -> TrackingProcess | None:
