@@ -438,3 +438,27 @@ def test_a_failing_sweep_job_fails_the_sweep_but_not_the_other_jobs(cli, tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("bp-service").experiment_id])
     statuses = {r.data.tags.get("bp.role", r.data.params.get("data.name")): r.info.status for r in runs}
     assert statuses == {"sweep": "FAILED", "iris": "FINISHED"}
+
+
+def test_the_tracking_process_prepares_a_store_that_exists_and_creates_none(tmp_path):
+    """The opening steps a tracking process takes ahead of the run read an existing embedded store and never
+    create or repair one: that is left to the run's opening, under the store's lock."""
+    from bp_service.training.store import prepare_store
+    from bp_service.training.tracking.run import opening_steps
+
+    missing = tmp_path / "new" / "mlflow.db"
+    for step in opening_steps(f"sqlite:///{missing}"):
+        step()
+    assert not missing.exists() and not missing.parent.exists()
+    half_made = tmp_path / "half" / "mlflow.db"
+    half_made.parent.mkdir()
+    half_made.write_bytes(b"not a database")
+    for step in opening_steps(f"sqlite:///{half_made}"):
+        step()
+    assert half_made.read_bytes() == b"not a database"
+    whole = tmp_path / "whole" / "mlflow.db"
+    prepare_store(f"sqlite:///{whole}", tmp_path / "whole")
+    before = whole.stat().st_mtime_ns
+    for step in opening_steps(f"sqlite:///{whole}"):
+        step()
+    assert whole.stat().st_mtime_ns == before and MlflowClient(f"sqlite:///{whole}").search_experiments()

@@ -90,6 +90,11 @@ def _store_problem(db: Path) -> tuple[str, int] | None:
     return None
 
 
+def store_complete(db: Path) -> bool:
+    """Whether the embedded store's file exists, created whole (read only)."""
+    return db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None
+
+
 def prepare_store(uri: str, root_dir: str | Path) -> None:
     """Create the embedded SQLite store safely: complete or not at all, once, whoever starts first.
 
@@ -101,7 +106,7 @@ def prepare_store(uri: str, root_dir: str | Path) -> None:
     A full disk raises :class:`StoreUnavailable`, naming the folder, with nothing left behind.
     """
     db = store_file(uri)
-    if db is None or (db.is_file() and db.stat().st_size > 0 and _store_problem(db) is None):
+    if db is None or store_complete(db):
         return
     try:
         _create_store(db, uri, root_dir)

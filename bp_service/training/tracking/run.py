@@ -37,6 +37,7 @@ from bp_service.training.store import (
     prepare_store,
     process_start,
     quick_http,
+    store_complete,
 )
 from bp_service.training.tracking.dashboard import NOTE_TAG, dashboard, run_note, share_view
 from bp_service.training.tracking.interface import Job, WrittenTracker
@@ -356,14 +357,14 @@ def run_link(base: str, experiment_id: str | None, run_id: str) -> str:
 
 def opening_steps(uri: str) -> list[Callable[[], None]]:
     """What opening a run into ``uri`` builds first, as steps a tracking process takes ahead of it: the store's
-    client (its engine and schema check, 0.04 s) when the embedded store already exists (a new one is created at
-    the run's opening, under :func:`~bp_service.training.store.prepare_store`'s lock), the package's git commit (a
+    client (its engine and schema check, 0.04 s) when the embedded store exists whole (a new or half-made one is
+    created at the run's opening, under :func:`~bp_service.training.store.prepare_store`'s lock), the git commit (a
     subprocess) and MLflow's context tags (its git context imports GitPython, 0.05 s). Reads only: a store that is
     not the one the run opens into is merely not used."""
 
     def store() -> None:
         db = store_file(uri)
-        if db is not None and db.is_file() and db.stat().st_size > 0:
+        if db is not None and store_complete(db):  # else MLflow would create or migrate it in place
             MlflowClient(uri).search_experiments(max_results=1)  # MLflow keeps the client's store per URI
 
     return [store, git_commit, lambda: resolve_tags({})]
