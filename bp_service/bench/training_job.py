@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -230,31 +231,41 @@ def item_lightning_cpu(cfg: BenchConfig) -> list[Row]:
 def _lightning_floor_row(datamodule: BPDataModule, n1: int, n2: int, reps: int) -> Row:
     """Lightning's own epoch (:func:`idle_lightning_loop`) as a share of the plain loop's: at or above 0.30, no
     module, however little it did per step, would meet the ≤ 1.30 target at one optimizer step per Lightning step."""
+    idle, plain = _epoch_times(datamodule, lambda epochs: idle_lightning_loop(datamodule, epochs), n1, n2, reps)
+    return make_row(
+        "lightning-floor",
+        "epoch time, Lightning's own loop around steps that do nothing (steps_per_execution=1) vs the plain loop's "
+        "whole epoch, digits b64: the part of the 1.30 that Lightning alone takes",
+        idle,
+        plain,
+        target=0.30,
+        ours_label="Lightning, idle steps",
+        **_epoch_row_fields(n1, n2, reps),
+    )
+
+
+def _epoch_times(
+    plain_dm: BPDataModule, loop: Callable[[int], object], n1: int, n2: int, reps: int
+) -> tuple[float, float]:
+    """(one epoch of ``loop``, one epoch of :func:`plain_loop`), seconds: start-up excluded by timing ``n2`` and
+    ``n1`` epochs, alternating, and dividing the difference of the medians by ``n2 - n1``."""
     samples = time_round_robin(
         {
-            "plain_n1": lambda: plain_loop(datamodule, n1),
-            "plain_n2": lambda: plain_loop(datamodule, n2),
-            "idle_n1": lambda: idle_lightning_loop(datamodule, n1),
-            "idle_n2": lambda: idle_lightning_loop(datamodule, n2),
+            "plain_n1": lambda: plain_loop(plain_dm, n1),
+            "plain_n2": lambda: plain_loop(plain_dm, n2),
+            "loop_n1": lambda: loop(n1),
+            "loop_n2": lambda: loop(n2),
         },
         reps=reps,
         warmup=1,
     )
     med = {name: statistics.median(values) for name, values in samples.items()}
-    return make_row(
-        "lightning-floor",
-        "epoch time, Lightning's own loop around steps that do nothing (steps_per_execution=1) vs the plain loop's "
-        "whole epoch, digits b64: the part of the 1.30 that Lightning alone takes",
-        (med["idle_n2"] - med["idle_n1"]) / (n2 - n1),
-        (med["plain_n2"] - med["plain_n1"]) / (n2 - n1),
-        target=0.30,
-        cmp="<=",
-        unit="s",
-        ours_label="Lightning, idle steps",
-        peer_label="plain loop",
-        epochs=[n1, n2],
-        reps=reps,
-    )
+    return (med["loop_n2"] - med["loop_n1"]) / (n2 - n1), (med["plain_n2"] - med["plain_n1"]) / (n2 - n1)
+
+
+def _epoch_row_fields(n1: int, n2: int, reps: int) -> dict[str, Any]:
+    """What every epoch-time row against the plain loop says besides its numbers."""
+    return {"cmp": "<=", "unit": "s", "peer_label": "plain loop", "epochs": [n1, n2], "reps": reps}
 
 
 def _lightning_row(
@@ -262,19 +273,7 @@ def _lightning_row(
 ) -> Row:
     shape = _loop_shape(plain_dm)
     task = {"task": plain_dm.data.task, "meta": plain_dm.data.meta}
-    samples = time_round_robin(
-        {
-            "plain_n1": lambda: plain_loop(plain_dm, n1),
-            "plain_n2": lambda: plain_loop(plain_dm, n2),
-            "light_n1": lambda: lightning_loop(light_dm, n1, **shape, **task),
-            "light_n2": lambda: lightning_loop(light_dm, n2, **shape, **task),
-        },
-        reps=reps,
-        warmup=1,
-    )
-    med = {name: statistics.median(values) for name, values in samples.items()}
-    plain = (med["plain_n2"] - med["plain_n1"]) / (n2 - n1)
-    light = (med["light_n2"] - med["light_n1"]) / (n2 - n1)
+    light, plain = _epoch_times(plain_dm, lambda n: lightning_loop(light_dm, n, **shape, **task), n1, n2, reps)
     shipped = " (as shipped)" if k == "auto" else ""
     train = (plain_dm.data.x["train"], plain_dm.data.y["train"], plain_dm.cfg.batch_size)
     return make_row(
@@ -283,12 +282,8 @@ def _lightning_row(
         light,
         plain,
         target=1.30,
-        cmp="<=",
-        unit="s",
         ours_label="Lightning",
-        peer_label="plain loop",
-        epochs=[n1, n2],
-        reps=reps,
+        **_epoch_row_fields(n1, n2, reps),
         steps_per_epoch=InMemoryLoader(*train).n_batches,
         lightning_steps_per_epoch=len(light_dm.train_loader),  # the loader the last fit drew from
     )
