@@ -181,6 +181,37 @@ def test_pictures_drawn_apart_report_what_failed_and_keep_what_was_written(compo
     assert "fine.png" in run.data.tags[NOTE_TAG] and "broken.png" not in run.data.tags[NOTE_TAG]
 
 
+def test_pictures_are_drawn_at_a_lower_priority_than_the_run(tmp_path):
+    """Each drawing process lowers its priority (DRAWING_NICENESS), so that where cores are few the model's logging
+    runs first: the figure here writes the priority it was saved at."""
+    from bp_service.training.tracking.pictures import DRAWING_NICENESS, draw_apart
+
+    class PriorityFigure:
+        def savefig(self, path, format):
+            Path(path).write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+    assert draw_apart({"priority.png": PriorityFigure}, tmp_path)() == (["priority.png"], None, None)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert int((tmp_path / "priority.png").read_text()) == min(ours + DRAWING_NICENESS, 19) > ours or ours == 19
+
+
+def test_metrics_not_yet_written_travel_in_a_checkpoint_and_come_back_whole(tmp_path):
+    """The rows a checkpoint carries (keys in one string, numbers in one tensor) load with torch.load(weights_only)
+    and come back exactly, NaN and large steps included; a checkpoint written before, with a list per row, too."""
+    from bp_service.training.tracking.logger import checkpoint_rows, rows_of
+
+    rows = [("val/loss", 0.1, 1796499963754, 0), ("val/acc", float("nan"), 1796499963755, 2**40)]
+    rows += [(f"train/grad_norm/W{i}", i / 3, 1796499963756 + i, i) for i in range(1000)]
+    torch.save({"metrics": checkpoint_rows(rows), "none": checkpoint_rows([])}, tmp_path / "state.ckpt")
+    saved = torch.load(tmp_path / "state.ckpt", weights_only=True)
+    back = rows_of(saved["metrics"])
+    assert back[0] == rows[0] and back[2:] == rows[2:]
+    assert back[1][0] == "val/acc" and np.isnan(back[1][1]) and back[1][2:] == (1796499963755, 2**40)
+    assert all(type(stamp) is int and type(step) is int for _, _, stamp, step in back)
+    assert rows_of(saved["none"]) == []
+    assert rows_of([["val/loss", 0.1, 1796499963754, 0]]) == [rows[0]]
+
+
 def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
     _, result, uri = tracked_run
     from sklearn.datasets import load_iris

@@ -72,5 +72,5 @@ def head_start(cfg: DictConfig) -> list[Callable[[], None]]:
     import bp_service.training.tracking.run as run
     from bp_service.training.tracking.names import resolve_uri
 
-    steps = run.opening_steps(resolve_uri(cfg.tracking, cfg.paths))
-    return steps + (run.model_logging_steps() if cfg.tracking.log_model else [])
+    uri = resolve_uri(cfg.tracking, cfg.paths)
+    return run.opening_steps(uri) + (run.model_logging_steps(uri) if cfg.tracking.log_model else [])

@@ -52,10 +52,6 @@ class MetricBuffer:
         if len(self.pending) >= self.MAX_BATCH or time.monotonic() - self._flushed_at >= self.FLUSH_EVERY_S:
             self.flush()
 
-    def pending_rows(self) -> list[list[str | float | int]]:
-        """The rows held, as a checkpoint keeps them: ``[key, value, timestamp, step]``."""
-        return [list(row) for row in self.pending]
-
     def flush(self) -> None:
         """Write the held rows now, in batches of at most ``MAX_BATCH``."""
         batch, self.pending = self.pending, []

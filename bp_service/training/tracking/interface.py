@@ -122,7 +122,7 @@ class Tracker(ABC):
 
 
 class WrittenTracker(Tracker):
-    """A tracker whose metrics reach the record through a writer (``self.writer``: record, flush, pending_rows,
+    """A tracker whose metrics reach the record through a writer (``self.writer``: record, flush, pending,
     log_params, run_id, experiment_id): the Trainer's logger and callbacks are built over it on first use, in the
     process that trains (:mod:`.logger`, Lightning's side)."""
 

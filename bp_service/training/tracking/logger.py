@@ -12,8 +12,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+
+from bp_service.training.tracking.buffer import Row
 
 
 class RunLogger(Logger):
@@ -26,7 +30,7 @@ class RunLogger(Logger):
     Args:
         writer: the run's writer (:class:`~bp_service.training.tracking.writer.RunWriter` or its stand-in in
             :mod:`.sidecar`), with ``run_id``, ``experiment_id``, ``record``, ``flush``, ``log_params`` and
-            ``pending_rows``.
+            ``pending`` (the rows not yet written).
     """
 
     def __init__(self, writer: Any) -> None:
@@ -77,17 +81,38 @@ class PendingMetrics(pl.Callback):
         self._armed = True  # only the restore before training: test() restoring the best checkpoint is not a resume
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self.logger.run_id, "metrics": self.logger.writer.pending_rows()}
+        return {"run_id": self.logger.run_id, "metrics": checkpoint_rows(self.logger.writer.pending)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._armed or state_dict.get("run_id") != self.logger.run_id:
             return
         self._armed = False
-        for key, value, _, step in state_dict.get("metrics", []):
+        for key, value, _, step in rows_of(state_dict.get("metrics", [])):
             self.logger.writer.record({key: value}, step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._armed = False
+
+
+def checkpoint_rows(rows: list[Row]) -> dict[str, Any]:
+    """Metric rows as a checkpoint keeps them (read back by :func:`rows_of`): the keys as one string, and value,
+    timestamp and step as one float64 tensor (exact for both integers: a step, and milliseconds since 1970, stay
+    far under 2^53). Not a list per row: torch.save's pickler runs a Python hook for every object it writes, and
+    until the first write every checkpoint of a short run carries all of its metrics (a digits run: 666 rows, 0.9
+    ms of each of its last checkpoints, against 0.3 ms this way)."""
+    return {
+        "keys": "\n".join(row[0] for row in rows),  # MLflow's characters only (MetricBuffer.record): no newline
+        "numbers": torch.from_numpy(np.array([row[1:] for row in rows], dtype=np.float64).reshape(-1, 3)),
+    }
+
+
+def rows_of(saved: Any) -> list[Row]:
+    """The rows of :func:`checkpoint_rows`, or of the list of ``[key, value, timestamp, step]`` that checkpoints
+    held before it."""
+    if not isinstance(saved, Mapping):
+        return [(key, float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
+    keys = saved["keys"].split("\n") if saved["keys"] else []
+    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, saved["numbers"].tolist())]
 
 
 class OptimizerSteps(pl.Callback):
