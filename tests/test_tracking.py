@@ -181,20 +181,6 @@ def test_pictures_drawn_apart_report_what_failed_and_keep_what_was_written(compo
     assert "fine.png" in run.data.tags[NOTE_TAG] and "broken.png" not in run.data.tags[NOTE_TAG]
 
 
-def test_pictures_are_drawn_at_a_lower_priority_than_the_run(tmp_path):
-    """Each drawing process lowers its priority (DRAWING_NICENESS), so that where cores are few the model's logging
-    runs first: the figure here writes the priority it was saved at."""
-    from bp_service.training.tracking.pictures import DRAWING_NICENESS, draw_apart
-
-    class PriorityFigure:
-        def savefig(self, path, format):
-            Path(path).write_text(str(os.getpriority(os.PRIO_PROCESS, 0)))
-
-    assert draw_apart({"priority.png": PriorityFigure}, tmp_path)() == (["priority.png"], None, None)
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    assert int((tmp_path / "priority.png").read_text()) == min(ours + DRAWING_NICENESS, 19) > ours or ours == 19
-
-
 def test_metrics_not_yet_written_travel_in_a_checkpoint_and_come_back_whole(tmp_path):
     """The rows a checkpoint carries (keys in one string, numbers in one tensor) load with torch.load(weights_only)
     and come back exactly, NaN and large steps included; a checkpoint written before, with a list per row, too."""

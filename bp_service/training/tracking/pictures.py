@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from urllib.request import url2pathname
 
 from bp_service.commands import first_line
 from bp_service.files import atomic_path
-
-DRAWING_NICENESS = 10  # a tenth of the CPU share of a process at the default priority, where they compete
 
 # What a drawing process reports: (names written, None | "draw" | the picture whose write failed, what went wrong)
 Outcome = tuple[list[str], str | None, str | None]
@@ -66,9 +63,6 @@ def draw_apart(drawn: Mapping[str, Callable[[], Any]], folder: Path) -> Callable
 def _draw(name: str, draw: Callable[[], Any], folder: Path, send) -> None:
     """One drawing process: sends back (name, None | "draw" | the picture whose write failed, what went wrong)."""
     try:
-        # Behind the model's logging where cores are few: the run ends when both are done, and the model's, one
-        # process against the pictures' several, would otherwise get a share of a core and finish last.
-        os.nice(DRAWING_NICENESS)
         figure = draw()
         with atomic_path(folder / name) as tmp:
             figure.savefig(tmp, format=picture_format(name))
