@@ -195,6 +195,7 @@ def test_metrics_not_yet_written_travel_in_a_checkpoint_and_come_back_whole(tmp_
     assert back[1][0] == "val/acc" and np.isnan(back[1][1]) and back[1][2:] == (1796499963755, 2**40)
     assert all(type(stamp) is int and type(step) is int for _, _, stamp, step in back)
     assert rows_of(saved["none"]) == []
+    assert rows_of(checkpoint_rows([("", 1.0, 5, 7)])) == [("", 1.0, 5, 7)]  # a key of no allowed character
     assert rows_of([["val/loss", 0.1, 1796499963754, 0]]) == [rows[0]]
 
 

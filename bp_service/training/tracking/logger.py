@@ -111,8 +111,9 @@ def rows_of(saved: Any) -> list[Row]:
     held before it."""
     if not isinstance(saved, Mapping):
         return [(key, float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
-    keys = saved["keys"].split("\n") if saved["keys"] else []
-    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, saved["numbers"].tolist())]
+    numbers = saved["numbers"].tolist()
+    keys = saved["keys"].split("\n") if numbers else []  # "".split("\n") is [""]: one row, or none
+    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers, strict=True)]
 
 
 class OptimizerSteps(pl.Callback):
