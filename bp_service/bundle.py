@@ -240,12 +240,19 @@ def _check_tensor(key: str, tensor: Any, where: str) -> None:
         raise BundleError(f"{where}: weights: {name} is not a tensor ({type(tensor).__name__})")
     if not tensor.is_floating_point() or tensor.layout != torch.strided:
         raise BundleError(f"{where}: weights: {name} is not a dense floating-point tensor ({tensor.dtype})")
-    needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
-    if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() < needed:
+    if not stored_whole(tensor):
         raise BundleError(
             f"{where}: weights: {name} is not a contiguous tensor backed by its own data (shape "
             f"{tuple(tensor.shape)}, {tensor.untyped_storage().nbytes()} bytes stored): refused"
         )
+
+
+def stored_whole(tensor: torch.Tensor) -> bool:
+    """A dense, contiguous tensor whose storage holds every element it declares. An ``expand()`` view (stride 0)
+    loads with ``weights_only=True`` and declares a tensor of any size in a few bytes of a file; copying or
+    reading it out would allocate all of it."""
+    needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+    return tensor.layout == torch.strided and tensor.is_contiguous() and tensor.untyped_storage().nbytes() >= needed
 
 
 META_KEYS = {"task", "feature_names", "classes", "scaler_mean", "scaler_scale", "target_mean", "target_scale"}

@@ -199,6 +199,27 @@ def test_metrics_not_yet_written_travel_in_a_checkpoint_and_come_back_whole(tmp_
     assert rows_of([["val/loss", 0.1, 1796499963754, 0]]) == [rows[0]]
 
 
+@pytest.mark.parametrize(
+    "crafted",
+    [
+        {"keys": "a", "numbers": torch.zeros(1, 3, dtype=torch.float64).expand(10**9, 3)},  # 24 bytes stored
+        {"keys": "a\nb", "numbers": torch.zeros(1, 3, dtype=torch.float64)},
+        {"keys": "a", "numbers": torch.zeros(1, 3)},
+        {"keys": ["a"], "numbers": torch.zeros(1, 3, dtype=torch.float64)},
+    ],
+    ids=["expanded", "keys_count", "float32", "keys_list"],
+)
+def test_crafted_checkpoint_rows_are_refused_before_any_is_read(tmp_path, crafted):
+    """A checkpoint is hostile until checked: rows that are not what bp-train writes are refused in one line, and
+    an expand() view declaring a billion rows in 24 bytes is never read out."""
+    from bp_service.training.tracking.logger import rows_of
+
+    torch.save({"metrics": crafted}, tmp_path / "crafted.ckpt")
+    saved = torch.load(tmp_path / "crafted.ckpt", weights_only=True)
+    with pytest.raises(ValueError, match=r"callbacks\.PendingMetrics\.metrics .* refused"):
+        rows_of(saved["metrics"])
+
+
 def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
     _, result, uri = tracked_run
     from sklearn.datasets import load_iris

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from bp_service.bundle import stored_whole
 from bp_service.training.tracking.buffer import Row
 
 
@@ -108,12 +109,26 @@ def checkpoint_rows(rows: list[Row]) -> dict[str, Any]:
 
 def rows_of(saved: Any) -> list[Row]:
     """The rows of :func:`checkpoint_rows`, or of the list of ``[key, value, timestamp, step]`` that checkpoints
-    held before it."""
+    held before it. Checked first, as everything read from a checkpoint: the numbers as a tensor stored whole (a
+    few bytes of a crafted file could otherwise declare rows by the billion), one key per row."""
     if not isinstance(saved, Mapping):
         return [(key, float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
-    numbers = saved["numbers"].tolist()
-    keys = saved["keys"].split("\n") if numbers else []  # "".split("\n") is [""]: one row, or none
-    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers, strict=True)]
+    keys, numbers = saved.get("keys"), saved.get("numbers")
+    if not (
+        isinstance(keys, str)
+        and isinstance(numbers, torch.Tensor)
+        and numbers.dtype == torch.float64
+        and numbers.dim() == 2
+        and numbers.shape[1] == 3
+        and stored_whole(numbers)
+        and (keys.count("\n") + 1 if len(numbers) else 0) == len(numbers)  # "".split("\n") is [""]: 0 or 1 row
+    ):
+        raise ValueError(
+            "checkpoint: callbacks.PendingMetrics.metrics is not the metric rows bp-train writes (keys, one per "
+            "row, and a (rows, 3) float64 tensor stored whole): refused"
+        )
+    keys = keys.split("\n") if len(numbers) else []
+    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers.tolist())]
 
 
 class OptimizerSteps(pl.Callback):

@@ -297,7 +297,7 @@ class MLflowTracker(WrittenTracker):
         package_dir = Path(bp_service.__file__).resolve().parent
 
         def log() -> None:
-            mlflow.set_tracking_uri(self.uri)  # nothing to do where a tracking process set it (model_logging_steps)
+            mlflow.set_tracking_uri(self.uri)  # a no-op where the head start set this URI (model_logging_steps)
             with mlflow.start_run(run_id=self.run_id):
                 mlflow.pyfunc.log_model(
                     name="model",
