@@ -206,8 +206,9 @@ def test_metrics_not_yet_written_travel_in_a_checkpoint_and_come_back_whole(tmp_
         {"keys": "a\nb", "numbers": torch.zeros(1, 3, dtype=torch.float64)},
         {"keys": "a", "numbers": torch.zeros(1, 3)},
         {"keys": ["a"], "numbers": torch.zeros(1, 3, dtype=torch.float64)},
+        [["val/loss", "not a number", 1796499963754, 0]],  # the list per row of checkpoints written before
     ],
-    ids=["expanded", "keys_count", "float32", "keys_list"],
+    ids=["expanded", "keys_count", "float32", "keys_list", "old_form"],
 )
 def test_crafted_checkpoint_rows_are_refused_before_any_is_read(tmp_path, crafted):
     """A checkpoint is hostile until checked: rows that are not what bp-train writes are refused in one line, and

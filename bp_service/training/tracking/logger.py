@@ -111,8 +111,15 @@ def rows_of(saved: Any) -> list[Row]:
     """The rows of :func:`checkpoint_rows`, or of the list of ``[key, value, timestamp, step]`` that checkpoints
     held before it. Checked first, as everything read from a checkpoint: the numbers as a tensor stored whole (a
     few bytes of a crafted file could otherwise declare rows by the billion), one key per row."""
+    refused = ValueError(
+        "checkpoint: callbacks.PendingMetrics.metrics is not the metric rows bp-train writes (keys, one per row, "
+        "and a (rows, 3) float64 tensor stored whole): refused"
+    )
     if not isinstance(saved, Mapping):
-        return [(key, float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
+        try:
+            return [(str(key), float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
+        except (TypeError, ValueError):
+            raise refused from None
     keys, numbers = saved.get("keys"), saved.get("numbers")
     if not (
         isinstance(keys, str)
@@ -123,10 +130,7 @@ def rows_of(saved: Any) -> list[Row]:
         and stored_whole(numbers)
         and (keys.count("\n") + 1 if len(numbers) else 0) == len(numbers)  # "".split("\n") is [""]: 0 or 1 row
     ):
-        raise ValueError(
-            "checkpoint: callbacks.PendingMetrics.metrics is not the metric rows bp-train writes (keys, one per "
-            "row, and a (rows, 3) float64 tensor stored whole): refused"
-        )
+        raise refused
     keys = keys.split("\n") if len(numbers) else []
     return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers.tolist())]
 
