@@ -221,6 +221,32 @@ def test_crafted_checkpoint_rows_are_refused_before_any_is_read(tmp_path, crafte
         rows_of(saved["metrics"])
 
 
+def test_the_gradient_flow_history_travels_in_a_checkpoint_and_crafted_ones_are_refused(tmp_path):
+    """The gradient-flow picture's history, a tensor per metric in checkpoints, comes back exactly (a checkpoint
+    written before, with a list per epoch, too); what is not (epoch, value) pairs stored whole is refused."""
+    from bp_service.training.callbacks import GradientFlow
+
+    flow = GradientFlow()
+    flow.history = {"train/grad_norm/W1": [(0, 0.5), (1, float("nan"))], "train/grad_norm/delta1": []}
+    torch.save(flow.state_dict(), tmp_path / "flow.ckpt")
+    back = GradientFlow()
+    back.load_state_dict(torch.load(tmp_path / "flow.ckpt", weights_only=True))
+    assert back.history.keys() == flow.history.keys() and back.history["train/grad_norm/delta1"] == []
+    (e0, v0), (e1, v1) = back.history["train/grad_norm/W1"]
+    assert (e0, v0, e1) == (0, 0.5, 1) and np.isnan(v1) and type(e1) is int
+    older = GradientFlow()
+    older.load_state_dict({"history": {"train/grad_norm/W1": [[0, 0.5], [1, 0.25]]}})
+    assert older.history == {"train/grad_norm/W1": [(0, 0.5), (1, 0.25)]}
+    for crafted in (
+        torch.zeros(1, 2, dtype=torch.float64).expand(10**9, 2),  # a billion epochs in 16 bytes
+        torch.zeros(3, 3, dtype=torch.float64),
+        [[0, "not a number"]],
+    ):
+        torch.save({"history": {"train/grad_norm/W1": crafted}}, tmp_path / "crafted.ckpt")
+        with pytest.raises(ValueError, match=r"callbacks\.GradientFlow\.history\['train/grad_norm/W1'\] .* refused"):
+            GradientFlow().load_state_dict(torch.load(tmp_path / "crafted.ckpt", weights_only=True))
+
+
 def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
     _, result, uri = tracked_run
     from sklearn.datasets import load_iris
