@@ -255,6 +255,20 @@ def stored_whole(tensor: torch.Tensor) -> bool:
     return tensor.layout == torch.strided and tensor.is_contiguous() and tensor.untyped_storage().nbytes() >= needed
 
 
+def stored_table(value: Any, columns: int) -> list[list[float]] | None:
+    """The rows of a ``(rows, columns)`` float64 tensor stored whole (:func:`stored_whole`), as a checkpoint's
+    callbacks keep their records; None for anything else."""
+    if not (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.float64
+        and value.dim() == 2
+        and value.shape[1] == columns
+        and stored_whole(value)
+    ):
+        return None
+    return value.tolist()
+
+
 META_KEYS = {"task", "feature_names", "classes", "scaler_mean", "scaler_scale", "target_mean", "target_scale"}
 # Bundles older than these lack them; a checkpoint records the MLflow run that wrote it. A key not listed here
 # may be preprocessing this version cannot apply, and is refused rather than ignored.

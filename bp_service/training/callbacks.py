@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, TQDMProgr
 from lightning.pytorch.callbacks.model_summary import log as summary_log
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
-from bp_service.bundle import stored_whole
+from bp_service.bundle import stored_table
 
 NOT_A_TERMINAL = ("quiet", "epochs", "bar")
 
@@ -83,11 +83,9 @@ class GradientFlow(pl.Callback):
 def _epoch_values(saved: Any, name: str) -> list[tuple[int, float]]:
     """A metric's (epoch, value) pairs as a checkpoint holds them: an (epochs, 2) float64 tensor stored whole (an
     ``expand()`` view would declare any number in a few bytes), or the list of pairs of checkpoints written before."""
-    with contextlib.suppress(TypeError, ValueError, OverflowError):
-        if not isinstance(saved, torch.Tensor):
-            return [(int(epoch), float(value)) for epoch, value in saved]
-        if saved.dtype == torch.float64 and saved.dim() == 2 and saved.shape[1] == 2 and stored_whole(saved):
-            return [(int(epoch), value) for epoch, value in saved.tolist()]
+    pairs = stored_table(saved, 2) if isinstance(saved, torch.Tensor) else saved
+    with contextlib.suppress(TypeError, ValueError, OverflowError):  # None, a field not a number, a NaN epoch
+        return [(int(epoch), float(value)) for epoch, value in pairs]
     raise ValueError(f"checkpoint: callbacks.GradientFlow.history[{name!r}] is not (epoch, value) pairs: refused")
 
 

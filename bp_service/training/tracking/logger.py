@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
-from bp_service.bundle import stored_whole
+from bp_service.bundle import stored_table
 from bp_service.training.tracking.buffer import Row
 
 
@@ -103,7 +102,7 @@ def checkpoint_rows(rows: list[Row]) -> dict[str, Any]:
     ms of each of its last checkpoints, against 0.3 ms this way)."""
     return {
         "keys": "\n".join(row[0] for row in rows),  # MLflow's characters only (MetricBuffer.record): no newline
-        "numbers": torch.from_numpy(np.array([row[1:] for row in rows], dtype=np.float64).reshape(-1, 3)),
+        "numbers": torch.tensor([row[1:] for row in rows], dtype=torch.float64).reshape(-1, 3),
     }
 
 
@@ -118,21 +117,14 @@ def rows_of(saved: Any) -> list[Row]:
     if not isinstance(saved, Mapping):
         try:
             return [(str(key), float(value), int(stamp), int(step)) for key, value, stamp, step in saved]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise refused from None
-    keys, numbers = saved.get("keys"), saved.get("numbers")
-    if not (
-        isinstance(keys, str)
-        and isinstance(numbers, torch.Tensor)
-        and numbers.dtype == torch.float64
-        and numbers.dim() == 2
-        and numbers.shape[1] == 3
-        and stored_whole(numbers)
-        and (keys.count("\n") + 1 if len(numbers) else 0) == len(numbers)  # "".split("\n") is [""]: 0 or 1 row
-    ):
+    keys, numbers = saved.get("keys"), stored_table(saved.get("numbers"), 3)
+    # "".split("\n") is [""]: no rows, or one whose key lost every character
+    if not isinstance(keys, str) or numbers is None or (keys.count("\n") + 1 if numbers else 0) != len(numbers):
         raise refused
-    keys = keys.split("\n") if len(numbers) else []
-    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers.tolist())]
+    keys = keys.split("\n") if numbers else []
+    return [(key, value, int(stamp), int(step)) for key, (value, stamp, step) in zip(keys, numbers)]
 
 
 class OptimizerSteps(pl.Callback):
