@@ -527,14 +527,15 @@ def _network_cost(
         raise ValueError(f"mlp_cost: cross_entropy needs a softmax or sigmoid output layer, got {output!r}")
     acts = _network_forward(x, params, (*activations[:-1], None), inplace)  # [a_1, ..., a_{L-1}, z_L]
     z = acts[-1]
-    _check_target(target, z)
+    if target.shape != z.shape:
+        _check_target(target, z)
     dtype = dispatch.cost_dtype(z.dtype)
     zc = z if z.dtype == dtype else z.to(dtype)  # (N, K)
     y = target if target.dtype == dtype else target.to(dtype)
     n = zc.shape[0]
     if output == "softmax":
         log_p = _log_softmax(zc)  # (N, K)
-        c = torch.dot(y.reshape(-1), log_p.reshape(-1)) * (-1 / n)  # C = -(1/N) sum y log p: (NK,) . (NK,)
+        c = (y * log_p).sum() * (-1 / n)  # C = -(1/N) sum y log p
         a = log_p.exp_() if inplace else log_p.exp()  # p = softmax(z_L)
     else:
         c = (_softplus(zc) - y * zc).sum() / n  # C = (1/N) sum [softplus(z) - y z]
@@ -560,22 +561,37 @@ def _cross_entropy_target_term(x: Tensor, params: tuple, acts: list[Tensor], out
 
 
 def _output_gradients(
-    grad_cost: Tensor, x: Tensor, params: tuple, acts: list, diff: Tensor, activations: tuple, cost: str, needs_y: bool
+    grad_cost: Tensor,
+    x: Tensor,
+    params: tuple,
+    acts: list,
+    diff: Tensor,
+    activations: tuple,
+    cost: str,
+    needs_y: bool,
+    reuse: bool,
 ) -> tuple[Tensor, Tensor | None, tuple]:
-    """Where :func:`backprop` starts: (dC/da_L, dC/dy or None, the activations whose f' it then applies)."""
+    """Where :func:`backprop` starts: (dC/da_L, dC/dy or None, the activations whose f' it then applies).
+
+    With ``reuse``, dC/da_L is written into diff's own buffer (read by nothing after): one (N, H_L)
+    tensor fewer alive through the whole backward pass.
+    """
+    if cost == "l1":  # C = mean |a_L - y| reads only the sign of a_L - y
+        diff = diff.sign_() if reuse else torch.sign(diff)
+    scaled = diff.mul_(grad_cost) if reuse else diff * grad_cost  # (a_L - y) dL/dC, (N, H_L)
     if cost == "cross_entropy":
         # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
         # so backprop treats the output layer as linear.
-        grad_a = (diff * grad_cost).mul_(1 / diff.shape[0])  # dC/dz_L = (a_L - y) / N
+        grad_a = scaled.mul_(1 / diff.shape[0])  # dC/dz_L = (a_L - y) / N
         grad_y = None
         if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid)
             term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)
             grad_y = term * (-grad_cost / diff.shape[0])
         return grad_a, grad_y, (*activations[:-1], None)
     if cost == "mse":
-        grad_a = (diff * grad_cost).mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
+        grad_a = scaled.mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
     else:
-        grad_a = (torch.sign(diff) * grad_cost).mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
+        grad_a = scaled.mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
     return grad_a, (-grad_a if needs_y else None), activations  # C depends on a_L - y
 
 
@@ -605,14 +621,18 @@ def backprop(
         acts: ``[a_1, ..., a_L]``, each ``(N, H_l)``; diff: ``a_L - y`` in the cost's dtype.
         needs_grad: ``(x, y, W_1, b_1, ...)``: which gradients to compute.
         deltas: if given, each delta_l is appended to it (last layer first), for diagnostics.
-        release: drop each entry of ``acts`` once used (set to None), so its memory can go.
+        release: the caller hands ``acts`` and ``diff`` over: each a_l is dropped once used (set to None)
+            and dC/da_L is written into diff's buffer, so their memory goes as native autograd's does.
 
     Returns:
         ``(dC/dx, dC/dy, dC/dW_1, dC/db_1, ..., dC/dW_L, dC/db_L)``, None where not needed.
     """
     inplace = not torch.is_grad_enabled()  # building a graph of the backward: keep every buffer
     n_layers = len(activations)
-    grad_a, grad_y, activations = _output_gradients(grad_cost, x, params, acts, diff, activations, cost, needs_grad[1])
+    grad_a, grad_y, activations = _output_gradients(
+        grad_cost, x, params, acts, diff, activations, cost, needs_grad[1], reuse=release
+    )
+    del diff  # its buffer is grad_a's when released, and read by nothing more
     if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not
         grad_a = grad_a.to(acts[-1].dtype)
     grads: list[Tensor | None] = [None] * (2 * n_layers)
@@ -644,6 +664,7 @@ def backprop(
             grads[2 * layer + 1] = delta.sum(0)  # (N, H_out) -> (H_out,)
         if layer > 0 or needs_grad[0]:
             grad_a = torch.mm(delta, weight)  # (N, H_out) @ (H_out, H_in) -> (N, H_in): dC/da_{l-1}
+        del delta  # gone before the next layer's f' is made, the backward pass's peak, as native autograd's
     grad_x = grad_a if needs_grad[0] else None
     return (grad_x, grad_y, *grads)
 
@@ -690,13 +711,26 @@ class MLPCostFunction(Function):
         # A training step's backward, the one that runs every step: :func:`_network_backward`'s case
         # with nothing kept, written out (inside the autograd engine each Python call costs more still).
         x, _, *params = ctx.saved_tensors  # the target: dC/dy is read off a_L - y
-        acts, diff = ctx.acts, ctx.diff
-        ctx.acts = ctx.diff = None  # each activation goes once the recursion has used it
+        acts, ctx.acts = ctx.acts, None  # each activation goes once the recursion has used it
         needs = ctx.needs_input_grad
         grad_x, grad_y, *grads = backprop(
-            grad_cost, x, params, acts, diff, ctx.activations, ctx.cost, needs[:2] + needs[4:], release=True
+            grad_cost,
+            x,
+            params,
+            acts,
+            _hand_over_diff(ctx),
+            ctx.activations,
+            ctx.cost,
+            needs[:2] + needs[4:],
+            release=True,
         )
         return (grad_x, grad_y, None, None, *grads)
+
+
+def _hand_over_diff(ctx) -> Tensor:
+    """ctx.diff, with no reference left on ctx or in the caller's frame: backprop's is the last one."""
+    diff, ctx.diff = ctx.diff, None
+    return diff
 
 
 def _saved(ctx) -> tuple[Tensor, Tensor, tuple, list[Tensor], Tensor]:

@@ -262,6 +262,25 @@ def test_mlp_cost_cross_entropy_equals_native(arch, bias):
             torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("upstream", [-2.5, 0.0])
+@pytest.mark.parametrize("arch", NETWORKS)
+def test_a_training_steps_backward_takes_the_upstream_gradient(arch, upstream):
+    """delta_L is written into the buffer of a_L - y, scaled by dL/dC first: native's gradients still,
+    for any upstream gradient; and a second backward over a kept graph sees a_L - y untouched."""
+    sizes, activations = NETWORKS[arch]
+    leaves = _network(sizes, activations, True)
+    ours = [t.detach().clone().requires_grad_() for t in leaves]
+    native = [t.detach().clone().requires_grad_() for t in leaves]
+    (upstream * F.mlp_cost(ours[0], ours[1], ours[2:], activations, "cross_entropy")).backward()
+    (upstream * _native(native[0], native[1], native[2:], activations)).backward()
+    for a, b in zip(ours, native):
+        torch.testing.assert_close(a.grad, b.grad)
+    cost = F.mlp_cost(*leaves[:2], leaves[2:], activations, "cross_entropy")
+    first = torch.autograd.grad(cost, leaves, retain_graph=True)
+    for a, b in zip(first, torch.autograd.grad(cost, leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", NETWORKS)
 def test_mlp_cost_cross_entropy_gradcheck_and_gradgradcheck(arch):
     sizes, activations = NETWORKS[arch]

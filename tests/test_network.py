@@ -100,10 +100,25 @@ def test_leading_dimensions_and_partial_requires_grad():
     torch.testing.assert_close(grads[0], native)
 
 
-def test_backward_twice_with_retain_graph_gives_the_same_gradients():
+@pytest.mark.parametrize("cost", ["mse", "l1"])
+@pytest.mark.parametrize("upstream", [-2.5, 0.0])
+def test_a_training_steps_backward_takes_the_upstream_gradient(cost, upstream):
+    """The backward that keeps nothing writes dC/da_L into the buffer of a_L - y: scaled by dL/dC first,
+    negative or zero included, it still gives native autograd's gradients."""
+    sizes, activations = ARCHITECTURES["2h-relu-sigmoid"]
+    x, target, params = _network(sizes, True, DOUBLE)
+    ours, native = _clone([x, target, *params]), _clone([x, target, *params])
+    (upstream * F.mlp_cost(ours[0], ours[1], ours[2:], activations, cost)).backward()
+    (upstream * _native_cost(native[0], native[1], native[2:], activations, cost)).backward()
+    for a, b in zip(ours, native):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("cost", ["mse", "l1"])
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(cost):
     """The backward's in-place arithmetic touches only its own buffers, never what it saved."""
     x, target, params = _network([3, 4, 2], True, DOUBLE)
-    cost = F.mlp_cost(x, target, params, ("sigmoid", "sigmoid"))
+    cost = F.mlp_cost(x, target, params, ("sigmoid", "sigmoid"), cost)
     first = torch.autograd.grad(cost, params, retain_graph=True)
     second = torch.autograd.grad(cost, params)
     for a, b in zip(first, second):
