@@ -573,12 +573,12 @@ def _output_gradients(
 ) -> tuple[Tensor, Tensor | None, tuple]:
     """Where :func:`backprop` starts: (dC/da_L, dC/dy or None, the activations whose f' it then applies).
 
-    With ``reuse``, dC/da_L is written into diff's own buffer (read by nothing after): one (N, H_L)
-    tensor fewer alive through the whole backward pass.
+    With ``reuse`` (diff is read by nothing after, and no graph of the backward is built), dC/da_L is
+    written into diff's own buffer: one (N, H_L) tensor fewer alive while the backward pass runs.
     """
     if cost == "l1":  # C = mean |a_L - y| reads only the sign of a_L - y
         diff = diff.sign_() if reuse else torch.sign(diff)
-    scaled = diff.mul_(grad_cost) if reuse else diff * grad_cost  # (a_L - y) dL/dC, (N, H_L)
+    scaled = diff.mul_(grad_cost) if reuse else diff * grad_cost  # (a_L - y) or its sign, times dL/dC: (N, H_L)
     if cost == "cross_entropy":
         # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
         # so backprop treats the output layer as linear.
@@ -622,7 +622,8 @@ def backprop(
         needs_grad: ``(x, y, W_1, b_1, ...)``: which gradients to compute.
         deltas: if given, each delta_l is appended to it (last layer first), for diagnostics.
         release: the caller hands ``acts`` and ``diff`` over: each a_l is dropped once used (set to None)
-            and dC/da_L is written into diff's buffer, so their memory goes as native autograd's does.
+            and, outside a graph of the backward, dC/da_L is written into diff's buffer; the caller reads
+            neither again, and keeps no reference to diff, so their memory goes as native autograd's does.
 
     Returns:
         ``(dC/dx, dC/dy, dC/dW_1, dC/db_1, ..., dC/dW_L, dC/db_L)``, None where not needed.
@@ -630,7 +631,7 @@ def backprop(
     inplace = not torch.is_grad_enabled()  # building a graph of the backward: keep every buffer
     n_layers = len(activations)
     grad_a, grad_y, activations = _output_gradients(
-        grad_cost, x, params, acts, diff, activations, cost, needs_grad[1], reuse=release
+        grad_cost, x, params, acts, diff, activations, cost, needs_grad[1], reuse=release and inplace
     )
     del diff  # its buffer is grad_a's when released, and read by nothing more
     if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not

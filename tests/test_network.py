@@ -116,13 +116,30 @@ def test_a_training_steps_backward_takes_the_upstream_gradient(cost, upstream):
 
 @pytest.mark.parametrize("cost", ["mse", "l1"])
 def test_backward_twice_with_retain_graph_gives_the_same_gradients(cost):
-    """The backward's in-place arithmetic touches only its own buffers, never what it saved."""
+    """The backward's in-place arithmetic touches only its own buffers, never what it saved (an upstream
+    gradient other than 1, so that L1's sign of a sign would show too)."""
     x, target, params = _network([3, 4, 2], True, DOUBLE)
     cost = F.mlp_cost(x, target, params, ("sigmoid", "sigmoid"), cost)
-    first = torch.autograd.grad(cost, params, retain_graph=True)
-    second = torch.autograd.grad(cost, params)
+    upstream = torch.tensor(-2.5, dtype=DOUBLE)
+    first = torch.autograd.grad(cost, params, upstream, retain_graph=True)
+    second = torch.autograd.grad(cost, params, upstream)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cost", ["mse", "l1"])
+def test_create_graph_without_retain_graph_gives_the_same_derivatives(cost):
+    """A graph of the backward built once (retain_graph=False) gives the first and second derivatives
+    of one kept for later."""
+    x, target, params = _network([3, 4, 2], True, DOUBLE)
+    found = []
+    for retain in (True, False):
+        c = F.mlp_cost(x, target, params, ("sigmoid", "tanh"), cost)
+        grads = torch.autograd.grad(c, params, create_graph=True, retain_graph=retain)
+        found.append((grads, torch.autograd.grad(sum((g * g).sum() for g in grads), params)))
+    for kept, once in zip(*found):
+        for a, b in zip(kept, once):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_vmap_per_sample_gradients_match_loop():
