@@ -729,7 +729,9 @@ class MLPCostFunction(Function):
 
 
 def _hand_over_diff(ctx) -> Tensor:
-    """ctx.diff, with no reference left on ctx or in the caller's frame: backprop's is the last one."""
+    """ctx.diff, with no reference left on ctx or in the caller's frame: backprop's is the last one (CPython 3.11
+    moves a call's arguments into the callee's frame; 3.10 keeps them on the caller's stack, so the buffer lives
+    to the end of the backward there, and the numbers are the same)."""
     diff, ctx.diff = ctx.diff, None
     return diff
 
