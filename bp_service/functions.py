@@ -633,7 +633,7 @@ def backprop(
     grad_a, grad_y, activations = _output_gradients(
         grad_cost, x, params, acts, diff, activations, cost, needs_grad[1], reuse=release and inplace
     )
-    del diff  # its buffer is grad_a's when released, and read by nothing more
+    del diff  # read by nothing more here; when reused, its buffer is grad_a's
     if grad_a.dtype != acts[-1].dtype:  # under autocast the cost ran in float32, the layers did not
         grad_a = grad_a.to(acts[-1].dtype)
     grads: list[Tensor | None] = [None] * (2 * n_layers)
