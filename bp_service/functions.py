@@ -881,6 +881,9 @@ __all__ += list(ACTIVATION_ALIASES)
 # ``mse`` and ``l1`` take the prediction a_L; ``cross_entropy`` takes the logits z_L, with a softmax
 # output (a sigmoid output's twin is :func:`binary_cross_entropy`); see :meth:`bp_service.MLP.logits`.
 LOSSES = {"mse": mse_loss, "l1": l1_loss, "cross_entropy": cross_entropy}
+# Cross-entropy's per-layer twin by the output activation it pairs with (``activations.CROSS_ENTROPY_OUTPUTS``):
+# ``mlp_cost(x, y, params, activations, "cross_entropy")`` equals ``CROSS_ENTROPY_TWINS[activations[-1]](z_L, y)``.
+CROSS_ENTROPY_TWINS = {"softmax": cross_entropy, "sigmoid": binary_cross_entropy}
 
 
 def mlp_cost(

@@ -12,6 +12,7 @@ from twins import NATIVE_ACTIVATIONS
 
 from bp_service import MLP
 from bp_service import functions as F
+from bp_service.activations import CROSS_ENTROPY_OUTPUTS
 
 DOUBLE = torch.float64
 GRAD_KW = {"check_forward_ad": True, "check_batched_grad": True}
@@ -322,14 +323,15 @@ def test_vmap_per_sample_cross_entropy_gradients_match_loop():
         torch.testing.assert_close(per_sample[i], w.grad)
 
 
-@pytest.mark.parametrize("output", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("output", CROSS_ENTROPY_OUTPUTS)
 def test_mlp_forward_and_cost_agree(output):
+    """Every output cross-entropy pairs with has its per-layer twin, taking the logits (what evaluation uses)."""
     torch.manual_seed(0)
     net = MLP([5, 6, 3], activation="relu", output_activation=output).double()
     x = torch.randn(8, 5, dtype=DOUBLE)
     target = TF.one_hot(torch.arange(8) % 3, 3).double()
     probs = net(x)
-    per_layer = (F.cross_entropy if output == "softmax" else F.binary_cross_entropy)(net.logits(x), target)
+    per_layer = F.CROSS_ENTROPY_TWINS[output](net.logits(x), target)
     torch.testing.assert_close(net.cost(x, target, "cross_entropy"), per_layer)
     if output == "softmax":
         torch.testing.assert_close(probs.sum(-1), torch.ones(8, dtype=DOUBLE))

@@ -480,3 +480,29 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_with_the_grouping_it_was_wri
     assert resumed.epoch_so_far.rows == 1257  # the epoch's train/loss over each of digits' training rows once
     for key, value in straight.net.state_dict().items():
         assert torch.equal(value, resumed.net.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("output", ["softmax", "sigmoid"])
+def test_cross_entropy_evaluation_takes_the_cost_and_prediction_from_one_pass(compose_cfg, output):
+    """val/loss is MLP.cost's cross-entropy and val/acc the prediction's accuracy, both from one pass through the
+    layers (the logits): one matrix product per layer and batch, not a forward pass and then the cost's own."""
+    from functools import partial
+
+    from torch.profiler import profile
+
+    from bp_service.layers import MLP
+    from bp_service.training.module import BPModule, accuracy
+
+    datamodule = BPDataModule(compose_cfg("data=iris").data, seed=0)
+    torch.manual_seed(0)
+    net = MLP((4, 8, 3), output_activation=output)
+    module = BPModule(net, optimizer=partial(torch.optim.SGD, lr=0.1), loss="cross_entropy")
+    trainer = _trainer_for(datamodule, enable_checkpointing=False)
+    with profile() as prof:
+        (metrics,) = trainer.validate(module, datamodule=datamodule)
+    products = [e for e in prof.events() if e.name in ("aten::addmm", "aten::mm")]
+    assert len(products) == len(net.layers) * len(datamodule.val_dataloader())
+    x, y = datamodule.data.x["val"], datamodule.data.y["val"]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(metrics["val/loss"]), net.cost(x, y, "cross_entropy"))
+        torch.testing.assert_close(torch.tensor(metrics["val/acc"]), accuracy(net(x), y))

@@ -17,7 +17,7 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from bp_service import functions as F
 from bp_service.bundle import checkpoint_entry
 from bp_service.capture import CapturedStep
-from bp_service.layers import MLP
+from bp_service.layers import MLP, OUTPUT_ACTIVATIONS
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -79,8 +79,9 @@ class BPModule(PlainHookNames, pl.LightningModule):
             the module under manual optimization).
 
     Each training step goes through ``net.cost``: forward pass, cost and backpropagation as one
-    :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``. The per-step
-    ``train/loss_step`` metric follows the Trainer's ``log_every_n_steps``.
+    :class:`~bp_service.functions.MLPCostFunction`; evaluation goes through ``net(x)``, or with cross-entropy
+    ``net.logits(x)`` once, the cost and the prediction both taken from it. The per-step ``train/loss_step``
+    metric follows the Trainer's ``log_every_n_steps``.
     """
 
     def __init__(
@@ -253,9 +254,15 @@ class BPModule(PlainHookNames, pl.LightningModule):
     # ----------------------------------------------------------------------- evaluation
     def _evaluate(self, chunk: tuple[tuple[Tensor, Tensor], ...], split: str) -> None:
         ((x, y),) = chunk
-        pred = self.net(x)
-        # Cross-entropy is taken from the logits, as in training (stable where probabilities round to 0 or 1).
-        loss = self.net.cost(x, y, self.loss) if self.loss == "cross_entropy" else self.loss_fn(pred, y)
+        if self.loss == "cross_entropy":
+            # One pass through the layers: the cost from the logits, as in training (finite where probabilities
+            # round to 0 or 1), and the prediction from the same logits.
+            output = self.net.activations[-1]
+            logits = self.net.logits(x)
+            loss, pred = F.CROSS_ENTROPY_TWINS[output](logits, y), OUTPUT_ACTIVATIONS[output](logits)
+        else:
+            pred = self.net(x)
+            loss = self.loss_fn(pred, y)
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=len(x), sync_dist=True)
         if self.task == "classification":
             self.log(f"{split}/acc", accuracy(pred, y), prog_bar=True, batch_size=len(x), sync_dist=True)
