@@ -15,6 +15,17 @@ from matplotlib.ticker import LogFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
 
+def laid_out(fig: Figure) -> Figure:
+    """``fig`` with tight_layout's positions applied once, and no layout engine left on it.
+
+    tight_layout leaves a placeholder engine behind, and savefig runs a whole drawing pass (text, ticks, no pixels)
+    for any engine before the real one: a fifth of a picture's time, for a layout that is already done. Without the
+    engine the file is the same, byte for byte."""
+    fig.tight_layout()
+    fig.set_layout_engine(None)  # None, not "none": "none" keeps the placeholder once an engine was set
+    return fig
+
+
 def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
     """Loss (and accuracy, when present) against the optimizer step; ``history`` maps metric -> [(step, value)]."""
     panels = [("loss", [k for k in ("train/loss", "val/loss") if history.get(k)])]
@@ -31,8 +42,7 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    return fig
+    return laid_out(fig)
 
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[object]) -> Figure:
@@ -43,8 +53,7 @@ def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[ob
         y_true, y_pred, labels=list(range(len(labels))), display_labels=[str(x) for x in labels], ax=ax, colorbar=False
     )
     ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    return fig
+    return laid_out(fig)
 
 
 def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]) -> Figure:
@@ -76,5 +85,4 @@ def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]
         # second to build in every process that draws one. Minor ticks are labelled on a range under a decade.
         colorbar = fig.colorbar(image, ax=ax, format=LogFormatter())
         colorbar.minorformatter = LogFormatter(labelOnlyBase=False)
-    fig.tight_layout()
-    return fig
+    return laid_out(fig)
