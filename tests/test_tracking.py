@@ -139,6 +139,12 @@ def test_bp_train_writes_its_run_from_its_tracking_process(tmp_path):
     assert model.source_run_id == run.info.run_id and model.name == "model"
     files = {Path(a.path).name for a in client.list_logged_model_artifacts(model.model_id)}
     assert {"MLmodel", "input_example.json", "requirements.txt"} <= files
+    # The model's own metrics (MLflow's Models tab) are the run's last ones, test and best validation included
+    (model,) = client.search_logged_models([run.info.experiment_id])  # read again: its metrics come with it
+    linked = {m.key: m for m in model.metrics}
+    assert {"test/acc", "test/loss", "best/val/acc", "val/acc", "train/loss"} <= linked.keys()
+    assert {m.step for m in linked.values()} == {21}
+    assert linked["test/acc"].value == pytest.approx(run.data.metrics["test/acc"])
 
 
 @pytest.mark.slow

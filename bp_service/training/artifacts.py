@@ -91,4 +91,4 @@ def log_servable_model(
         result["lost_artifacts"] = [f"{bundle_path.name} and the MLflow model ({exc.strerror})"]
         tracker.set_tag("bp.lost_artifacts", exc.strerror)
         return
-    tracker.log_model(bundle_path, data.raw_example(), register_as)
+    tracker.log_model(bundle_path, data.raw_example(), register_as, result["global_step"])

@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         stopping = how_it_stopped(trainer, callbacks.get("early_stopping"))  # before test() restores older state
         result = test_best(run, trainer, module, datamodule, ckpt_dir, monitor)  # 8. test the best checkpoint
         result["stopping"] = stopping
+        result["global_step"] = trainer.global_step  # where the run's last metrics are: the model's own
         if result["best_score"] is not None and trainer.logger is not None:  # beside val/acc's last epoch
             trainer.logger.log_metrics({best_name(monitor): result["best_score"]}, step=trainer.global_step)
         # 9. config, pictures, checkpoint pointer and the servable model

@@ -109,8 +109,9 @@ class Tracker(ABC):
         """Each metric's (step, value) pairs, the whole run's (a continued run's too)."""
 
     @abstractmethod
-    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None) -> None:
-        """The servable model around the bundle at ``bundle_path``; registered as ``register_as`` if given."""
+    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None, step: int) -> None:
+        """The servable model around the bundle at ``bundle_path``; registered as ``register_as`` if given; the run's
+        metrics at ``step`` (its last: test, best and last validation) are the model's own."""
 
     @abstractmethod
     def link(self) -> str | None:
@@ -197,7 +198,7 @@ class NoTracker(Tracker):
     def metric_history(self, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
         return {}
 
-    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None) -> None:
+    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None, step: int) -> None:
         pass
 
     def link(self) -> str | None:

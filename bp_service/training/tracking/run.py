@@ -279,8 +279,10 @@ class MLflowTracker(WrittenTracker):
                 history[key] = [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
         return history
 
-    def log_model(self, bundle_path: Path, input_example, register_as: str | None) -> None:
-        """Log the pyfunc model (weights, scaling, labels) so MLflow's own tools load and serve it."""
+    def log_model(self, bundle_path: Path, input_example, register_as: str | None, step: int) -> None:
+        """Log the pyfunc model (weights, scaling, labels) so MLflow's own tools load and serve it, with the run's
+        metrics at ``step`` as its own (MLflow links those of one step; its default, 0, holds only the learning
+        rate)."""
         import torch
         from mlflow.models import infer_signature
 
@@ -313,6 +315,7 @@ class MLflowTracker(WrittenTracker):
                         "numpy",
                     ],
                     registered_model_name=register_as,
+                    step=step,
                 )
 
         self.writer.call("log_model", log)

@@ -313,8 +313,8 @@ class RemoteTracker(WrittenTracker):
         self.flush()
         return self._call("tracker", "metric_history", keys) or {}
 
-    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None) -> None:
-        self._call("tracker", "log_model", bundle_path, input_example, register_as)
+    def log_model(self, bundle_path: Path, input_example: Any, register_as: str | None, step: int) -> None:
+        self._call("tracker", "log_model", bundle_path, input_example, register_as, step)
 
     def link(self) -> str | None:
         if self._ended is not None:
