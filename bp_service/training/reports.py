@@ -14,6 +14,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
+# A user's matplotlibrc that gives every figure a layout engine changes none of these pictures: each is made with
+# layout="none" (a constrained engine would refuse tight_layout once a colorbar exists) and left with none.
+NO_LAYOUT_ENGINE = {"figure.autolayout": False, "figure.constrained_layout.use": False}
+
 
 def laid_out(fig: Figure) -> Figure:
     """``fig`` with tight_layout's positions applied once, and no layout engine left on it.
@@ -22,7 +26,8 @@ def laid_out(fig: Figure) -> Figure:
     for any engine before the real one: a fifth of a picture's time, for a layout that is already done. Without the
     engine the file is the same, byte for byte."""
     fig.tight_layout()
-    fig.set_layout_engine(None)  # None, not "none": "none" keeps the placeholder once an engine was set
+    with matplotlib.rc_context(NO_LAYOUT_ENGINE):  # None reads these; "none" keeps the placeholder
+        fig.set_layout_engine(None)
     return fig
 
 
@@ -32,7 +37,7 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
     acc = [k for k in ("val/acc",) if history.get(k)]
     if acc:
         panels.append(("accuracy", acc))
-    fig = Figure(figsize=(5.5 * len(panels), 3.8))
+    fig = Figure(figsize=(5.5 * len(panels), 3.8), layout="none")
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
@@ -47,7 +52,7 @@ def curves_figure(history: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
 
 def confusion_figure(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[object]) -> Figure:
     """Test-split confusion matrix, rows = true class."""
-    fig = Figure(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.55 * len(labels)))
+    fig = Figure(figsize=(1.0 + 0.55 * len(labels), 0.8 + 0.55 * len(labels)), layout="none")
     ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=list(range(len(labels))), display_labels=[str(x) for x in labels], ax=ax, colorbar=False
@@ -63,7 +68,7 @@ def gradient_flow_figure(epochs: Sequence[int], panels: Mapping[str, np.ndarray]
     a vanishing gradient shows as the first layers' rows orders of magnitude darker.
     """
     # Figure, not pyplot: nothing kept in pyplot's registry after the picture is logged.
-    fig = Figure(figsize=(5.0 * len(panels), 0.9 + 0.45 * max(len(v) for v in panels.values())))
+    fig = Figure(figsize=(5.0 * len(panels), 0.9 + 0.45 * max(len(v) for v in panels.values())), layout="none")
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, norms) in zip(axes[0], panels.items()):
         positive = norms[norms > 0]
