@@ -21,6 +21,7 @@ features, ``H_out`` output features. This module imports only torch; how a call 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -489,12 +490,26 @@ def _difference(pred: Tensor, target: Tensor) -> Tensor:
     return pred.to(dtype) - target.to(dtype)
 
 
+def _per(count: int) -> float:
+    """1 / count, what an average over ``count`` rows or elements multiplies by; nan over none, as torch's mean."""
+    return 1 / count if count else math.nan
+
+
+def _mean(t: Tensor) -> Tensor:
+    """The mean over all M elements. On CPU ``t.mean()`` makes a new 0-dim tensor for M on every call (3 µs, a
+    hundredth of a small step): there it is sum(t) * (1/M), with 1/M made once (:func:`dispatch.scalar`). On a GPU
+    mean is one kernel, and a product after the sum would be a second launch."""
+    if not t.is_cpu:
+        return t.mean()
+    return t.sum() * dispatch.scalar(_per(t.numel()), t.dtype)
+
+
 def _cost(diff: Tensor, cost: str) -> Tensor:
     """C = mean((a_L - y)^2) or mean(|a_L - y|) over all M elements, from diff = a_L - y."""
     if cost == "mse":
-        return diff.square().mean()
+        return _mean(diff.square())
     if cost == "l1":
-        return diff.abs().mean()
+        return _mean(diff.abs())
     raise ValueError(f"mlp_cost: unknown cost {cost!r}, expected one of {list(LOSSES)}")
 
 
@@ -520,7 +535,7 @@ def _network_cost(
         else:
             diff = _difference(pred, target)
         if cost == "mse":  # the common case first: a call less per step
-            return acts, diff, diff.square().mean()
+            return acts, diff, _mean(diff.square())
         return acts, diff, _cost(diff, cost)
     output = activations[-1]
     if output not in _CROSS_ENTROPY_OUTPUTS:
@@ -535,10 +550,10 @@ def _network_cost(
     n = zc.shape[0]
     if output == "softmax":
         log_p = _log_softmax(zc)  # (N, K)
-        c = (y * log_p).sum() * (-1 / n)  # C = -(1/N) sum y log p
+        c = (y * log_p).sum() * dispatch.scalar(-_per(n), dtype)  # C = -(1/N) sum y log p
         a = log_p.exp_() if inplace else log_p.exp()  # p = softmax(z_L)
     else:
-        c = (_softplus(zc) - y * zc).sum() / n  # C = (1/N) sum [softplus(z) - y z]
+        c = (_softplus(zc) - y * zc).sum() * dispatch.scalar(_per(n), dtype)  # C = (1/N) sum [softplus(z) - y z]
         a = zc.sigmoid_() if inplace else torch.sigmoid(zc)  # s = sigmoid(z_L)
     acts[-1] = a if a.dtype == z.dtype else a.to(z.dtype)  # a_L in the layers' dtype, as every a_l
     return acts, a - y, c
@@ -582,16 +597,17 @@ def _output_gradients(
     if cost == "cross_entropy":
         # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
         # so backprop treats the output layer as linear.
-        grad_a = scaled.mul_(1 / diff.shape[0])  # dC/dz_L = (a_L - y) / N
+        grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L - y) / N
         grad_y = None
-        if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid)
+        if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid); not a training step's: a Python number does
             term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)
             grad_y = term * (-grad_cost / diff.shape[0])
         return grad_a, grad_y, (*activations[:-1], None)
     if cost == "mse":
-        grad_a = scaled.mul_(2 / diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
+        scale = 2 * _per(diff.numel())  # dC/da_L = 2 (a_L - y) / M, (N, H_L)
     else:
-        grad_a = scaled.mul_(1 / diff.numel())  # dC/da_L = sign(a_L - y) / M
+        scale = _per(diff.numel())  # dC/da_L = sign(a_L - y) / M
+    grad_a = scaled.mul_(dispatch.scalar(scale, diff.dtype))
     return grad_a, (-grad_a if needs_y else None), activations  # C depends on a_L - y
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 from torch.autograd import gradcheck, gradgradcheck
 from twins import NATIVE_ACTIVATIONS
 
-from bp_service import MLP
+from bp_service import MLP, dispatch
 from bp_service import functions as F
 from bp_service.activations import ACTIVATIONS, HIDDEN
 
@@ -140,6 +140,72 @@ def test_create_graph_without_retain_graph_gives_the_same_derivatives(cost):
     for kept, once in zip(*found):
         for a, b in zip(kept, once):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DOUBLE])
+def test_a_steps_numbers_are_tensors_made_once_that_compute_as_the_python_numbers(dtype):
+    """dispatch.scalar: the 1/M, 2/M and 1/N a step multiplies by, each a 0-dim CPU tensor made once; every product
+    is the one the Python number gives, to the bit."""
+    t = torch.randn(7, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    for value in (2 / t.numel(), -1 / 7, 1 / 3):
+        c = dispatch.scalar(value, dtype)
+        assert c is dispatch.scalar(value, dtype) and c.dim() == 0 and c.dtype == dtype
+        torch.testing.assert_close(t * c, t * value, rtol=0, atol=0)
+        torch.testing.assert_close(t.sum() * c, t.sum() * value, rtol=0, atol=0)
+
+
+def test_a_steps_numbers_are_plain_cpu_tensors_wherever_first_made():
+    """Made first inside inference mode, a torch.func transform or under another default device, the cached number
+    is still a plain CPU tensor: a graph can save it, it outlives the transform, it multiplies a CPU tensor."""
+    made = {}
+    with torch.inference_mode():
+        made["inference"] = dispatch.scalar(1 / 12345, torch.float64)
+    torch.func.grad(lambda w: (w * dispatch.scalar(1 / 12346, torch.float64)).sum())(torch.ones(2, dtype=DOUBLE))
+    made["torch.func"] = dispatch.scalar(1 / 12346, torch.float64)
+    with torch.device("meta"):
+        made["meta default"] = dispatch.scalar(1 / 12347, torch.float64)
+    for where, c in made.items():
+        assert c.device.type == "cpu" and not c.is_inference(), where
+        assert not torch._C._functorch.is_functorch_wrapped_tensor(c), where
+        w = torch.ones(3, dtype=DOUBLE, requires_grad=True)
+        (w * c).sum().backward()  # mul saves its other operand
+        torch.testing.assert_close(w.grad, torch.full_like(w, c.item()), rtol=0, atol=0)
+
+
+def test_compiled_code_multiplies_by_the_python_number():
+    """Under torch.compile dispatch.scalar gives the number itself: the traced graph holds 0.25, no tensor."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    t = torch.randn(4, 5)
+    scaled = torch.compile(lambda t: t * dispatch.scalar(0.25, t.dtype), backend=keep, fullgraph=True)(t)
+    torch.testing.assert_close(scaled, t * 0.25, rtol=0, atol=0)
+    (graph,) = graphs
+    assert [n for n in graph.graph.nodes if n.op == "call_function" and 0.25 in n.args]
+    assert not [n for n in graph.graph.nodes if n.op == "get_attr"]  # no tensor constant
+
+
+@pytest.mark.parametrize(
+    "cost, activations",
+    [
+        ("mse", ("sigmoid", "sigmoid")),
+        ("l1", ("sigmoid", None)),
+        ("cross_entropy", ("tanh", "softmax")),
+        ("cross_entropy", ("relu", "sigmoid")),
+    ],
+)
+def test_an_empty_batch_costs_nan_and_moves_no_weight(cost, activations):
+    """Nothing to average over: the cost is nan, as torch's losses of an empty batch, and the backward gives zero
+    weight gradients, not a ZeroDivisionError."""
+    x, target, params = _network([3, 4, 2], True, DOUBLE, batch=0)
+    c = F.mlp_cost(x, target, params, activations, cost)
+    assert c.isnan()
+    for g in torch.autograd.grad(c, params):
+        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
 
 
 def test_vmap_per_sample_gradients_match_loop():

@@ -25,6 +25,31 @@ def test_transforms_active_sees_vmap_and_forward_mode():
     assert dispatch.transforms_active() is False
 
 
+def test_autocast_dtype_sees_autocast_on_and_off():
+    """``torch._C._is_any_autocast_enabled``, autocast_dtype's first check."""
+    x = torch.zeros(2)
+    assert dispatch.autocast_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dispatch.autocast_dtype(x) == torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            assert dispatch.autocast_dtype(x) is None
+    assert dispatch.autocast_dtype(x) is None
+
+
+def test_disable_functorch_makes_a_plain_tensor_inside_a_transform():
+    """``torch._C._DisableFuncTorch``, under which dispatch.scalar makes its tensors."""
+    seen = []
+
+    def f(w):
+        with torch._C._DisableFuncTorch():
+            seen.append(torch._C._functorch.is_functorch_wrapped_tensor(torch.tensor(0.5)))
+        seen.append(torch._C._functorch.is_functorch_wrapped_tensor(torch.tensor(0.5)))
+        return w.sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert seen == [False, True]
+
+
 def test_graph_kept_is_the_engines_retain_graph_flag():
     """``torch._C._autograd._get_current_graph_task_keep_graph``, read inside a backward."""
     seen = []
