@@ -599,7 +599,7 @@ def _output_gradients(
         # so backprop treats the output layer as linear.
         grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L - y) / N
         grad_y = None
-        if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid); not a training step's: a Python number does
+        if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid); never in a training step: a Python number
             term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)
             grad_y = term * (-grad_cost / diff.shape[0])
         return grad_a, grad_y, (*activations[:-1], None)
