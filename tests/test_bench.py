@@ -35,7 +35,7 @@ def test_a_timing_at_or_below_zero_is_unmeasured_never_met():
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert cli.main(["--quick", "--items", "step-time,peak-memory,roofline", "--json", str(out)]) == 0
+    assert cli.main(["--quick", "--items", "step-time,peak-memory,roofline", "--reps", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
     _check_rows(rows)
