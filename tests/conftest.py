@@ -12,6 +12,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# pytest-xdist's workers (make test: one per core) each get their share of the cores, as joblib gives a sweep's
+# workers: torch's second OpenMP thread spins between products too small to split, on the core the other worker
+# needs. Set before torch loads; the commands the tests start inherit it. The slow tests run alone, on torch's own.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest
 import requests
 import torch

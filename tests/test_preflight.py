@@ -257,6 +257,34 @@ def test_every_problem_of_the_data_and_config_in_one_run_before_torch_is_importe
     assert not (home / "mlflow.db").exists() and _runs(home) == []
 
 
+@pytest.mark.parametrize("ckpt_path", ["last", "missing"])
+def test_a_checkpoint_to_resume_that_is_not_there_is_refused_before_torch_is_imported(tmp_path, ckpt_path):
+    """``ckpt_path=last`` beside a run of other overrides only, or a path that names no file: exit 2, one line, in a
+    second (it used to come after torch's and Lightning's imports), and no run folder left behind."""
+    home = tmp_path / "home"
+    runs = home / "outputs" / "train" / "runs"
+    other = runs / "2026-01-01_00-00-00"  # a run of other data: its last.ckpt is not this run's to resume
+    (other / ".hydra").mkdir(parents=True)
+    (other / ".hydra" / "overrides.yaml").write_text("- data=wine\n")
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    missing = tmp_path / "gone" / "last.ckpt"
+    arg = "ckpt_path=last" if ckpt_path == "last" else f"ckpt_path={missing}"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "bp-train"), "data=iris", arg, "tracking.enabled=false"],
+        capture_output=True, text=True, env=_env(home), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert not _imported(result.stderr) & set(HEAVY), sorted(_imported(result.stderr) & set(HEAVY))
+    line = result.stderr.strip().splitlines()[-1]
+    if ckpt_path == "last":
+        expected = f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs}"
+    else:
+        expected = f"ckpt_path: {missing}: checkpoint not found"
+    assert line == f"bp-train: error: {expected}"
+    assert [p.name for p in runs.iterdir()] == [other.name]
+
+
 def test_a_wrong_or_missing_target_lists_the_columns(tmp_path):
     home, path = tmp_path / "home", _penguins(tmp_path)
     columns = "species, island, bill_length_mm, flipper_length_mm, body_mass_g, sex"

@@ -131,14 +131,13 @@ def test_tracking_server_lost_mid_run_training_completes(tmp_path):
         requests.get(f"{server.url}/health", timeout=2)
 
 
-def test_truncated_checkpoint_is_named(tmp_path, cli):
-    ok = cli("bp-train", "data=iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.enabled=false")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    last = _checkpoint(tmp_path, "train")
+def test_truncated_checkpoint_is_named(tmp_path, cli, compose_cfg):
+    from bp_service.training.recipe import train
+
+    common = ["data=iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.enabled=false"]
+    last = Path(train(compose_cfg(*common, run_dir="earlier"))["last_checkpoint"])  # a real one, made here
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    result = cli(
-        "bp-train", "data=iris", "trainer=cpu", "trainer.max_epochs=1", "tracking.enabled=false", "ckpt_path=last"
-    )
+    result = cli("bp-train", *common, f"ckpt_path={last}")
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("bp-train: error: ") and str(last) in line and "Traceback" not in result.stderr

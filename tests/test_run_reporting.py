@@ -62,11 +62,13 @@ def test_of_equal_best_scores_the_latest_checkpoint_is_kept(compose_cfg):
     [
         ["data=csv", "data.path=/nonexistent/table.csv", "data.target=y"],  # bad data
         ["data=iris", "optimizer.lr=-1"],  # a bad value
-        ["data=iris", "ckpt_path=/nonexistent/last.ckpt"],  # refused after the heavy imports
+        ["data=iris", "ckpt_path={tmp}/garbage.ckpt"],  # a file torch cannot load: refused after the heavy imports
     ],
     ids=["data", "override", "resume"],
 )
 def test_a_command_that_fails_leaves_no_run_folder(cli, tmp_path, args):
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    args = [arg.format(tmp=tmp_path) for arg in args]
     result = cli("bp-train", *args, "trainer=cpu", *NO_TRACKING)
     assert result.returncode != 0 and "bp-train: error:" in result.stderr
     runs = tmp_path / "outputs" / "train" / "runs"

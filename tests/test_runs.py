@@ -1,5 +1,6 @@
 """``bp-runs``: the store every command uses, its newest runs, and the runs a killed process left RUNNING."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,13 +27,14 @@ def dead_pid() -> int:
     return proc.pid  # reaped: no process has it (pids are not reused this soon)
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A real embedded store in tmp_path with three runs: two finished ones and one left RUNNING by a dead pid."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    digits = client.create_experiment("digits", artifact_location=(tmp_path / "mlartifacts").as_uri())
-    iris = client.create_experiment("iris", artifact_location=(tmp_path / "mlartifacts").as_uri())
+@pytest.fixture(scope="module")
+def made_store(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A real embedded store with three runs: two finished ones and one left RUNNING by a dead pid. Made once (MLflow's
+    migrations take seconds); each test gets a copy of the file."""
+    folder = tmp_path_factory.mktemp("made_store")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    digits = client.create_experiment("digits", artifact_location=(folder / "mlartifacts").as_uri())
+    iris = client.create_experiment("iris", artifact_location=(folder / "mlartifacts").as_uri())
     runs = {}
     for name, experiment, metric, value in [("first", digits, "test/acc", 0.91), ("second", iris, "test/rmse", 2.5)]:
         run = client.create_run(experiment, run_name=name)
@@ -42,7 +44,16 @@ def store(tmp_path):
     owner = {"bp.host": socket.gethostname(), "bp.pid": str(dead_pid())}
     owner.update({"bp.pid_ns": pid_namespace(), "bp.boot_id": boot_id()})
     runs["killed"] = client.create_run(digits, run_name="killed", tags=owner).info.run_id
-    return {"uri": uri, "client": client, "runs": runs}
+    return folder / "mlflow.db", runs
+
+
+@pytest.fixture
+def store(tmp_path, made_store):
+    """The store above, as the embedded store of the home tmp_path."""
+    made, runs = made_store
+    shutil.copyfile(made, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return {"uri": uri, "client": MlflowClient(uri), "runs": runs}
 
 
 def test_uri_is_the_homes_store_unless_mlflow_tracking_uri_says_otherwise(tmp_path):

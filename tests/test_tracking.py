@@ -286,6 +286,7 @@ def test_the_gradient_flow_history_travels_in_a_checkpoint_and_crafted_ones_are_
             GradientFlow().load_state_dict(torch.load(tmp_path / "crafted.ckpt", weights_only=True))
 
 
+@pytest.mark.slow  # make test has the same check on digits: test_predict's MLflow loader, in a fresh process
 def test_logged_model_predicts_raw_features_in_a_fresh_process(tracked_run, tmp_path):
     _, result, uri = tracked_run
     from sklearn.datasets import load_iris

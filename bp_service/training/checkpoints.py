@@ -11,14 +11,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from filelock import FileLock, Timeout
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bp_service.bundle import BundleError, load_bundle
 from bp_service.files import atomic_path
+from bp_service.training.resume import checkpoint_file
 
 
 class CheckpointError(RuntimeError):
@@ -77,17 +77,6 @@ def resume_run_id(ckpt_path: str | None) -> str | None:
     return read_checkpoint(ckpt_path)["meta"].get("mlflow_run_id") if ckpt_path else None
 
 
-def _resumable_overrides(overrides) -> set[str]:
-    """The overrides that define a run; where it resumes from and how long it trains do not."""
-    ignored = ("ckpt_path=", "trainer.max_epochs=", "tracking.")
-    return {o for o in overrides if not o.startswith(ignored)}
-
-
-def _same_overrides(run_dir: Path, wanted: set[str]) -> bool:
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    return saved.is_file() and _resumable_overrides(OmegaConf.load(saved)) == wanted
-
-
 @dataclass(frozen=True)
 class Resume:
     """What a run resumes from and where it writes its checkpoints.
@@ -120,7 +109,10 @@ def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
         run_id = read_checkpoint(own)["meta"].get("mlflow_run_id")
         print(f"bp-train: {own} is this job's own, from an earlier attempt (requeued): resuming it", file=sys.stderr)
         return Resume(str(own), own.parent, in_place=True, run_id=run_id)
-    path = _newest_last() if ckpt_path == "last" else Path(ckpt_path).absolute()
+    try:
+        path = checkpoint_file(ckpt_path)  # bp-train's precheck found it: gone meanwhile, or train() called as such
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from None
     run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning
     if ckpt_path == "last" or _own_last(path, paths.root_dir):
         return Resume(str(path), path.resolve().parent, in_place=True, run_id=run_id)
@@ -128,17 +120,6 @@ def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
     if run_id:
         origin["bp.resumed_from_run"] = run_id
     return Resume(str(path), Path(paths.ckpt_dir), origin=origin)
-
-
-def _newest_last() -> Path:
-    wanted = _resumable_overrides(HydraConfig.get().overrides.task)
-    runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
-    candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]
-    if not candidates:
-        raise CheckpointError(
-            f"ckpt_path=last: no last.ckpt from an earlier run with the same overrides under {runs_dir}"
-        )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 def _own_last(path: Path, root_dir: str) -> bool:

@@ -7,7 +7,8 @@ does not have, generated data or hidden widths beyond this machine's memory, a m
 and ``data.features`` that name the target or repeat a column.
 
 :func:`precheck` runs first, before bp-train imports torch, Lightning or MLflow (this module imports none of
-them at import time): every problem of the config's fields and of a CSV's data, found at once, in one error.
+them at import time): every problem of the config's fields, of a CSV's data and of a ``ckpt_path`` that names no
+file, found at once, in one error.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bp_service.training.config import (
 )
 from bp_service.training.data import build_source
 from bp_service.training.guard import OPTUNA_SWEEPER, check_targets
+from bp_service.training.resume import checkpoint_file
 from bp_service.training.spelling import nearest_keys
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
@@ -132,6 +134,8 @@ def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """What bp-train refuses before it imports torch, Lightning or MLflow: every problem of the config's fields
     and of the data source's own data (a CSV's columns, rows and cells), all of them in one error.
 
+    A ``ckpt_path`` that names no file (``last`` with no earlier run of the same overrides) is one of them.
+
     Raises DataError when the data has a problem (else ConfigError): both exit 2, naming each field, column and row.
     """
     found = config_problems(cfg, overrides)
@@ -139,6 +143,11 @@ def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     if not any(problem.startswith("data") for problem in found):  # a data source that could be built
         source = build_source(cfg.data)
         data_found = source.problems()
+    if cfg.ckpt_path is not None:
+        try:
+            checkpoint_file(cfg.ckpt_path)  # read and checked after the imports, where torch can load it
+        except FileNotFoundError as exc:
+            found.append(str(exc))
     if found or data_found:
         message = several([*data_found, *found], source.label if data_found else None)
         raise (DataError if data_found else ConfigError)(message)
