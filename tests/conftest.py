@@ -16,7 +16,8 @@ from pathlib import Path
 # workers: torch's second OpenMP thread spins between products too small to split, on the core the other worker
 # needs. Set before torch loads; the commands the tests start inherit it. The slow tests run alone, on torch's own.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # as -n auto
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import pytest
 import requests

@@ -4,9 +4,11 @@ errors that used to come late, cut or without a name. Through the real commands.
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -15,13 +17,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import clean_env
+from conftest import clean_env, free_port
+from omegaconf import DictConfig, OmegaConf
 
 from bp_service.bundle import build_net
 from bp_service.serving.predict import main as bp_predict
 from bp_service.training.config import ConfigError
 from bp_service.training.data import build_source, prepare
-from bp_service.training.preflight import available_memory, check_cpu_precision, check_memory, validate
+from bp_service.training.preflight import (
+    available_memory,
+    check_cpu_precision,
+    check_memory,
+    check_server_answers,
+    validate,
+)
+from bp_service.training.tracking.interface import TrackingError
 
 BIN = Path(sys.executable).parent
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -283,6 +293,85 @@ def test_a_checkpoint_to_resume_that_is_not_there_is_refused_before_torch_is_imp
         expected = f"ckpt_path: {missing}: checkpoint not found"
     assert line == f"bp-train: error: {expected}"
     assert [p.name for p in runs.iterdir()] == [other.name]
+
+
+def test_a_tracking_server_that_refuses_the_connection_stops_the_run_before_torch_is_imported(tmp_path):
+    """Exit 1 and MLflow's own one line, in a second: MLflow's check in the tracking process answers seconds later."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "bp-train"), "data=iris", f"tracking.uri={uri}"],
+        capture_output=True, text=True, timeout=300,
+        env=clean_env(BP_SERVICE_HOME=str(tmp_path / "home"), drop=(*PROXIES, *(p.upper() for p in PROXIES))),
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert not _imported(result.stderr) & set(HEAVY), sorted(_imported(result.stderr) & set(HEAVY))
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (
+        f"bp-train: error: tracking server {uri} is unreachable (127.0.0.1:{uri.rsplit(':', 1)[1]} refused the "
+        "connection); set tracking.required=false to train anyway"
+    )
+    assert not list((tmp_path / "home").glob("outputs/*/runs/*"))  # no run folder left
+
+
+PROXIES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _tracking(uri: str, **fields) -> DictConfig:
+    return OmegaConf.create({"enabled": True, "required": True, "uri": uri, **fields})
+
+
+def test_the_server_check_refuses_only_what_is_certain(monkeypatch, tmp_path):
+    """A listening server passes (its answer is MLflow's to check); a refused port is refused; a proxy in the way,
+    tracking off or not required, another rank of a distributed run, and stores that are not servers are left to
+    MLflow."""
+    for name in (*PROXIES, *(p.upper() for p in PROXIES)):
+        monkeypatch.delenv(name, raising=False)
+    paths = OmegaConf.create({"root_dir": str(tmp_path)})
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        check_server_answers(_tracking(f"http://127.0.0.1:{listening.getsockname()[1]}"), paths)
+    refused = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="refused the connection"):
+        check_server_answers(_tracking(refused), paths)
+    check_server_answers(_tracking(refused, required=False), paths)
+    check_server_answers(_tracking(refused, enabled=False), paths)
+    check_server_answers(_tracking("sqlite:////nonexistent/mlflow.db"), paths)
+    monkeypatch.setenv("RANK", "1")
+    check_server_answers(_tracking(refused), paths)  # only the first process talks to the store
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("NO_PROXY", "example.com")  # a bypass list alone sends nothing through a proxy
+    with pytest.raises(TrackingError, match="refused the connection"):
+        check_server_answers(_tracking(refused), paths)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    check_server_answers(_tracking(refused), paths)  # requests would go through the proxy: not this check's to judge
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(TrackingError, match="refused the connection"):
+        check_server_answers(_tracking(refused), paths)
+
+
+def test_the_server_check_refuses_a_host_without_address_and_leaves_a_silent_name_server_to_mlflow(
+    monkeypatch, tmp_path
+):
+    paths = OmegaConf.create({"root_dir": str(tmp_path)})
+    for name in (*PROXIES, *(p.upper() for p in PROXIES)):
+        monkeypatch.delenv(name, raising=False)
+    answers = {"nosuchhost": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+               "flaky": socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")}  # fmt: skip
+    released = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "silent":
+            released.wait(30)  # a name server that does not answer
+            raise socket.gaierror(socket.EAI_AGAIN, "timed out")
+        raise answers[host]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(TrackingError, match="no host named 'nosuchhost'"):
+        check_server_answers(_tracking("http://nosuchhost:5000"), paths)
+    check_server_answers(_tracking("http://flaky:5000"), paths)
+    try:
+        check_server_answers(_tracking("http://silent:5000"), paths)  # returns, the lookup left to finish
+    finally:
+        released.set()
 
 
 def test_a_wrong_or_missing_target_lists_the_columns(tmp_path):

@@ -53,7 +53,9 @@ def store(tmp_path, made_store):
     made, runs = made_store
     shutil.copyfile(made, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return {"uri": uri, "client": MlflowClient(uri), "runs": runs}
+    client = MlflowClient(uri)
+    client.set_tag(runs["killed"], "bp.pid", str(dead_pid()))  # dead now, whatever ran since the store was made
+    return {"uri": uri, "client": client, "runs": runs}
 
 
 def test_uri_is_the_homes_store_unless_mlflow_tracking_uri_says_otherwise(tmp_path):

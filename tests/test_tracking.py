@@ -388,12 +388,16 @@ def test_a_failing_run_ends_FAILED_with_one_line(cli, tmp_path):
 
 
 def test_unreachable_server_fails_fast_before_training(cli, tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"
+    """Through a proxy that does not answer: bp-train's own check before the imports leaves proxies to MLflow's, in
+    the tracking process (a refused connection without a proxy is test_preflight's)."""
+    uri, proxy = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = cli("bp-train", "data=iris", "trainer=cpu", f"tracking.uri={uri}")
+    env = {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+    result = cli("bp-train", "data=iris", "trainer=cpu", f"tracking.uri={uri}", env=env)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("bp-train: error: tracking server") and uri in last and "unreachable" in last
+    assert "refused the connection" not in last  # MLflow's own words: its check, not bp-train's
     assert not list(tmp_path.glob("outputs/*/runs/*/checkpoints/*.ckpt")), "nothing may train before tracking is up"
     assert time.monotonic() - started < 60  # fails fast: not MLflow's minutes of retries
 

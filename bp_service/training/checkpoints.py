@@ -110,7 +110,7 @@ def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
         print(f"bp-train: {own} is this job's own, from an earlier attempt (requeued): resuming it", file=sys.stderr)
         return Resume(str(own), own.parent, in_place=True, run_id=run_id)
     try:
-        path = checkpoint_file(ckpt_path)  # bp-train's precheck found it: gone meanwhile, or train() called as such
+        path = checkpoint_file(ckpt_path)  # bp-train's precheck found it (exit 2); gone since, or train() called alone
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from None
     run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning

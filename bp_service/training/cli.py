@@ -86,10 +86,9 @@ def known_errors() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], 
     from bp_service.training.checkpoints import CheckpointError
     from bp_service.training.module import NonFiniteError
     from bp_service.training.recipe import GradcheckError
-    from bp_service.training.store import TrackingError
 
     usage = (ConfigError, DataError, BundleError)
-    return (*usage, TrackingError, CheckpointError, GradcheckError, NonFiniteError, DiskFullError), usage
+    return (*usage, CheckpointError, GradcheckError, NonFiniteError, DiskFullError), usage
 
 
 _HYDRA_NOISE = (
@@ -128,12 +127,14 @@ def _continues(previous: str, line: str) -> bool:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> float | None:
-    from bp_service.training.preflight import precheck
+    from bp_service.training.preflight import check_server_answers, precheck
 
     hydra_cfg = HydraConfig.get()
     try:
         # Before torch, Lightning and MLflow are imported (seconds): every problem of the config and the data at once.
         precheck(cfg, hydra_cfg.overrides.task)
+        if hydra_cfg.mode != RunMode.MULTIRUN:  # a sweep's jobs record into its parent run's store, reached already
+            check_server_answers(cfg.tracking, cfg.paths)
         from bp_service.training.tracking.backends import discard_tracking_process, start_tracking_process
 
         start_tracking_process(cfg)  # MLflow loads there while torch loads here
@@ -159,10 +160,11 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
         if full_error_requested():
             raise
         from bp_service.tables import DataError
+        from bp_service.training.tracking.interface import TrackingError
 
-        if isinstance(exc, ConfigError | DataError):  # answered without importing what a run needs
+        if isinstance(exc, ConfigError | DataError | TrackingError):  # answered without importing what a run needs
             print(f"bp-train: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(1 if isinstance(exc, TrackingError) else 2)
         known, usage = known_errors()
         if not isinstance(exc, known):  # one line too, not Hydra's "Error executing job" and a trace
             print(

@@ -8,7 +8,7 @@ and ``data.features`` that name the target or repeat a column.
 
 :func:`precheck` runs first, before bp-train imports torch, Lightning or MLflow (this module imports none of
 them at import time): every problem of the config's fields, of a CSV's data and of a ``ckpt_path`` that names no
-file, found at once, in one error.
+file, found at once, in one error. Then :func:`check_server_answers`: a tracking server that refuses the connection.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import dataclasses
 import math
 import re
 import signal
+import socket
+import threading
 import typing
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,6 +45,8 @@ from bp_service.training.data import build_source
 from bp_service.training.guard import OPTUNA_SWEEPER, check_targets
 from bp_service.training.resume import checkpoint_file
 from bp_service.training.spelling import nearest_keys
+from bp_service.training.tracking.interface import TrackingError, another_rank
+from bp_service.training.tracking.names import resolve_uri
 
 SEED_MAX = 2**32 - 1  # what numpy's and Lightning's seeding accept
 CONFIG_GROUPS = ("data", "model", "optimizer", "scheduler", "callbacks", "trainer", "experiment", "hparams_search")
@@ -151,6 +157,69 @@ def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     if found or data_found:
         message = several([*data_found, *found], source.label if data_found else None)
         raise (DataError if data_found else ConfigError)(message)
+
+
+def check_server_answers(tracking: DictConfig, paths: DictConfig) -> None:
+    """A required tracking server that refuses the connection on every address of its host, or whose host name
+    has no address, stops the run here, in about a second: MLflow's own check (``store.check_reachable``) runs in
+    the tracking process and is answered after bp-train's imports, seconds later. What is less certain (a name
+    server or a handshake slower than a second, a proxy in the way) is left to it, as are other ranks of a
+    distributed run, which never talk to the store.
+
+    Raises TrackingError (exit 1, as from MLflow's check)."""
+    if not tracking.enabled or not tracking.required or another_rank():
+        return
+    uri = resolve_uri(tracking, paths)
+    server = urlsplit(uri)
+    if server.scheme not in ("http", "https") or not server.hostname:
+        return
+    proxies = getproxies()
+    if (proxies.get(server.scheme) or proxies.get("all")) and not proxy_bypass(server.hostname):
+        return  # MLflow's requests go through the proxy
+    try:
+        port = server.port or (443 if server.scheme == "https" else 80)
+    except ValueError:
+        return  # MLflow's check names it
+    addresses = _addresses(server.hostname, port)
+    if isinstance(addresses, socket.gaierror):
+        raise TrackingError.unreachable(uri, f"no host named {server.hostname!r}") from None
+    if addresses and all(_refuses(address) for address in addresses):
+        raise TrackingError.unreachable(uri, f"{server.hostname}:{port} refused the connection") from None
+
+
+def _addresses(host: str, port: int, within: float = 1.0) -> list[tuple] | socket.gaierror | None:
+    """The host's addresses, its name server's "no such name", or None: no answer ``within`` seconds, or another
+    failure (a name server that did not answer may answer MLflow's check). The lookup has no time-out of its own:
+    it runs in a thread left to finish on its own."""
+    found: list = []
+
+    def look_up() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except socket.gaierror as exc:
+            found.append(exc if exc.errno == socket.EAI_NONAME else None)
+        except (OSError, UnicodeError):
+            found.append(None)
+
+    lookup = threading.Thread(target=look_up, name="bp-train server lookup", daemon=True)
+    lookup.start()
+    lookup.join(within)
+    return found[0] if found else None
+
+
+def _refuses(address: tuple, within: float = 1.0) -> bool:
+    """Whether the address refuses a TCP handshake (nothing listens there); False when it answers, or is slower
+    than ``within`` seconds or unreachable otherwise (MLflow's check, with its own time-out, decides those)."""
+    family, kind, proto, _, socket_address = address
+    with socket.socket(family, kind, proto) as probe:
+        probe.settimeout(within)
+        try:
+            probe.connect(socket_address)
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def check_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:

@@ -18,15 +18,15 @@ def checkpoint_file(ckpt_path: str) -> Path:
     overrides (beside this job's run folder); else the path, absolute. Raises FileNotFoundError, one line naming
     the field and what is missing."""
     if ckpt_path == "last":
-        return newest_last()
+        return _newest_last()
     path = Path(ckpt_path).absolute()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: {path}: checkpoint not found")
     return path
 
 
-def newest_last() -> Path:
-    wanted = resumable_overrides(HydraConfig.get().overrides.task)
+def _newest_last() -> Path:
+    wanted = _resumable_overrides(HydraConfig.get().overrides.task)
     runs_dir = Path(HydraConfig.get().runtime.output_dir).parent
     candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if _same_overrides(p.parent.parent, wanted)]
     if not candidates:
@@ -36,7 +36,7 @@ def newest_last() -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def resumable_overrides(overrides: Iterable[str]) -> set[str]:
+def _resumable_overrides(overrides: Iterable[str]) -> set[str]:
     """The overrides that define a run; where it resumes from and how long it trains do not."""
     ignored = ("ckpt_path=", "trainer.max_epochs=", "tracking.")
     return {o for o in overrides if not o.startswith(ignored)}
@@ -44,4 +44,4 @@ def resumable_overrides(overrides: Iterable[str]) -> set[str]:
 
 def _same_overrides(run_dir: Path, wanted: set[str]) -> bool:
     saved = run_dir / ".hydra" / "overrides.yaml"
-    return saved.is_file() and resumable_overrides(OmegaConf.load(saved)) == wanted
+    return saved.is_file() and _resumable_overrides(OmegaConf.load(saved)) == wanted

@@ -163,10 +163,7 @@ def check_reachable(uri: str) -> None:
         try:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as exc:
-            reason = first_line(exc)[:200]
-            raise TrackingError(
-                f"tracking server {uri} is unreachable ({reason}); set tracking.required=false to train anyway"
-            ) from None
+            raise TrackingError.unreachable(uri, first_line(exc)[:200]) from None
 
 
 def ensure_experiment(uri: str, name: str, root_dir: str | Path) -> str:

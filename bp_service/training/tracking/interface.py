@@ -7,6 +7,7 @@ backend is a subclass (MLflow's is :class:`bp_service.training.tracking.run.MLfl
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +19,23 @@ if TYPE_CHECKING:  # no Lightning at import: MLflow's tracking process (.sidecar
     from lightning.pytorch.loggers import Logger
 
 
+# Set, and not 0, in each process of a distributed run but the first (torchrun, srun, jsrun, a second node by hand):
+# only the first records the run and talks to its store.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def another_rank() -> bool:
+    """Whether this process is one of a distributed run's others, not the first (which records the run)."""
+    return any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES)
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI."""
+
+    @classmethod
+    def unreachable(cls, uri: str, reason: str) -> TrackingError:
+        """A tracking server that does not answer: refused before the imports, or by MLflow's own check."""
+        return cls(f"tracking server {uri} is unreachable ({reason}); set tracking.required=false to train anyway")
 
 
 class StoreUnavailable(TrackingError):

@@ -35,11 +35,9 @@ from omegaconf import DictConfig
 
 from bp_service.commands import first_line, signals_deferred
 from bp_service.training.tracking.buffer import MetricBuffer
-from bp_service.training.tracking.interface import Job, WrittenTracker
+from bp_service.training.tracking.interface import Job, WrittenTracker, another_rank
 from bp_service.training.tracking.pictures import render
 
-# A process whose rank is not zero records nothing (DDP's other processes, another node's, an srun task's).
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 PR_SET_PDEATHSIG = 1  # prctl(2)
 # bp-train's to handle (a terminal or scancel signals the whole group): it ends the run.
 IGNORED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
@@ -69,7 +67,7 @@ def start(
         return
     if "mlflow" in sys.modules:  # a sweep's parent run opened here: its store's connections must not be shared
         return
-    if threading.active_count() > 1 or any(os.environ.get(v, "0") not in ("", "0") for v in RANK_VARIABLES):
+    if threading.active_count() > 1 or another_rank():
         return
     _waiting = TrackingProcess(tracker, lambda: head_start(cfg))
 
