@@ -182,9 +182,9 @@ def check_server_answers(tracking: DictConfig, paths: DictConfig) -> None:
         return  # MLflow's check names it
     addresses = _addresses(server.hostname, port)
     if isinstance(addresses, socket.gaierror):
-        raise TrackingError.unreachable(uri, f"no host named {server.hostname!r}") from None
+        raise TrackingError.unreachable(uri, f"no host named {server.hostname!r}")
     if addresses and all(_refuses(address) for address in addresses):
-        raise TrackingError.unreachable(uri, f"{server.hostname}:{port} refused the connection") from None
+        raise TrackingError.unreachable(uri, f"{server.hostname}:{port} refused the connection")
 
 
 def _addresses(host: str, port: int, within: float = 1.0) -> list[tuple] | socket.gaierror | None:
