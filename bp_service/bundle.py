@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bp_service.commands import first_line
+from bp_service.commands import first_line, shown_value
 from bp_service.files import atomic_path
 from bp_service.layers import ACTIVATIONS, MLP, OUTPUT_ACTIVATIONS
 
@@ -97,7 +97,10 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
         entry, state = raw["bp_service"], raw.get("state_dict")
         if not isinstance(entry, dict) or not isinstance(state, dict):
             raise BundleError(f"{path}: not a bp-service checkpoint (its model description is unreadable)")
-        state = {k.removeprefix("net."): v for k, v in state.items() if str(k).startswith("net.")}
+        others = [k for k in state if not (isinstance(k, str) and k.startswith("net."))]
+        if others:  # BPModule holds the network and nothing else: Lightning would refuse it inside fit
+            raise BundleError(f"{path}: state_dict: {shown_value(others[0])} is not a weight of the network")
+        state = {k.removeprefix("net."): v for k, v in state.items()}
         bundle = {"state_dict": state, **entry}
     elif {"state_dict", "meta", "architecture"} <= raw.keys():
         bundle = raw
@@ -142,9 +145,9 @@ def check_bundle(bundle: dict[str, Any], where: str, file_size: int | None = Non
     that pass :func:`check_weights` are backed by data in the file, but several may share one stored tensor:
     ten layers viewing one 64 MB storage would allocate 640 MB. Checked before any network is built.
     """
-    missing, extra = sorted(BUNDLE_KEYS - set(bundle)), sorted(map(str, set(bundle) - BUNDLE_KEYS))
+    missing, extra = sorted(BUNDLE_KEYS - set(bundle)), sorted(shown_value(k) for k in bundle if k not in BUNDLE_KEYS)
     if missing or extra:
-        problem = f"no {missing[0]!r}" if missing else f"unknown key {shown_key(extra[0])}"
+        problem = f"no {missing[0]!r}" if missing else f"unknown key {extra[0]}"
         raise BundleError(f"{where}: not a bp-service bundle ({problem})")
     sizes = check_architecture(bundle["architecture"], where)
     check_weights(bundle, where)
@@ -159,10 +162,6 @@ def check_bundle(bundle: dict[str, Any], where: str, file_size: int | None = Non
     check_meta(bundle["meta"], sizes, where)
 
 
-def shown_key(key: object) -> str:
-    return repr(str(key)[:40])
-
-
 def shown_sizes(sizes: list[int]) -> str:
     return str(sizes) if len(sizes) <= 8 else f"[{', '.join(map(str, sizes[:8]))}, ...] ({len(sizes)} layers)"
 
@@ -171,12 +170,14 @@ def check_architecture(arch: Any, where: str) -> list[int]:
     """The layer widths of a readable architecture: known keys, positive widths, known activations."""
     if not isinstance(arch, dict):
         raise BundleError(f"{where}: not a bp-service checkpoint (its architecture is unreadable)")
-    unknown = sorted(set(map(str, arch)) - ARCHITECTURE_KEYS)
+    unknown = sorted(shown_value(k) for k in arch if k not in ARCHITECTURE_KEYS)
     if unknown:
-        raise BundleError(f"{where}: architecture: unknown key {shown_key(unknown[0])} (a newer or foreign file?)")
+        raise BundleError(f"{where}: architecture: unknown key {unknown[0]} (a newer or foreign file?)")
     sizes = arch.get("sizes")
     if not isinstance(sizes, list | tuple) or len(sizes) < 2 or not all(_is_int(s) and s > 0 for s in sizes):
-        raise BundleError(f"{where}: architecture: sizes must be two or more positive widths, got {sizes!r:.80}")
+        raise BundleError(
+            f"{where}: architecture: sizes must be two or more positive widths, got {shown_value(sizes, 80)}"
+        )
     names = arch["activations"] if "activations" in arch else [arch.get("activation", "sigmoid")]
     names = [*names, arch.get("output_activation")] if "activations" not in arch else names
     if not isinstance(names, list) or len(names) < 1 or ("activations" in arch and len(names) != len(sizes) - 1):
@@ -185,11 +186,11 @@ def check_architecture(arch: Any, where: str) -> list[int]:
         known = OUTPUT_ACTIVATIONS if i == len(names) - 1 else ACTIVATIONS  # softmax: the output layer only
         if name is not None and (not isinstance(name, str) or name not in known):
             raise BundleError(
-                f"{where}: architecture: unknown activation {shown_key(name)} (known: {', '.join(known)})"
+                f"{where}: architecture: unknown activation {shown_value(name)} (known: {', '.join(known)})"
             )
     for key in ("fused", "bias"):
         if not isinstance(arch.get(key, True), bool):
-            raise BundleError(f"{where}: architecture: {key} must be true or false, got {arch[key]!r:.40}")
+            raise BundleError(f"{where}: architecture: {key} must be true or false, got {shown_value(arch[key])}")
     return [int(s) for s in sizes]
 
 
@@ -213,7 +214,7 @@ def check_weights(bundle: dict[str, Any], where: str) -> None:
     except (KeyError, TypeError, ValueError, AttributeError):
         raise BundleError(f"{where}: not a bp-service checkpoint (its architecture is unreadable)") from None
     for key, tensor in items:
-        _check_tensor(str(key), tensor, where)
+        _check_tensor(key, tensor, where)
     expected = {}
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         expected[f"layers.{i}.weight"] = (n_out, n_in)
@@ -223,9 +224,10 @@ def check_weights(bundle: dict[str, Any], where: str) -> None:
     if found != expected:
         wrong = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
         key = wrong[0]
+        name = shown_value(key)[1:-1]
         raise BundleError(
             f"{where}: weights do not match the architecture it declares (sizes {shown_sizes(sizes)}): "
-            f"{shown_key(key)[1:-1]} is {found.get(key, 'missing')}, expected {expected.get(key, 'no such parameter')}"
+            f"{name} is {found.get(key, 'missing')}, expected {expected.get(key, 'no such parameter')}"
         )
     for key, tensor in items:
         if not bool(torch.isfinite(tensor).all()):
@@ -234,8 +236,10 @@ def check_weights(bundle: dict[str, Any], where: str) -> None:
             )
 
 
-def _check_tensor(key: str, tensor: Any, where: str) -> None:
-    name = shown_key(key)[1:-1]
+def _check_tensor(key: object, tensor: Any, where: str) -> None:
+    if not isinstance(key, str):
+        raise BundleError(f"{where}: weights: a key that is not a name ({shown_value(key)})")
+    name = shown_value(key)[1:-1]
     if not isinstance(tensor, torch.Tensor):
         raise BundleError(f"{where}: weights: {name} is not a tensor ({type(tensor).__name__})")
     if not tensor.is_floating_point() or tensor.layout != torch.strided:
@@ -286,13 +290,11 @@ def check_meta(meta: Any, sizes: list[int], where: str) -> None:
     missing = sorted(META_KEYS - set(meta))
     if missing:
         raise BundleError(f"{where}: meta: {missing[0]} is missing (not a bp-service model, or a damaged one)")
-    unknown = sorted(set(map(str, meta)) - META_KEYS - OPTIONAL_META_KEYS)
+    unknown = sorted(shown_value(k) for k in meta if k not in META_KEYS | OPTIONAL_META_KEYS)
     if unknown:
-        raise BundleError(
-            f"{where}: meta: unknown key {shown_key(unknown[0])} (preprocessing this version cannot apply?)"
-        )
+        raise BundleError(f"{where}: meta: unknown key {unknown[0]} (preprocessing this version cannot apply?)")
     if meta["task"] not in ("classification", "regression"):
-        raise BundleError(f"{where}: meta: task must be classification or regression, got {meta['task']!r:.40}")
+        raise BundleError(f"{where}: meta: task must be classification or regression, got {shown_value(meta['task'])}")
     names = meta["feature_names"]
     named = isinstance(names, list) and all(isinstance(n, str) for n in names)
     if not named or len(names) != sizes[0] or len(set(names)) != len(names):
@@ -320,7 +322,7 @@ def _check_numbers(meta: dict[str, Any], key: str, length: int | None, where: st
     for v in values:
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
             need = "finite and above zero" if positive else "finite"
-            raise BundleError(f"{where}: meta: {key} holds {v!r:.40}; every value must be {need}")
+            raise BundleError(f"{where}: meta: {key} holds {shown_value(v)}; every value must be {need}")
 
 
 def _check_classes(meta: dict[str, Any], n_out: int, where: str) -> None:
@@ -367,9 +369,8 @@ def check_resumable(bundle: dict[str, Any], net: MLP, meta: dict[str, Any], wher
     old = bundle.get("meta") or {}
     for key in ("task", "feature_names", "classes"):
         if key in old and old[key] != meta.get(key):
-            shown = old[key] if not isinstance(old[key], list) or len(old[key]) <= 8 else [*old[key][:8], "..."]
             raise BundleError(
-                f"{where}: trained on other data ({key} was {shown}, this data's differs); "
+                f"{where}: trained on other data ({key} was {shown_value(old[key], 200)}, this data's differs); "
                 "resume on the data it was trained on, or start a new run"
             )
     for key in ("scaler_mean", "scaler_scale"):  # same columns, other rows: another data set, split or seed

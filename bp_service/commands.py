@@ -127,3 +127,24 @@ def signals_deferred(*signums: int) -> Iterator[None]:
             signal.signal(signum, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
+
+
+def shown_value(value: object, limit: int = 40) -> str:
+    """An untrusted value as an error message shows it, in bounded time: a string (quoted, cut to ``limit``
+    characters), a number, a short list of them, else only its type. Never its whole ``str``: a list unpickled
+    with shared references (``x = [x, x]``, n deep, from a file of a few hundred bytes) prints 2**n characters."""
+    if is_small_scalar(value):
+        return repr(value[:limit] if isinstance(value, str) else value)
+    if isinstance(value, list | tuple) and all(is_small_scalar(v) for v in value[:8]):
+        text = f"[{', '.join(shown_value(v, limit) for v in value[:8])}{', ...' if len(value) > 8 else ''}]"
+        return text if len(text) <= limit else f"{text[:limit]}..."
+    name, size = type(value).__name__, f" of {len(value)}" if isinstance(value, list | tuple | dict) else ""
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}{size}"
+
+
+def is_small_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | bool | float) or (isinstance(value, int) and _small(value))
+
+
+def _small(value: int) -> bool:
+    return value.bit_length() <= 64  # a larger one's str can exceed Python's digit limit and raise

@@ -121,8 +121,11 @@ def cost_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cast(dtype: torch.dtype, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Casts recorded by autograd: each input's gradient comes back in that input's own dtype."""
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
+    """Casts recorded by autograd: each input's gradient comes back in that input's own dtype. Only the tensors
+    autocast casts: floating point, float64 left as it is."""
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
 
 
 def layer_inputs(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:

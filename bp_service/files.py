@@ -75,6 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 # --------------------------------------------------------------------------- run folders
 _RUN_DIRS: dict[str, str] = {}
+_MADE: list[Path] = []  # the folders unique_run_dir made, its claims' parents included, outermost first
 
 
 def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
@@ -86,6 +87,7 @@ def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
     """
     key = str(Path(parent).resolve())
     if key not in _RUN_DIRS:
+        _MADE.extend(reversed([p for p in (Path(key), *Path(key).parents) if not p.exists()]))
         Path(key).mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now().strftime(stamp_format)
         for n in range(10_000):
@@ -95,10 +97,28 @@ def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
             except FileExistsError:
                 continue
             _RUN_DIRS[key] = str(candidate)
+            _MADE.append(candidate)
             break
         else:
             raise FileExistsError(errno.EEXIST, "no free run folder name", str(Path(key) / stamp))
     return _RUN_DIRS[key]
+
+
+def discard_stray_claims(in_use: str | Path | None) -> None:
+    """Remove the folders :func:`unique_run_dir` made that no run uses (``in_use`` and the folders above it are
+    kept), those still empty: OmegaConf resolves an interpolation that a merge replaces, so a config file that
+    sets ``hydra.run.dir`` has claimed the default folder too; a config refused while Hydra composes it, every
+    folder it claimed. A folder with anything in it, another process's run, stays."""
+    used = Path(in_use).resolve() if in_use is not None else None
+    kept = {used, *used.parents} if used is not None else set()
+    for folder in reversed(_MADE):  # innermost first, so that emptied parents go too
+        if folder not in kept:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    for key, claimed in list(_RUN_DIRS.items()):
+        if not Path(claimed).exists():  # a later claim in this process starts afresh
+            del _RUN_DIRS[key]
+    _MADE[:] = [folder for folder in _MADE if folder.exists()]
 
 
 def discard_unused_run_dir(run_dir: str | Path) -> bool:

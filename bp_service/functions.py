@@ -282,7 +282,7 @@ class MSELossFunction(Function):
     @staticmethod
     def backward(ctx, grad_loss):
         pred, target = ctx.saved_tensors
-        grad_pred = (pred - target) * (grad_loss * (2 / pred.numel()))  # dL/dpred = 2 (pred - target) / M
+        grad_pred = (pred - target) * (grad_loss * (2 * _per(pred.numel())))  # dL/dpred = 2 (pred - target) / M
         grad_target = -grad_pred if ctx.needs_input_grad[1] else None
         return (grad_pred if ctx.needs_input_grad[0] else None), grad_target
 
@@ -350,14 +350,21 @@ def _tangent_difference(dpred: Tensor | None, dtarget: Tensor | None, like: Tens
 #
 # Their derivative with respect to z collapses to the same delta:
 #   softmax:  dC/dz_i = -(1/N) sum_k y_k d(log p_k)/dz_i = -(1/N) sum_k y_k (1[i = k] - p_i)
-#                     = (p_i sum_k y_k - y_i) / N = (p_i - y_i) / N,   since each row of y sums to 1;
+#                     = (p_i sum_k y_k - y_i) / N = (p_i - y_i) / N   where the row of y sums to 1;
 #   sigmoid:  dC/dz   = (softplus'(z) - y) / N = (s - y) / N,          since softplus' = sigmoid.
-# So delta_L = (a_L - y) / N: the output activation's derivative cancels against the cost's (each is
-# the canonical link of its likelihood), which is why it never saturates as sigmoid + MSE does.
+# So delta_L = (a_L - y) / N for labels: the output activation's derivative cancels against the cost's
+# (each is the canonical link of its likelihood), which is why it never saturates as sigmoid + MSE does.
+# The softmax code keeps the row sum (one reduction): a row of y that is not a distribution (all zeros,
+# a masked row) gets the derivative of what the forward computed, as in torch, not (p - y) / N.
 # With respect to the target: dC/dy = -log p / N (softmax), -z / N (sigmoid).
 def _log_softmax(z: Tensor) -> Tensor:
     """log p = z - logsumexp(z) along the last dimension, the row's max subtracted first (one fused kernel)."""
     return torch.log_softmax(z, -1)  # (*, K) -> (*, K)
+
+
+def _softmax_delta(p: Tensor, y: Tensor) -> Tensor:
+    """p sum_k y_k - y: N dC/dz of softmax cross-entropy, (p - y) for a row of y that sums to 1."""
+    return (p * y.sum(-1, keepdim=True)).sub_(y)  # (N, K) * (N, 1) - (N, K) -> (N, K)
 
 
 def _softplus(z: Tensor) -> Tensor:
@@ -373,7 +380,8 @@ def _rows(t: Tensor) -> int:
 class CrossEntropyFunction(Function):
     """Softmax cross-entropy from logits: C = -(1/N) sum y log softmax(z), each row of y a distribution.
 
-    Backward (derivation above): dC/dz = (softmax(z) - y) / N,  dC/dy = -log softmax(z) / N.
+    Backward (derivation above): dC/dz = (softmax(z) sum_k y_k - y) / N, which is (softmax(z) - y) / N for a
+    distribution,  dC/dy = -log softmax(z) / N.
     ``F.cross_entropy(z, y)`` with probability targets, for 2-D z. Only z and y are saved; log p is
     recomputed in backward, so that a second derivative sees it as the function of z it is.
     """
@@ -396,7 +404,7 @@ class CrossEntropyFunction(Function):
         logits, target = ctx.saved_tensors
         scale = grad_loss / _rows(logits)
         log_p = _log_softmax(logits)
-        grad_z = (log_p.exp() - target) * scale if ctx.needs_input_grad[0] else None  # (p - y) / N
+        grad_z = _softmax_delta(log_p.exp(), target) * scale if ctx.needs_input_grad[0] else None  # (p Σy - y) / N
         grad_y = -log_p * scale if ctx.needs_input_grad[1] else None  # -log p / N
         return grad_z, grad_y
 
@@ -406,7 +414,7 @@ class CrossEntropyFunction(Function):
         log_p = _log_softmax(logits)
         dcost = torch.zeros((), dtype=logits.dtype, device=logits.device)
         if dlogits is not None:
-            dcost = dcost + ((log_p.exp() - target) * dlogits).sum()
+            dcost = dcost + (_softmax_delta(log_p.exp(), target) * dlogits).sum()
         if dtarget is not None:
             dcost = dcost - (log_p * dtarget).sum()
         return dcost / _rows(logits)
@@ -556,7 +564,7 @@ def _network_cost(
         c = (_softplus(zc) - y * zc).sum() * dispatch.scalar(_per(n), dtype)  # C = (1/N) sum [softplus(z) - y z]
         a = zc.sigmoid_() if inplace else torch.sigmoid(zc)  # s = sigmoid(z_L)
     acts[-1] = a if a.dtype == z.dtype else a.to(z.dtype)  # a_L in the layers' dtype, as every a_l
-    return acts, a - y, c
+    return acts, (_softmax_delta(a, y) if output == "softmax" else a - y), c
 
 
 def _check_target(target: Tensor, pred: Tensor) -> None:
@@ -597,7 +605,7 @@ def _output_gradients(
     if cost == "cross_entropy":
         # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
         # so backprop treats the output layer as linear.
-        grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L - y) / N
+        grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L Σy - y) / N
         grad_y = None
         if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid); never in a training step: a Python number
             term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)

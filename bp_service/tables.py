@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bp_service.commands import first_line
+from bp_service.commands import first_line, is_small_scalar, shown_value
 
 
 class DataError(ValueError):
@@ -45,9 +45,11 @@ def shown(text: object, width: int = SHOWN_CHARS) -> str:
     """A short, printable piece of a cell or column name from a user's file, for an error message.
 
     Never more than ``width`` characters of it (then ``…``), control characters escaped: a file given by
-    mistake (or a link to a private one) is not copied into logs and terminals.
+    mistake (or a link to a private one) is not copied into logs and terminals. Anything but a string is shown
+    as :func:`~bp_service.commands.shown_value` shows it: never its whole ``str``.
     """
-    text = str(text)
+    if not isinstance(text, str):  # a number as str() writes it (inf, 1.5), anything larger only described
+        text = str(text) if is_small_scalar(text) or isinstance(text, np.generic) else shown_value(text, width)
     cut = text[:width]
     cut = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
     return cut + ("…" if len(text) > width else "")

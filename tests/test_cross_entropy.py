@@ -160,6 +160,38 @@ def test_cross_entropy_gradcheck(name, case, requires):
     assert gradgradcheck(CE_FNS[name], (logits, target), **GRADGRAD_KW)
 
 
+def _partial_rows(shape, g) -> torch.Tensor:
+    """Targets whose rows are not all distributions: a masked row (zeros), a half-weighted one, one over 1."""
+    target = _distributions(shape, g)
+    target[0] = 0.0
+    target[1] *= 0.5
+    target[2] *= 1.5
+    return target
+
+
+def test_softmax_cross_entropy_is_the_derivative_of_its_cost_for_any_target_rows():
+    """Where a row of y does not sum to 1 (a masked padding row), dC/dz = (p sum_k y_k - y) / N, as torch's."""
+    g = torch.Generator().manual_seed(3)
+    logits, target = torch.randn(5, 4, dtype=DOUBLE, generator=g), _partial_rows((5, 4), g)
+    assert gradcheck(F.CrossEntropyFunction.apply, (logits.requires_grad_(), target), **GRAD_KW)
+    assert gradgradcheck(F.CrossEntropyFunction.apply, (logits, target), **GRADGRAD_KW)
+    ours, native = logits.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    F.cross_entropy(ours, target).backward()
+    TF.cross_entropy(native, target).backward()
+    torch.testing.assert_close(ours.grad, native.grad)
+    assert not ours.grad[0].any()  # the masked row moves nothing
+
+    x = torch.randn(5, 3, dtype=DOUBLE, generator=g)
+    w = torch.randn(4, 3, dtype=DOUBLE, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=DOUBLE, generator=g, requires_grad=True)
+    cost = lambda w, b: F.mlp_cost(x, target, (w, b), ("softmax",), "cross_entropy")  # noqa: E731
+    assert gradcheck(cost, (w, b), **GRAD_KW)
+    torch.testing.assert_close(
+        torch.autograd.grad(cost(w, b), (w, b)),
+        torch.autograd.grad(TF.cross_entropy(TF.linear(x, w, b), target), (w, b)),
+    )
+
+
 NATIVE = {
     "softmax": (F.softmax, lambda x: torch.softmax(x, -1), 1),
     "cross_entropy": (F.cross_entropy, TF.cross_entropy, 2),

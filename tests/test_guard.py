@@ -122,6 +122,11 @@ HOSTILE = {
         "hydra.run.dir='{_target_: logging.FileHandler",
     ),
     "a run folder that already exists": (["hydra.run.dir=SECRET_DIR"], "a run claims a new folder of its own"),
+    "a new run folder climbing into an existing one": (
+        ["hydra.run.dir=${bp_run_dir:SECRET_DIR/new}/../../${task_name}"],
+        "a run claims a new folder of its own",
+    ),
+    "another run's folder as this run's": (["paths.output_dir=SECRET_DIR"], "paths.output_dir='"),
     "a callback's folder as a positional argument": (
         ["+callbacks.ck={_target_:lightning.pytorch.callbacks.ModelCheckpoint,_args_:[MARKER]}"],
         "callbacks.ck._args_ is not allowed",
@@ -155,6 +160,10 @@ def test_a_hostile_override_is_refused_before_anything_runs_reads_or_writes(tmp_
 
 
 DOWNLOADED = {
+    "a quote closing the new run folder early": (  # an override of this shape does not parse; YAML does
+        "hydra:\n  run:\n    dir: \"${bp_run_dir:'{'}/../MARKER}\"\n",
+        "a run claims a new folder of its own",
+    ),
     "a Hydra callback": (
         "hydra:\n  callbacks:\n    speedup:\n      _target_: shutil.copyfile\n      src: SECRET\n      dst: MARKER\n",
         "hydra.callbacks.speedup._target_='shutil.copyfile' is not allowed",
@@ -329,6 +338,23 @@ def test_hydras_rerun_of_a_pickle_is_refused_before_it_is_read(tmp_path, flag):
     result, starts, writes, _ = run_audited(tmp_path, flag, str(payload))
     assert result.returncode == 2 and "--experimental-rerun is not supported" in result.stderr, result.stderr
     assert (starts, writes) == ([], []) and not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize(
+    ("folder", "claimed"),
+    [
+        ("${bp_run_dir:${paths.root_dir}/outputs/${task_name}/runs}", True),  # conf/train.yaml's
+        ("${bp_run_dir:/scratch/runs}", True),
+        ("${bp_run_dir:/scratch/runs}/../victim", False),  # text after it leads out of the new folder
+        ("${bp_run_dir:/a}${bp_run_dir:/b}", False),
+        ("${bp_run_dir:'{'}/../victim}", False),  # OmegaConf ends it at the quoted brace's close
+        ('${bp_run_dir:"/a"}', False),
+        ("${bp_run_dir:/a", False),
+        ("/scratch/runs/${bp_run_dir:/a}", False),
+    ],
+)
+def test_a_run_folder_is_one_claimed_folder_and_nothing_around_it(folder, claimed):
+    assert guard.is_claimed_folder(folder) is claimed
 
 
 def test_only_a_ddp_rank_may_be_handed_its_run_folder(tmp_path, monkeypatch):

@@ -188,6 +188,14 @@ def _without_meta(key: str) -> Callable[[dict], None]:
     return lambda b: b["meta"].pop(key)
 
 
+def _shared_refs(depth: int, pair: type = list) -> object:
+    """``x = [x, x]`` ``depth`` times: a few hundred bytes pickled (shared references), 2**depth items as text."""
+    value = pair()
+    for _ in range(depth):
+        value = pair([value, value])
+    return value
+
+
 BROKEN_BUNDLES = {
     "zero_feature_scale": (_damaged(_meta(scaler_scale=[1.0, 0.0])), "scaler_scale"),
     "nan_feature_scale": (_damaged(_meta(scaler_scale=[float("nan"), 1.0])), "scaler_scale"),
@@ -215,6 +223,23 @@ BROKEN_BUNDLES = {
     "stride_0_weights": (
         _damaged(lambda b: b["state_dict"].update({"layers.0.weight": torch.ones(1, 1).expand(4, 2)})),
         "layers.0.weight",
+    ),
+    # Each shown by its type: the whole of one would take minutes and gigabytes to print (2**24 items).
+    "sizes_of_shared_lists": (
+        _damaged(lambda b: b["architecture"].update(sizes=_shared_refs(24))),
+        "sizes must be two or more positive widths, got a list of 2",
+    ),
+    "task_of_shared_lists": (
+        _damaged(_meta(task=_shared_refs(24))),
+        "task must be classification or regression, got a list of 2",
+    ),
+    "meta_key_of_shared_tuples": (
+        _damaged(lambda b: b["meta"].update({_shared_refs(24, tuple): 1})),
+        "meta: unknown key a tuple of 2",
+    ),
+    "weight_key_not_a_name": (
+        _damaged(lambda b: b["state_dict"].update({_shared_refs(24, tuple): torch.zeros(1)})),
+        "weights: a key that is not a name (a tuple of 2)",
     ),
     "4000_wide_in_a_few_kb": (_expanded, "4000"),
     "compressed_entries": (_deflated, "compressed"),

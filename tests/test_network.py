@@ -208,6 +208,24 @@ def test_an_empty_batch_costs_nan_and_moves_no_weight(cost, activations):
         torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("ours", "native"),
+    [
+        (F.mse_loss, TF.mse_loss),
+        (F.l1_loss, TF.l1_loss),
+        (F.cross_entropy, TF.cross_entropy),
+        (F.binary_cross_entropy, TF.binary_cross_entropy_with_logits),
+    ],
+    ids=["mse", "l1", "cross_entropy", "binary_cross_entropy"],
+)
+def test_a_per_layer_loss_of_an_empty_batch_is_nan_with_an_empty_gradient(ours, native):
+    pred, target = torch.zeros(0, 3, dtype=DOUBLE, requires_grad=True), torch.zeros(0, 3, dtype=DOUBLE)
+    loss = ours(pred, target)
+    assert loss.isnan() and native(pred, target).isnan()
+    (grad,) = torch.autograd.grad(loss, pred)  # no ZeroDivisionError from the average's 1/M
+    assert grad.shape == (0, 3)
+
+
 def test_vmap_per_sample_gradients_match_loop():
     from torch.func import grad, vmap
 
@@ -291,6 +309,28 @@ def test_autocast_bf16_gradients_match_native(path):
     for p, q in zip(net.params(), native):
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("path", ["cost", "per_layer", "linear"])
+def test_autocast_leaves_a_float64_network_in_float64_as_native(path):
+    """Autocast casts only float32 and lower: a float64 model under it computes in float64, as native ops do."""
+    torch.manual_seed(0)
+    net = MLP([16, 32, 4]).double()
+    native = [p.detach().clone().requires_grad_() for p in net.params()]
+    x, target = torch.randn(8, 16, dtype=DOUBLE), torch.rand(8, 4, dtype=DOUBLE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if path == "linear":
+            ours, ref = F.linear(x, *net.params()[:2]), TF.linear(x, *native[:2])
+        else:
+            ours = net.cost(x, target) if path == "cost" else F.mse_loss(net(x), target)
+            ref = _native_cost(x, target, native, ("sigmoid", "sigmoid"), "mse")
+    assert ours.dtype == ref.dtype == DOUBLE
+    torch.testing.assert_close(ours, ref)
+    ours.sum().backward()
+    ref.sum().backward()
+    for p, q in zip(net.params(), native):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, DOUBLE])

@@ -338,6 +338,30 @@ def test_bad_checkpoints_are_named(model, rows, tmp_path, capsys):
     assert code == 2 and "not an MLflow model (no MLmodel file)" in err
 
 
+def _aliases(depth: int) -> str:
+    """An MLmodel whose bundle path is ``a0 = [], a_k = [a_k-1, a_k-1]``: 2**depth items, in a few hundred bytes."""
+    lines = ["a0: &a0 []"] + [f"a{k}: &a{k} [*a{k - 1}, *a{k - 1}]" for k in range(1, depth + 1)]
+    return "\n".join([*lines, f"flavors: {{python_function: {{artifacts: {{bundle: {{path: *a{depth}}}}}}}}}", ""])
+
+
+MLMODELS = {
+    "not UTF-8": (b"\xff\xfeflavors: x\n", "not a bp-service model (its MLmodel names no 'bundle' artifact)"),
+    "a bundle path of aliases": (_aliases(24).encode(), "MLmodel gives an unsafe bundle path a list of 2"),
+    "over a megabyte": (b"# " + b"x" * (1 << 20) + b"\n", "its MLmodel is over 1,048,576 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", MLMODELS)
+def test_a_model_folder_whose_mlmodel_is_damaged_is_one_line_naming_it(case, rows, tmp_path, capsys):
+    content, needle = MLMODELS[case]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_bytes(content)
+    code, err = predict_in_process(capsys, f"model={folder}", f"input={rows}", f"output={tmp_path / 'o.csv'}")
+    (line,) = err.strip().splitlines()
+    assert code == 2 and line.startswith(f"bp-predict: error: {folder}: ") and needle in line, err
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

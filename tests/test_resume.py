@@ -259,3 +259,96 @@ def test_resuming_after_the_store_was_deleted_says_so_in_one_clean_line(tmp_path
     assert "Warning" not in resumed.stderr and "warnings.warn" not in resumed.stderr, resumed.stderr[-3000:]
     ((new_id, status),) = store_statuses(home)
     assert new_id != old_id and status == "FINISHED"
+
+
+# --------------------------------------------------------------------------- another run's folders
+def test_a_checkpoint_folder_outside_the_run_is_claimed_by_its_first_run_alone(tmp_path):
+    from bp_service.training.resume import claim_checkpoint_folder
+
+    folder, first, second = tmp_path / "ck", tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    claim_checkpoint_folder(folder, first, create=False)  # a check only: nothing claimed, nothing made
+    assert not (tmp_path / ".ck.run").exists() and not folder.exists()
+    claim_checkpoint_folder(folder, first)
+    claim_checkpoint_folder(folder, first)  # the same job again (a requeue): its own
+    assert (tmp_path / ".ck.run").read_text() == str(first.resolve())
+    with pytest.raises(FileExistsError, match=f"paths.ckpt_dir={folder}: the checkpoint folder of another run"):
+        claim_checkpoint_folder(folder, second, create=False)
+    claim_checkpoint_folder(second / "checkpoints", second)  # inside the run's own folder: nothing to claim
+    assert not (second / ".checkpoints.run").exists()
+    (first / ".hydra").mkdir(parents=True)  # Hydra's record of a run: first is another run's folder
+    with pytest.raises(FileExistsError, match=f"inside another run's folder \\({first.resolve()}\\)"):
+        claim_checkpoint_folder(first / "checkpoints", second)
+
+    unclaimed = tmp_path / "old"
+    unclaimed.mkdir()
+    (unclaimed / "last.ckpt").write_bytes(b"")
+    (unclaimed / "best.ckpt").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"holds checkpoints of another run \(best.ckpt and 1 more\)"):
+        claim_checkpoint_folder(unclaimed, second)
+    (tmp_path / ".odd.run").mkdir()  # a claim that is not a file is read as nobody's: refused, never read
+    with pytest.raises(FileExistsError, match=r"another run \(unknown\)"):
+        claim_checkpoint_folder(tmp_path / "odd", second)
+
+
+@pytest.mark.slow
+def test_no_override_lets_a_run_write_into_another_runs_folders(tmp_path):
+    home, shared = tmp_path / "home", tmp_path / "scratch" / "ck"
+    first = _train(home, *TINY, "trainer.max_epochs=1", "tracking.enabled=false", f"paths.ckpt_dir={shared}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old_dir,) = _runs_dir(home).iterdir()
+    assert sorted(p.name for p in shared.iterdir()) == ["best-epoch000-step22.ckpt", "last.ckpt"]
+    before, shared_before = _snapshot(old_dir), _snapshot(shared)
+    attempts = {
+        f"paths.ckpt_dir={shared}": f"paths.ckpt_dir={shared}: the checkpoint folder of another run ({old_dir})",
+        f"paths.ckpt_dir={old_dir / 'checkpoints'}": f"inside another run's folder ({old_dir})",
+        f"paths.output_dir={old_dir}": f"paths.output_dir='{old_dir}' is not allowed",
+        f"hydra.run.dir=${{bp_run_dir:{tmp_path / 'new'}}}/../../home/outputs/train/runs/{old_dir.name}": (
+            "a run claims a new folder of its own"
+        ),
+    }
+    for override, needle in attempts.items():
+        result = _train(home, *TINY, "trainer.max_epochs=2", override)
+        assert result.returncode == 2 and needle in _last_line(result), (override, result.stderr[-2000:])
+        assert "resuming it" not in result.stderr
+    assert (_snapshot(old_dir), _snapshot(shared)) == (before, shared_before)
+    assert list(_runs_dir(home).iterdir()) == [old_dir] and not (tmp_path / "new").exists()
+    assert not (home / "mlflow.db").exists()  # no run opened, none closed
+
+
+def _damaged_copy(source: Path, folder: Path, name: str, change) -> Path:
+    checkpoint = torch.load(source, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, folder / f"{name}.ckpt")
+    return folder / f"{name}.ckpt"
+
+
+def _first_buffer(checkpoint: dict) -> dict:
+    return next(iter(checkpoint["optimizer_states"][0]["state"].values()))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_training_state_does_not_fit_is_refused_before_any_run_reopens(tmp_path):
+    home = tmp_path / "home"
+    first = _train(home, *TINY, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old_dir,) = _runs_dir(home).iterdir()
+    (run_before,) = _all_runs(home)
+    last = old_dir / "checkpoints" / "last.ckpt"
+    damages = {
+        "extra_weight": (lambda c: c["state_dict"].update({"extra.weight": torch.zeros(2)}), "'extra.weight'"),
+        "adam_buffer": (lambda c: _first_buffer(c).update(exp_avg=torch.zeros(3, 3)), "'exp_avg' of parameter 0"),
+        "epoch_sums": (lambda c: c.update(bp_service_epoch_sums=["x", 1]), "bp_service_epoch_sums must be"),
+        "grouping": (lambda c: c.update(BPDataModule={"steps_per_execution": "many"}), "BPDataModule"),
+        "two_optimizers": (
+            lambda c: c["optimizer_states"][0]["param_groups"].append({"params": [9]}),
+            "other parameters",
+        ),
+    }
+    for name, (change, needle) in damages.items():
+        copy = _damaged_copy(last, tmp_path, name, change)
+        result = _train(home, *TINY, "trainer.max_epochs=2", f"ckpt_path={copy}")
+        line = _last_line(result)
+        assert result.returncode == 1 and line.startswith(f"bp-train: error: {copy}: ") and needle in line, line
+        assert "Traceback" not in result.stderr
+    (run_after,) = _all_runs(home)  # nothing opened, nothing reopened or failed
+    assert (run_after.info.status, run_after.info.end_time) == ("FINISHED", run_before.info.end_time)

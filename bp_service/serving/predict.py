@@ -183,15 +183,20 @@ def is_mlflow_uri(model: str) -> bool:
     return len(scheme) > 1 and scheme != "file"
 
 
+MLMODEL_MAX_BYTES = 1 << 20  # MLflow writes a few KiB; a larger one is not read into memory
+
+
 def _bundle_path_in(mlmodel: Path, where: str) -> str:
     """The bundle's path relative to the model root, as the ``MLmodel`` file records it."""
     try:
-        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        if mlmodel.stat().st_size > MLMODEL_MAX_BYTES:
+            raise InputError(f"{where}: not a bp-service model (its MLmodel is over {MLMODEL_MAX_BYTES:,} bytes)")
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
         rel = spec["flavors"]["python_function"]["artifacts"]["bundle"]["path"]
-    except (yaml.YAMLError, KeyError, TypeError):
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise InputError(f"{where}: not a bp-service model (its MLmodel names no 'bundle' artifact)") from None
     if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise InputError(f"{where}: MLmodel gives an unsafe bundle path {rel!r}")
+        raise InputError(f"{where}: MLmodel gives an unsafe bundle path {shown(rel, 200)}")
     return rel
 
 

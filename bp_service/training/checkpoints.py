@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -17,8 +18,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from bp_service.bundle import BundleError, load_bundle
+from bp_service.commands import shown_value
 from bp_service.files import atomic_path
-from bp_service.training.resume import checkpoint_file
+from bp_service.training.resume import checkpoint_file, claim_checkpoint_folder
 
 
 class CheckpointError(RuntimeError):
@@ -72,6 +74,64 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(str(exc)) from None
 
 
+def check_training_state(path: str | Path, module: pl.LightningModule) -> None:
+    """What a checkpoint restores besides the network, checked before the run (re)opens: the optimizer's state
+    for this module's parameters, the module's epoch sums, the datamodule's step grouping.
+
+    Found inside ``fit`` instead, a mismatch would fail the run it belongs to (a resume in place continues the
+    checkpoint's own), with an error that names no file. Lightning's loops and the callbacks read their own
+    parts; a checkpoint :func:`read_checkpoint` refused is never read here.
+    """
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    shapes = [tuple(p.shape) for p in module.parameters()]
+    states = raw.get("optimizer_states", [])
+    if not isinstance(states, list):
+        raise CheckpointError(f"{path}: optimizer_states is not a list of optimizer states")
+    for n, state in enumerate(states):
+        _check_optimizer_state(state, shapes, f"{path}: optimizer_states[{n}]")
+    sums = raw.get("bp_service_epoch_sums", [0.0, 0])
+    loss_sum, rows = sums if isinstance(sums, list) and len(sums) == 2 else (None, None)
+    if not (_is_number(loss_sum) and _is_count(rows)):
+        raise CheckpointError(f"{path}: bp_service_epoch_sums must be [the epoch's loss sum, its row count]")
+    grouping = raw.get("BPDataModule", {})
+    if not isinstance(grouping, dict) or not (
+        grouping.get("steps_per_execution") is None or _is_count(grouping["steps_per_execution"], least=1)
+    ):
+        raise CheckpointError(f"{path}: BPDataModule.steps_per_execution must be a count of optimizer steps")
+
+
+def _check_optimizer_state(state: Any, shapes: list[tuple[int, ...]], where: str) -> None:
+    """One optimizer's ``state_dict()``: one group over the module's parameters (as ``configure_optimizers``
+    builds it), each parameter's buffers (momentum, Adam's averages) of that parameter's shape."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    per_param = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(per_param, dict):
+        raise CheckpointError(f"{where} is not an optimizer's state")
+    listed = [i for group in groups if isinstance(group, dict) for i in group.get("params", [])]
+    if len(groups) != 1 or listed != list(range(len(shapes))):
+        raise CheckpointError(
+            f"{where}: an optimizer over other parameters ({len(listed)}, this network has {len(shapes)}); "
+            "not this config's network"
+        )
+    for index, buffers in per_param.items():
+        if not _is_count(index) or index >= len(shapes) or not isinstance(buffers, dict):
+            raise CheckpointError(f"{where}: state of parameter {shown_value(index)}: not this network's")
+        for name, value in buffers.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[index]:
+                raise CheckpointError(
+                    f"{where}: {shown_value(name)} of parameter {index} is {tuple(value.shape)}, expected "
+                    f"{shapes[index]}; not this config's network"
+                )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: object, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def resume_run_id(ckpt_path: str | None) -> str | None:
     """The MLflow run a checkpoint was written by (it is continued, not duplicated)."""
     return read_checkpoint(ckpt_path)["meta"].get("mlflow_run_id") if ckpt_path else None
@@ -103,6 +163,7 @@ def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
     run never finds one: its folder is claimed fresh.
     """
     if ckpt_path is None:
+        _claim(paths)
         own = Path(paths.ckpt_dir) / "last.ckpt"
         if not own.is_file():
             return Resume(None, Path(paths.ckpt_dir))
@@ -116,10 +177,19 @@ def resolve_resume(ckpt_path: str | None, paths: DictConfig) -> Resume:
     run_id = read_checkpoint(path)["meta"].get("mlflow_run_id")  # fail now, naming the file, not inside Lightning
     if ckpt_path == "last" or _own_last(path, paths.root_dir):
         return Resume(str(path), path.resolve().parent, in_place=True, run_id=run_id)
+    _claim(paths)
     origin = {"bp.resumed_from": str(path.resolve())}
     if run_id:
         origin["bp.resumed_from_run"] = run_id
     return Resume(str(path), Path(paths.ckpt_dir), origin=origin)
+
+
+def _claim(paths: DictConfig) -> None:
+    """This run's checkpoint folder, when it is outside the run's folder, claimed for it (or refused)."""
+    try:
+        claim_checkpoint_folder(paths.ckpt_dir, paths.output_dir)
+    except FileExistsError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _own_last(path: Path, root_dir: str) -> bool:

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 # Only light imports up here: `bp-train --help` and Hydra's errors answer without torch, Lightning
 # and MLflow (seconds). The run itself imports them in _hydra_entry.
 from bp_service.commands import EXIT_INTERRUPT, full_error_requested, interrupted
-from bp_service.files import discard_unused_run_dir, unique_run_dir
+from bp_service.files import discard_stray_claims, discard_unused_run_dir, unique_run_dir
 from bp_service.home import project_root
 from bp_service.training import guard
 from bp_service.training.config import CONF_DIR, ConfigError, register_configs
@@ -130,6 +130,7 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
     from bp_service.training.preflight import check_server_answers, precheck
 
     hydra_cfg = HydraConfig.get()
+    discard_stray_claims(hydra_cfg.runtime.output_dir)
     try:
         # Before torch, Lightning and MLflow are imported (seconds): every problem of the config and the data at once.
         precheck(cfg, hydra_cfg.overrides.task)
@@ -255,6 +256,7 @@ def main() -> None:
         print("bp-train: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPT)
     except Exception as exc:
+        discard_stray_claims(None)  # a config refused while Hydra composed it: the folders it claimed, empty
         if interrupted():  # a Ctrl-C that Hydra's composition swallowed, then failed on what it had half read
             end_open_sweeps("interrupted")
             print("bp-train: interrupted", file=sys.stderr)

@@ -177,6 +177,8 @@ def check_composed(cfg: DictConfig) -> None:
     """Everything in a composed config (``hydra.*`` included) that could run code or write outside the run."""
     if "hydra" in cfg:
         check_hydra_raw(OmegaConf.to_container(cfg.hydra, resolve=False))
+    if "paths" in cfg:
+        check_paths_raw(OmegaConf.to_container(cfg.paths, resolve=False))
     cfg = copy.deepcopy(cfg)
     if "hydra" in cfg:  # not claimed here: their resolver creates the run's folder
         with read_write(cfg), open_dict(cfg):
@@ -219,13 +221,38 @@ def check_hydra_raw(hydra: dict[str, Any]) -> None:
         folder = str((hydra.get(key) or {}).get("dir", ""))
         if key == "run" and _ddp_rank_of(folder):
             continue
-        if not folder.startswith("${bp_run_dir:") or not folder.endswith("}"):
+        if not is_claimed_folder(folder):
             raise ConfigError(
                 f"hydra.{key}.dir={folder[:120]!r} is not allowed: a run claims a new folder of its own; "
-                f"write it as ${{bp_run_dir:<parent folder>}}"
+                f"write it as ${{bp_run_dir:<parent folder>}}, and nothing around it"
             )
     for key in EXECUTED:
         _check_interpolations(hydra.get(key), f"hydra.{key}")
+
+
+def is_claimed_folder(folder: str) -> bool:
+    """Whether ``folder`` is one ``${bp_run_dir:<parent>}`` and nothing else: text after it (``/../<a run>``)
+    would lead from the new folder into one that exists. No quote or backslash inside, where OmegaConf could
+    close the interpolation before its last brace; without them its braces nest as they are counted here."""
+    if not folder.startswith("${bp_run_dir:") or any(c in folder for c in "'\"\\"):
+        return False
+    depth = 0
+    for i, char in enumerate(folder):
+        depth += (char == "{") - (char == "}")
+        if depth == 0 and char == "}":
+            return i == len(folder) - 1
+    return False
+
+
+def check_paths_raw(paths: dict[str, Any]) -> None:
+    """``paths.output_dir`` as written: the run's own folder, the one Hydra's ``hydra.run.dir`` claimed. Set to
+    another run's folder, the run would take it over (its ``last.ckpt`` resumed as a requeue, then replaced)."""
+    output_dir = paths.get("output_dir")
+    if output_dir is not None and str(output_dir) != "${hydra:runtime.output_dir}":
+        raise ConfigError(
+            f"paths.output_dir={str(output_dir)[:120]!r} is not allowed: it is the run's own new folder; "
+            f"choose where runs go with hydra.run.dir='${{bp_run_dir:<parent folder>}}'"
+        )
 
 
 def _ddp_rank_of(folder: str) -> bool:

@@ -43,7 +43,7 @@ from bp_service.training.config import (
 )
 from bp_service.training.data import build_source
 from bp_service.training.guard import OPTUNA_SWEEPER, check_targets
-from bp_service.training.resume import checkpoint_file
+from bp_service.training.resume import checkpoint_file, claim_checkpoint_folder
 from bp_service.training.spelling import nearest_keys
 from bp_service.training.tracking.interface import TrackingError, another_rank
 from bp_service.training.tracking.names import resolve_uri
@@ -140,7 +140,8 @@ def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """What bp-train refuses before it imports torch, Lightning or MLflow: every problem of the config's fields
     and of the data source's own data (a CSV's columns, rows and cells), all of them in one error.
 
-    A ``ckpt_path`` that names no file (``last`` with no earlier run of the same overrides) is one of them.
+    A ``ckpt_path`` that names no file (``last`` with no earlier run of the same overrides) is one of them, and a
+    ``paths.ckpt_dir`` that holds another run's checkpoints.
 
     Raises DataError when the data has a problem (else ConfigError): both exit 2, naming each field, column and row.
     """
@@ -149,11 +150,13 @@ def precheck(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     if not any(problem.startswith("data") for problem in found):  # a data source that could be built
         source = build_source(cfg.data)
         data_found = source.problems()
-    if cfg.ckpt_path is not None:
-        try:
+    try:
+        if cfg.ckpt_path is not None:
             checkpoint_file(cfg.ckpt_path)  # read and checked after the imports, where torch can load it
-        except FileNotFoundError as exc:
-            found.append(str(exc))
+        else:  # a resume may continue in its own run's folder: which one is known once the file is read
+            claim_checkpoint_folder(cfg.paths.ckpt_dir, cfg.paths.output_dir, create=False)  # claimed by the run
+    except (FileNotFoundError, FileExistsError) as exc:
+        found.append(str(exc))
     if found or data_found:
         message = several([*data_found, *found], source.label if data_found else None)
         raise (DataError if data_found else ConfigError)(message)

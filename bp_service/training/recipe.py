@@ -22,6 +22,7 @@ from bp_service.layers import MLP
 from bp_service.training.artifacts import record_artifacts
 from bp_service.training.checkpoints import (
     AtomicCheckpointIO,
+    check_training_state,
     folder_held,
     read_checkpoint,
     resolve_resume,
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path, ckpt_dir = resume.path, resume.ckpt_dir
     if ckpt_path:
         check_resumable(read_checkpoint(ckpt_path), net, data.meta, ckpt_path)
+        check_training_state(ckpt_path, module)
     root_dir, hpc_ckpt, plugins = slurm_root(cfg.slurm, cfg.paths, cfg.task_name)
     job = Job(
         cfg.task_name,

@@ -1,11 +1,14 @@
-"""The checkpoint a run resumes from, found by its path alone: no torch, no Lightning.
+"""The checkpoint a run resumes from, found by its path alone, and the folder it writes its own into: no torch,
+no Lightning.
 
-``bp-train``'s precheck uses it to refuse a ``ckpt_path`` that names no file before its imports (seconds), and
-:func:`.checkpoints.resolve_resume` to find the file it then reads and checks.
+``bp-train``'s precheck uses it to refuse a ``ckpt_path`` that names no file, or a ``paths.ckpt_dir`` that holds
+another run's checkpoints, before its imports (seconds); :func:`.checkpoints.resolve_resume` to find the file it
+then reads and checks, and to claim the folder.
 """
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,3 +48,54 @@ def _resumable_overrides(overrides: Iterable[str]) -> set[str]:
 def _same_overrides(run_dir: Path, wanted: set[str]) -> bool:
     saved = run_dir / ".hydra" / "overrides.yaml"
     return saved.is_file() and _resumable_overrides(OmegaConf.load(saved)) == wanted
+
+
+def claim_checkpoint_folder(ckpt_dir: str | Path, run_dir: str | Path, *, create: bool = True) -> None:
+    """A ``paths.ckpt_dir`` outside the run's own folder is that run's alone, so that no run replaces or resumes
+    another's checkpoints there (a second run, a sweep's next job): the first run claims it, a file naming its run
+    folder, created exclusively beside it (``.<name>.run``, as its lock is; inside, Lightning would warn that the
+    folder is not empty). A requeued job, in the same run folder, finds its own claim. Inside the run's
+    folder, new for each run, there is nothing to claim.
+
+    Raises FileExistsError, one line naming the field and whose the folder is, when it lies in another run's
+    folder, another run claimed it, or it holds checkpoints and no claim; ``create=False`` only checks."""
+    folder, mine = Path(ckpt_dir).resolve(), Path(run_dir).resolve()
+    if folder.is_relative_to(mine):
+        return
+    other = next((p for p in (folder, *folder.parents) if (p / ".hydra").is_dir()), None)
+    if other is not None:  # where Hydra keeps a run's config: another run's folder
+        raise FileExistsError(f"paths.ckpt_dir={folder}: inside another run's folder ({other}); give this run its own")
+    claim = folder.parent / f".{folder.name}.run"
+    owner = _claimant(claim)
+    if owner is None:
+        held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if held:
+            raise FileExistsError(
+                f"paths.ckpt_dir={folder}: holds checkpoints of another run ({held[0]}"
+                f"{f' and {len(held) - 1} more' if len(held) > 1 else ''}); give this run an empty folder"
+            )
+        if not create:
+            return
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(claim, "x", encoding="utf-8") as file:
+                file.write(str(mine))
+            return
+        except FileExistsError:  # another run claimed it meanwhile
+            owner = _claimant(claim) or "unknown"
+    if owner != str(mine):
+        raise FileExistsError(
+            f"paths.ckpt_dir={folder}: the checkpoint folder of another run ({str(owner)[:200]}); give this run "
+            "an empty folder, or put the whole run there with hydra.run.dir='${bp_run_dir:<folder>}'"
+        )
+
+
+def _claimant(claim: Path) -> str | None:
+    """The run folder a claim names (its first 4 KiB: a run folder's path, nothing larger), None without one."""
+    try:
+        if not stat.S_ISREG(claim.stat().st_mode):  # a folder, a pipe: read nothing from it
+            return "unknown"
+        with open(claim, encoding="utf-8", errors="replace") as file:
+            return file.read(4096)
+    except FileNotFoundError:
+        return None
