@@ -208,6 +208,22 @@ def test_a_downloaded_config_dir_is_refused_the_same_way(tmp_path, case):
     assert not (tmp_path / "marker").exists() and not (tmp_path / "home").exists()
 
 
+def test_a_config_file_that_moves_the_run_folder_leaves_no_empty_one_where_it_was(tmp_path):
+    """OmegaConf resolves the interpolation a merge replaces: the default ${bp_run_dir:...} claims a folder too."""
+    config = tmp_path / "config" / "experiment"
+    config.mkdir(parents=True)
+    (config / "elsewhere.yaml").write_text(
+        f"# @package _global_\nhydra:\n  run:\n    dir: ${{bp_run_dir:{tmp_path / 'scratch'}}}\n"
+    )
+    args = ["--config-dir", str(tmp_path / "config"), "experiment=elsewhere", "data=xor", "trainer=cpu",
+            "trainer.max_epochs=1", "tracking.enabled=false", "trainer.enable_progress_bar=false"]  # fmt: skip
+    result = subprocess.run([str(Path(sys.executable).parent / "bp-train"), *args], capture_output=True, text=True,
+                            env=clean_env(BP_SERVICE_HOME=str(tmp_path / "home")), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "scratch").iterdir()
+    assert list((run_dir / "checkpoints").glob("*.ckpt")) and not (tmp_path / "home" / "outputs").exists()
+
+
 def test_the_audit_sees_what_it_is_there_to_see(tmp_path):
     """The hook is no stub: the same copy and command, done directly, are seen."""
     call = "import shutil, subprocess; shutil.copyfile(sys.argv[1], 'MARKER'); subprocess.run(['true'])"

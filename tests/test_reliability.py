@@ -227,7 +227,8 @@ def test_resuming_another_network_or_other_data_is_refused_and_the_finished_run_
 
 
 @pytest.mark.slow
-def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_path, cli):
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9, then bp-runs stale --close"])
+def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_path, cli, stop):
     common = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "tracking.log_model=false",
               "callbacks.last_checkpoint.every_n_train_steps=50", "trainer.enable_progress_bar=false"]  # fmt: skip
     first = cli("bp-train", *common, "trainer.max_epochs=1")
@@ -237,12 +238,94 @@ def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_pat
     step = _step_of(last)
     proc = _popen(tmp_path, *common, "trainer.max_epochs=20", f"ckpt_path={last}")
     _wait_for(lambda: _step_of(last) > step, what="the continuation's first checkpoint", proc=proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM if stop == "SIGTERM" else signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
+    if stop == "SIGTERM":
+        assert proc.returncode == 143, stderr[-2000:]
+    else:  # nothing of bp-train ran to close it: the record holds what the close needs
+        assert proc.returncode == -signal.SIGKILL
+        _, left = _only_run(tmp_path)
+        assert left.info.status == "RUNNING" and left.data.tags["bp.finished_before"] == str(before.info.end_time)
+        closed = cli("bp-runs", "stale", "--close")
+        assert closed.returncode == 0 and "back to FINISHED, as it was" in closed.stdout, closed.stdout
     _, after = _only_run(tmp_path)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert after.data.tags["bp.resume_status"] == "KILLED" and after.data.tags["bp.resumed"] == "true"
+
+
+# Loaded by bp-train's Python (PYTHONPATH): a SIGTERM to itself while Lightning sets up fit or test (BP_TERM_AT
+# names which), before Lightning's own SIGTERM handler is installed.
+TERM_IN_SET_UP = """
+import os
+import signal
+
+import lightning.pytorch.trainer.call as call
+
+set_up = call._call_setup_hook
+
+
+def set_up_then_term(trainer):
+    if trainer.state.fn.value == os.environ["BP_TERM_AT"]:  # "fit" or "test"
+        os.kill(os.getpid(), signal.SIGTERM)
+    return set_up(trainer)
+
+
+call._call_setup_hook = set_up_then_term
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_a_sigterm_while_lightning_sets_up_stops_the_run_killed_143(tmp_path, stage):
+    """Lightning installs its SIGTERM handler only once fit or test has set up; a SIGTERM before is not lost."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(TERM_IN_SET_UP)
+    proc = _popen(tmp_path, "data=xor", "trainer=cpu", "trainer.max_epochs=3", "tracking.log_model=false",
+                  env={"PYTHONPATH": str(inject), "BP_TERM_AT": stage})  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "bp-train: stopped by SIGTERM" in stderr.strip().splitlines()[-1] and "finished in" not in stdout
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED"
+    assert _checkpoint(tmp_path, "train") is not None  # where a resume starts
+    if stage == "fit":  # stopped at the first hook after the set-up: no epoch trained
+        assert "val/loss" not in run.data.metrics
+
+
+# Loaded by bp-train's Python: Ctrl-C to bp-train's whole process group (as a terminal sends it) just as the
+# model's logging starts, while the pictures are drawn in processes of their own.
+CTRL_C_WHILE_DRAWING = """
+import os
+import signal
+
+import bp_service.training.artifacts as artifacts
+
+log_model = artifacts.log_servable_model
+
+
+def interrupt_then_log(*args, **kwargs):
+    os.killpg(os.getpgid(0), signal.SIGINT)
+    return log_model(*args, **kwargs)
+
+
+artifacts.log_servable_model = interrupt_then_log
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_pictures_are_drawn_is_an_interrupt_not_a_drawing_error(tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(CTRL_C_WHILE_DRAWING)
+    full_env = clean_env(BP_SERVICE_HOME=str(tmp_path), PYTHONPATH=str(inject))
+    exe = Path(sys.executable).parent / "bp-train"
+    proc = subprocess.run([str(exe), "data=xor", "trainer=cpu", "trainer.max_epochs=2"], capture_output=True,
+                          text=True, env=full_env, start_new_session=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "bp-train: interrupted" and "drawing" not in proc.stderr
+    _, run = _only_run(tmp_path)
+    assert run.info.status == "KILLED"
 
 
 def _children(pid: int) -> list[int]:

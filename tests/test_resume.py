@@ -18,7 +18,7 @@ import torch
 from conftest import clean_env, store_statuses
 from mlflow import MlflowClient
 
-from bp_service.training.tracking.run import owner_tags
+from bp_service.training.store import owner_tags
 
 BIN = Path(sys.executable).parent
 TINY = ["data=xor", "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",

@@ -122,3 +122,19 @@ def test_stale_lists_a_dead_owners_run_and_closes_it_only_when_asked(tmp_path, s
     assert again.returncode == 0 and again.stdout.strip().endswith(
         "0 RUNNING run(s) in " + store["uri"] + "; 0 closed; 0 cannot tell"
     )
+
+
+def test_stale_close_keeps_a_continued_finished_run_finished_as_it_was(tmp_path, store):
+    """A FINISHED run continued (ckpt_path) by a process killed with -9: its record goes back to FINISHED at the
+    end time it had, the continuation's outcome a tag, as the job itself would have closed it."""
+    client, first = store["client"], store["runs"]["first"]
+    ended = client.get_run(first).info.end_time
+    owner = {"bp.host": socket.gethostname(), "bp.pid": str(dead_pid()), "bp.pid_ns": pid_namespace()}
+    for key, value in {**owner, "bp.boot_id": boot_id(), "bp.finished_before": str(ended)}.items():
+        client.set_tag(first, key, value)
+    client.update_run(first, status="RUNNING")
+    closed = bp_runs(tmp_path, "stale", "--close")
+    assert closed.returncode == 0 and f"{first}" in closed.stdout and "back to FINISHED, as it was" in closed.stdout
+    run = client.get_run(first)
+    assert (run.info.status, run.info.end_time) == ("FINISHED", ended)
+    assert run.data.tags["bp.resume_status"] == "KILLED" and "bp.closed_as_stale" in run.data.tags

@@ -76,14 +76,15 @@ def test_a_launcher_that_fails_before_any_job_fails_the_parent(cli, tmp_path):
 
 
 def _running_child_pid(home: Path) -> int | None:
-    """The pid recorded by a job's run that is RUNNING (the parent records none)."""
+    """The pid recorded by a job's run that is RUNNING (not the parent's: the sweep's driver)."""
     running = {run for run, status in store_statuses(home) if status == "RUNNING"}
     try:
         with sqlite3.connect(f"file:{home / 'mlflow.db'}?mode=ro", uri=True, timeout=1) as con:
             pids = list(con.execute("SELECT run_uuid, value FROM tags WHERE key = 'bp.pid'"))
+            children = {run for (run,) in con.execute("SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId'")}
     except sqlite3.Error:
         return None
-    return next((int(pid) for run, pid in pids if run in running), None)
+    return next((int(pid) for run, pid in pids if run in running and run in children), None)
 
 
 @pytest.mark.slow
@@ -152,3 +153,29 @@ def test_the_summary_tells_jobs_apart_by_the_overrides_they_do_not_share(tmp_pat
         "  1    best/val/acc   0.9000  run1                              (the same)",
         "  best: job 1, best/val/acc 0.9000",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_sweep_stopped_by_a_signal_closes_its_parent_run_killed(tmp_path, signum):
+    """The job's run ends KILLED, and so does the sweep's parent run: none is left RUNNING."""
+    command = [str(Path(sys.executable).parent / "bp-train"), "-m", *FAST, "trainer.max_epochs=100000",
+               "trainer.min_epochs=${trainer.max_epochs}", "seed=1,2"]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=clean_env(BP_SERVICE_HOME=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _running_child_pid(tmp_path) is None:
+            time.sleep(0.5)
+        assert _running_child_pid(tmp_path) == proc.pid, "job 0 never ran"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    parents, children = _sweep_runs(tmp_path)
+    (parent,) = parents
+    assert [c.info.status for c in children] == ["KILLED"] and parent.info.status == "KILLED"
+    assert parent.data.tags["bp.pid"] == str(proc.pid)  # whose it is, for bp-runs stale after a kill -9

@@ -3,6 +3,7 @@ model; through the :class:`~bp_service.training.tracking.Tracker` interface, wha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,11 @@ def record_artifacts(
         if cfg.tracking.log_model:
             bundle_path = Path(cfg.paths.output_dir) / "model_bundle.pt"
             log_servable_model(tracker, module, data, result, bundle_path, cfg.tracking.register_model)
-    finally:
-        pictures_written()
+    except BaseException:  # what stopped the run (Ctrl-C, SIGTERM, an error) is what it reports
+        with contextlib.suppress(Exception):
+            pictures_written()
+        raise
+    pictures_written()
 
 
 def pictures(

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Only light imports up here: `bp-train --help` and Hydra's errors answer without torch, Lightning
 # and MLflow (seconds). The run itself imports them in _hydra_entry.
-from bp_service.commands import EXIT_INTERRUPT, full_error_requested, interrupted
+from bp_service.commands import EXIT_INTERRUPT, EXIT_SIGTERM, full_error_requested, interrupted
 from bp_service.files import discard_stray_claims, discard_unused_run_dir, unique_run_dir
 from bp_service.home import project_root
 from bp_service.training import guard
@@ -202,12 +202,13 @@ def quiet_library_warnings() -> None:
     )
 
 
-def end_open_sweeps(reason: str) -> None:
-    """A sweep whose sweeper or launcher raised (a job's process killed, a bad launcher setting) gets no end
-    from Hydra: its parent run is failed here, and the jobs that finished are summarized."""
+def end_open_sweeps(reason: str, status: str = "FAILED") -> None:
+    """A sweep whose sweeper or launcher raised (a job's process killed, a bad launcher setting), or that was
+    stopped (SIGTERM, Ctrl-C), gets no end from Hydra: its parent run is closed here with ``status``, and the
+    jobs that finished are summarized."""
     sweep = sys.modules.get("bp_service.training.tracking.sweep")  # loaded only if a sweep started
     if sweep is not None:
-        sweep.end_failed_sweep(reason)
+        sweep.end_failed_sweep(reason, status)
 
 
 def _is_rerun_flag(arg: str) -> bool:
@@ -252,13 +253,18 @@ def main() -> None:
     try:
         _hydra_entry()
     except KeyboardInterrupt:  # Ctrl-C while Hydra composes or the data loads: no run is open yet
-        end_open_sweeps("interrupted")
+        end_open_sweeps("interrupted", "KILLED")
         print("bp-train: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPT)
+    except SystemExit as exc:  # a job that stopped (SIGTERM: 143, Ctrl-C: 130) or was refused ends its sweep too
+        if exc.code not in (0, None):
+            stopped = {EXIT_SIGTERM: "stopped by SIGTERM", EXIT_INTERRUPT: "interrupted"}.get(exc.code)
+            end_open_sweeps(stopped or f"a job exited with code {exc.code}", "KILLED" if stopped else "FAILED")
+        raise
     except Exception as exc:
         discard_stray_claims(None)  # a config refused while Hydra composed it: the folders it claimed, empty
         if interrupted():  # a Ctrl-C that Hydra's composition swallowed, then failed on what it had half read
-            end_open_sweeps("interrupted")
+            end_open_sweeps("interrupted", "KILLED")
             print("bp-train: interrupted", file=sys.stderr)
             sys.exit(EXIT_INTERRUPT)
         end_open_sweeps(one_line(exc))

@@ -34,36 +34,47 @@ class Run:
         self.trainer: pl.Trainer | None = None
         self.last_ckpt: Path | None = None
         self._lightning_has_sigterm = False
+        self.sigterm_received = False
 
     def on_sigterm(self, signum: int, frame: Any) -> None:
-        """Outside fit and test (whose SIGTERM Lightning handles), stop the same way: KILLED, 143."""
+        """Outside fit and test, stop at once: KILLED, 143. Inside them Lightning's own handler (it calls this one
+        too) stops at the next batch's end; it is installed only once the Trainer has set up, and removed before
+        fit or test returns, so a SIGTERM is also kept here: the first hook after set-up acts on it
+        (:class:`StopOnSigterm`), and so does the end of fit and test."""
+        self.sigterm_received = True
         if not self._lightning_has_sigterm:
             raise SIGTERMException()
 
     @contextlib.contextmanager
-    def _lightning_handles_sigterm(self) -> Iterator[None]:
+    def _lightning_handles_sigterm(self, trainer: pl.Trainer) -> Iterator[None]:
+        if not any(isinstance(c, StopOnSigterm) for c in trainer.callbacks):
+            trainer.callbacks.append(StopOnSigterm(self))
         self._lightning_has_sigterm = True
         try:
             yield
+            if self.sigterm_received:  # in the set-up or tear-down Lightning's handler was not there for
+                raise SIGTERMException()
         finally:
             self._lightning_has_sigterm = False
 
     def fit(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None, ckpt_dir: Path):
         """``trainer.fit``; stopped by SIGTERM (Lightning stops at a batch end and would exit 0), it keeps the work."""
         self.trainer, self.last_ckpt = trainer, ckpt_dir / "last.ckpt"
-        with self._lightning_handles_sigterm(), warnings.catch_warnings():
+        with self._lightning_handles_sigterm(trainer), warnings.catch_warnings():
             if ckpt_path:  # a resume writes into a folder with files, or starts a new one: both on purpose
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
                 warnings.filterwarnings("ignore", message="The dirpath has changed from")
             startup_done()  # torch, Lightning and the tracker are imported and the data is loaded
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+                if self.sigterm_received:
+                    raise SIGTERMException()
             except SIGTERMException:
                 trainer.save_checkpoint(self.last_ckpt, weights_only=False)
                 raise
 
     def test(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> dict:
-        with self._lightning_handles_sigterm():
+        with self._lightning_handles_sigterm(trainer):
             metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
         return {k: float(v) for k, v in metrics[0].items()}
 
@@ -74,6 +85,24 @@ class Run:
             f"bp-train: stopped by SIGTERM at step {self.trainer.global_step}; checkpoint {self.last_ckpt}; "
             "resume with ckpt_path=last"
         )
+
+
+class StopOnSigterm(pl.Callback):
+    """A SIGTERM that came while Lightning set up fit or test, before its own handler was installed, stops the
+    run at the first hook after the set-up, as Lightning's handler would have at a batch's end."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def _check(self) -> None:
+        if self.run.sigterm_received:
+            raise SIGTERMException()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
 
 
 @contextlib.contextmanager

@@ -124,7 +124,7 @@ def report_stale(uri: str, close: bool) -> int:
     """
     from mlflow import MlflowClient
 
-    from bp_service.training.store import stale_runs
+    from bp_service.training.store import close_stale, stale_runs
 
     found = stale_runs(uri)
     closed = 0
@@ -132,11 +132,9 @@ def report_stale(uri: str, close: bool) -> int:
         name = run.info.run_name or ""
         where = f"{run.data.tags.get('bp.host', '?')} pid {run.data.tags.get('bp.pid', '?')}"
         if state == "gone" and close:
-            client = MlflowClient(uri)
-            client.set_tag(run.info.run_id, "bp.closed_as_stale", why)
-            client.set_terminated(run.info.run_id, "KILLED")
+            status = close_stale(MlflowClient(uri), run, why)
             closed += 1
-            line = f"closed KILLED ({why})"
+            line = f"closed {status} ({why})" if status == "KILLED" else f"closed: back to {status}, as it was ({why})"
         elif state == "gone":
             line = f"stale ({why}): close with --close"
         else:

@@ -226,6 +226,42 @@ def process_start(pid: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- runs left RUNNING
+def owner_tags(pid: int) -> dict[str, str]:
+    """Which process holds a run RUNNING: host, the kernel's boot, the PID namespace its pid is counted in, the
+    pid and its start time (a reused pid is another process). Containers on one host share its name and boot."""
+    found = {
+        "bp.pid_start": process_start(pid),
+        "bp.pid_ns": pid_namespace(),
+        "bp.boot_id": boot_id(),
+    }
+    return {"bp.host": socket.gethostname(), "bp.pid": str(pid), **{k: v for k, v in found.items() if v}}
+
+
+FINISHED_BEFORE_TAG = "bp.finished_before"  # on a FINISHED run a job continues: the end time it had, in ms
+
+
+def close_run(client: MlflowClient, run_id: str, status: str, finished_before: int | None = None) -> str:
+    """End a run ``status`` (FINISHED, FAILED or KILLED); returns the status its record shows.
+
+    A FINISHED run that a job continued (``finished_before``, its end time then) is never rewritten by the
+    continuation's failure: it stays FINISHED at that time, and the continuation's outcome is a tag,
+    ``bp.resume_status``. Whoever closes it, the job itself or ``bp-runs stale --close`` after a ``kill -9``."""
+    if finished_before is not None and status != "FINISHED":
+        client.set_tag(run_id, "bp.resume_status", status)
+        client.set_terminated(run_id, "FINISHED", end_time=finished_before)
+        return "FINISHED"
+    client.set_terminated(run_id, status)
+    return status
+
+
+def close_stale(client: MlflowClient, run: Any, why: str) -> str:
+    """Close a RUNNING run whose process is proven gone (:func:`owner_state`): KILLED, as :func:`close_run`
+    closes it (a FINISHED run it continued stays FINISHED). Returns the status its record shows."""
+    client.set_tag(run.info.run_id, "bp.closed_as_stale", why)
+    before = run.data.tags.get(FINISHED_BEFORE_TAG, "")
+    return close_run(client, run.info.run_id, "KILLED", int(before) if before.isdigit() else None)
+
+
 def owner_state(tags: Mapping[str, str]) -> tuple[str, str]:
     """(state, why) of the process that holds a run: ``gone`` only when proven, else ``alive``, ``elsewhere``
     (another host name) or ``cannot tell``.

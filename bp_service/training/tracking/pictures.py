@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,12 @@ def draw_apart(drawn: Mapping[str, Callable[[], Any]], folder: Path) -> Callable
 
 
 def _draw(name: str, draw: Callable[[], Any], folder: Path, send) -> None:
-    """One drawing process: sends back (name, None | "draw" | the picture whose write failed, what went wrong)."""
+    """One drawing process: sends back (name, None | "draw" | the picture whose write failed, what went wrong).
+
+    Ctrl-C and SIGTERM are bp-train's to act on (a terminal or a scheduler signals the whole group): this
+    process finishes its picture, a fraction of a second, rather than report the signal as a drawing's error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         figure = draw()
         with atomic_path(folder / name) as tmp:

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,13 @@ import bp_service
 from bp_service.files import atomic_path
 from bp_service.home import default_uri, store_file
 from bp_service.training.store import (
+    FINISHED_BEFORE_TAG,
     TrackingError,
-    boot_id,
     check_reachable,
+    close_run,
     ensure_experiment,
-    pid_namespace,
+    owner_tags,
     prepare_store,
-    process_start,
     quick_http,
     store_complete,
 )
@@ -57,17 +56,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
-
-
-def owner_tags(pid: int) -> dict[str, str]:
-    """Which process holds a run RUNNING: host, the kernel's boot, the PID namespace its pid is counted in, the
-    pid and its start time (a reused pid is another process). Containers on one host share its name and boot."""
-    found = {
-        "bp.pid_start": process_start(pid),
-        "bp.pid_ns": pid_namespace(),
-        "bp.boot_id": boot_id(),
-    }
-    return {"bp.host": socket.gethostname(), "bp.pid": str(pid), **{k: v for k, v in found.items() if v}}
 
 
 def run_tags(overrides: list[str], device: str, output_dir: str, pid: int) -> dict[str, str]:
@@ -198,6 +186,10 @@ class MLflowTracker(WrittenTracker):
             info = self.client.get_run(self.run_id).info
             if info.status == "FINISHED":
                 self.finished_before = info.end_time
+        if self.finished_before is not None:  # kept in the record too: bp-runs stale --close restores it
+            self.writer.call(
+                "set_tag", self.client.set_tag, self.run_id, FINISHED_BEFORE_TAG, str(self.finished_before)
+            )
         self.writer.call("reopen run", self.client.update_run, self.run_id, status="RUNNING")
         self.writer.call("set_tag", self.client.set_tag, self.run_id, "bp.resumed", "true")
         for key, value in owner_tags(self.owner_pid).items():  # this process holds the run now
@@ -328,13 +320,7 @@ class MLflowTracker(WrittenTracker):
                 self.set_tag(NOTE_TAG, run_note(self.run_id, self._pictures))
         try:
             with quick_http(retries=1):
-                if self.finished_before is not None and status != "FINISHED":
-                    # A finished run's record is never rewritten by a later failure: the continuation's
-                    # outcome is a tag, the run stays FINISHED as it was.
-                    self.client.set_tag(self.run_id, "bp.resume_status", status)
-                    self.client.set_terminated(self.run_id, "FINISHED", end_time=self.finished_before)
-                    return
-                self.client.set_terminated(self.run_id, status)
+                close_run(self.client, self.run_id, status, self.finished_before)
         except Exception as exc:
             warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {str(exc)[:200]}", stacklevel=2)
 

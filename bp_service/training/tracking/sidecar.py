@@ -344,15 +344,10 @@ class RemoteTracker(WrittenTracker):
         try:
             from mlflow import MlflowClient
 
-            from bp_service.training.store import quick_http
+            from bp_service.training.store import close_run, quick_http
 
             with quick_http(retries=1):
-                client = MlflowClient(self.uri)
-                if self._finished_before is not None and status != "FINISHED":
-                    client.set_tag(self.run_id, "bp.resume_status", status)
-                    client.set_terminated(self.run_id, "FINISHED", end_time=self._finished_before)
-                else:
-                    client.set_terminated(self.run_id, status)
+                close_run(MlflowClient(self.uri), self.run_id, status, self._finished_before)
         except Exception as exc:
             warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {first_line(exc)[:200]}", stacklevel=4)
 

@@ -130,7 +130,7 @@ class MLflowSweepCallback(Callback):
             return
         from mlflow import MlflowClient
 
-        from bp_service.training.store import check_reachable, ensure_experiment, prepare_store
+        from bp_service.training.store import check_reachable, ensure_experiment, owner_tags, prepare_store
 
         uri = resolve_uri(config.tracking, config.paths)
         try:
@@ -141,7 +141,8 @@ class MLflowSweepCallback(Callback):
             run = MlflowClient(uri).create_run(
                 experiment_id,
                 run_name=f"sweep-{sweep_dir.name}",
-                tags={"bp.sweep_dir": str(sweep_dir), "bp.role": "sweep"},
+                # the driver's process: bp-runs stale --close closes the parent of a driver killed with -9
+                tags={"bp.sweep_dir": str(sweep_dir), "bp.role": "sweep", **owner_tags(os.getpid())},
             )
         except Exception as exc:  # the jobs will report the same problem with their own config
             log.warning("could not create the sweep's parent run: %s", first_line(exc))
@@ -170,18 +171,19 @@ class MLflowSweepCallback(Callback):
 _OPEN_SWEEPS: list[DictConfig] = []
 
 
-def end_failed_sweep(reason: str) -> None:
-    """Close the sweeps this process started and Hydra left open (an exception, Ctrl-C, a killed job's process):
-    the parent run FAILED, its children whose process is proven gone KILLED, the finished jobs summarized."""
+def end_failed_sweep(reason: str, status: str = "FAILED") -> None:
+    """Close the sweeps this process started and Hydra left open (an exception, Ctrl-C, SIGTERM, a killed job's
+    process): the parent run ``status`` (FAILED, or KILLED when stopped), its children whose process is proven
+    gone KILLED, the finished jobs summarized."""
     while _OPEN_SWEEPS:
         config = _OPEN_SWEEPS.pop()
         with contextlib.suppress(Exception):
-            finish_sweep(config, failed=True, reason=reason)
+            finish_sweep(config, failed=True, reason=reason, status=status)
 
 
-def finish_sweep(config: DictConfig, failed: bool, reason: str = "") -> None:
-    """The sweep's end: the best job recorded on the parent run, which ends FINISHED (FAILED if ``failed`` or a
-    job already marked it so), and the summary of the jobs that finished."""
+def finish_sweep(config: DictConfig, failed: bool, reason: str = "", status: str = "FAILED") -> None:
+    """The sweep's end: the best job recorded on the parent run, which ends FINISHED (``status`` if ``failed``,
+    FAILED if a job already marked it so), and the summary of the jobs that finished."""
     sweep_dir = Path(config.hydra.sweep.dir)
     jobs_file = sweep_dir / SWEEP_JOBS_FILE
     jobs = [json.loads(line) for line in jobs_file.read_text().splitlines()] if jobs_file.is_file() else []
@@ -200,7 +202,7 @@ def finish_sweep(config: DictConfig, failed: bool, reason: str = "") -> None:
                 client.set_tag(run_id, "bp.failure", reason[:500])
                 close_dead_children(client, run_id)
             if client.get_run(run_id).info.status == "RUNNING":  # a failed job already marked it FAILED
-                client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+                client.set_terminated(run_id, status if failed else "FINISHED")
     if jobs:
         print(sweep_summary(sweep_dir, jobs, run_id, experiment, failed), flush=True)
 
@@ -208,7 +210,7 @@ def finish_sweep(config: DictConfig, failed: bool, reason: str = "") -> None:
 def close_dead_children(client: MlflowClient, parent: str) -> None:
     """A job whose process was killed (``kill -9``, the OOM killer) cannot close its own run: its run is
     marked KILLED here when its process is proven gone (the rule of ``bp-runs stale --close``)."""
-    from bp_service.training.store import owner_state
+    from bp_service.training.store import close_stale, owner_state
 
     experiment = client.get_run(parent).info.experiment_id
     children = client.search_runs(
@@ -217,8 +219,7 @@ def close_dead_children(client: MlflowClient, parent: str) -> None:
     for run in children:
         state, why = owner_state(run.data.tags)
         if state == "gone":
-            client.set_tag(run.info.run_id, "bp.closed_as_stale", why)
-            client.set_terminated(run.info.run_id, "KILLED")
+            close_stale(client, run, why)
 
 
 def record_best(client: MlflowClient, run_id: str, best: dict[str, dict[str, Any]]) -> None:
