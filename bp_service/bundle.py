@@ -309,6 +309,9 @@ def check_meta(meta: Any, sizes: list[int], where: str) -> None:
     _check_numbers(meta, "target_scale", None, where, positive=True)
     if meta.get("target") is not None and not isinstance(meta["target"], str):
         raise BundleError(f"{where}: meta: target must be a column name, got {type(meta['target']).__name__}")
+    run_id = meta.get("mlflow_run_id")
+    if run_id is not None and not (isinstance(run_id, str) and run_id.isalnum() and len(run_id) <= 64):
+        raise BundleError(f"{where}: meta: mlflow_run_id must be an MLflow run id, got {shown_value(run_id)}")
     _check_classes(meta, sizes[-1], where)
 
 

@@ -92,9 +92,7 @@ def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
         stamp = datetime.datetime.now().strftime(stamp_format)
         for n in range(10_000):
             candidate = Path(key) / (stamp if n == 0 else f"{stamp}_{n}")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
+            if not _made(candidate):
                 continue
             _RUN_DIRS[key] = str(candidate)
             _MADE.append(candidate)
@@ -102,6 +100,21 @@ def unique_run_dir(parent: str, stamp_format: str = "%Y-%m-%d_%H-%M-%S") -> str:
         else:
             raise FileExistsError(errno.EEXIST, "no free run folder name", str(Path(key) / stamp))
     return _RUN_DIRS[key]
+
+
+def _made(folder: Path) -> bool:
+    """``mkdir``: whether this process made ``folder`` (False: it exists). A parent that another run's
+    clean-up removed while it was empty (:func:`discard_stray_claims`) is made again."""
+    for _ in range(3):
+        try:
+            folder.mkdir()
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
+    return True
 
 
 def discard_stray_claims(in_use: str | Path | None) -> None:

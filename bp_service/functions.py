@@ -354,8 +354,10 @@ def _tangent_difference(dpred: Tensor | None, dtarget: Tensor | None, like: Tens
 #   sigmoid:  dC/dz   = (softplus'(z) - y) / N = (s - y) / N,          since softplus' = sigmoid.
 # So delta_L = (a_L - y) / N for labels: the output activation's derivative cancels against the cost's
 # (each is the canonical link of its likelihood), which is why it never saturates as sigmoid + MSE does.
-# The softmax code keeps the row sum (one reduction): a row of y that is not a distribution (all zeros,
-# a masked row) gets the derivative of what the forward computed, as in torch, not (p - y) / N.
+# CrossEntropyFunction, torch's F.cross_entropy's twin, keeps the row sum (one reduction): a row of y that is
+# not a distribution (all zeros, a masked row) gets the derivative of what its forward computed, as in torch.
+# The whole-network step (mlp_cost, bp-train's hot path) takes rows of y that are distributions, as one-hot
+# labels are, and does without that reduction: 2-3 % of a digits step.
 # With respect to the target: dC/dy = -log p / N (softmax), -z / N (sigmoid).
 def _log_softmax(z: Tensor) -> Tensor:
     """log p = z - logsumexp(z) along the last dimension, the row's max subtracted first (one fused kernel)."""
@@ -564,7 +566,7 @@ def _network_cost(
         c = (_softplus(zc) - y * zc).sum() * dispatch.scalar(_per(n), dtype)  # C = (1/N) sum [softplus(z) - y z]
         a = zc.sigmoid_() if inplace else torch.sigmoid(zc)  # s = sigmoid(z_L)
     acts[-1] = a if a.dtype == z.dtype else a.to(z.dtype)  # a_L in the layers' dtype, as every a_l
-    return acts, (_softmax_delta(a, y) if output == "softmax" else a - y), c
+    return acts, a - y, c  # N dC/dz_L for rows of y that are distributions (the contract above)
 
 
 def _check_target(target: Tensor, pred: Tensor) -> None:
@@ -605,7 +607,7 @@ def _output_gradients(
     if cost == "cross_entropy":
         # delta_L itself, (N, K): the output's f' is already in it (derivation above _log_softmax),
         # so backprop treats the output layer as linear.
-        grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L Σy - y) / N
+        grad_a = scaled.mul_(dispatch.scalar(_per(diff.shape[0]), diff.dtype))  # dC/dz_L = (a_L - y) / N
         grad_y = None
         if needs_y:  # dC/dy = -log p / N (softmax), -z_L / N (sigmoid); never in a training step: a Python number
             term = _cross_entropy_target_term(x, params, acts, activations[-1], diff.dtype)
@@ -923,8 +925,9 @@ def mlp_cost(
         x: input ``(*, H_in)``; target: ``(*, H_out)``, the same leading dimensions.
         params: ``(W_1, b_1, ..., W_L, b_L)``, ``W_l`` of shape ``(H_l, H_{l-1})``; a bias may be None.
         activations: one of ``"sigmoid" | "tanh" | "relu" | "softmax" | None`` per layer.
-        cost: ``"mse"``, ``"l1"`` or ``"cross_entropy"`` (softmax cross-entropy with a softmax output,
-            binary cross-entropy per output with a sigmoid one, summed over outputs, mean over rows).
+        cost: ``"mse"``, ``"l1"`` or ``"cross_entropy"`` (softmax cross-entropy with a softmax output, each
+            row of ``target`` a distribution, as one-hot labels are; binary cross-entropy per output with a
+            sigmoid one, summed over outputs, mean over rows).
 
     Under autocast the layers run in the autocast dtype and the cost in float32, as native
     ``F.linear`` and ``F.mse_loss`` do; each input's gradient comes back in its own dtype.

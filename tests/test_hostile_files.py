@@ -237,6 +237,10 @@ BROKEN_BUNDLES = {
         _damaged(lambda b: b["meta"].update({_shared_refs(24, tuple): 1})),
         "meta: unknown key a tuple of 2",
     ),
+    "run_id_of_shared_lists": (
+        _damaged(_meta(mlflow_run_id=_shared_refs(24))),
+        "meta: mlflow_run_id must be an MLflow run id, got a list of 2",
+    ),
     "weight_key_not_a_name": (
         _damaged(lambda b: b["state_dict"].update({_shared_refs(24, tuple): torch.zeros(1)})),
         "weights: a key that is not a name (a tuple of 2)",

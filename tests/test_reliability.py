@@ -227,7 +227,7 @@ def test_resuming_another_network_or_other_data_is_refused_and_the_finished_run_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9, then bp-runs stale --close"])
+@pytest.mark.parametrize("stop", ["SIGTERM", "kill -9, then bp-runs stale --close", "kill -9, then continued"])
 def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_path, cli, stop):
     common = ["data=xor", "data.n_samples=20000", "data.batch_size=16", "trainer=cpu", "tracking.log_model=false",
               "callbacks.last_checkpoint.every_n_train_steps=50", "trainer.enable_progress_bar=false"]  # fmt: skip
@@ -246,8 +246,16 @@ def test_a_finished_run_continued_then_stopped_keeps_its_finished_record(tmp_pat
         assert proc.returncode == -signal.SIGKILL
         _, left = _only_run(tmp_path)
         assert left.info.status == "RUNNING" and left.data.tags["bp.finished_before"] == str(before.info.end_time)
-        closed = cli("bp-runs", "stale", "--close")
-        assert closed.returncode == 0 and "back to FINISHED, as it was" in closed.stdout, closed.stdout
+        if stop.endswith("stale --close"):
+            closed = cli("bp-runs", "stale", "--close")
+            assert closed.returncode == 0 and "back to FINISHED, as it was" in closed.stdout, closed.stdout
+        else:  # continued once more from the RUNNING record, and stopped: the same outcome
+            step = _step_of(last)
+            again = _popen(tmp_path, *common, "trainer.max_epochs=20", f"ckpt_path={last}")
+            _wait_for(lambda: _step_of(last) > step, what="the second continuation's checkpoint", proc=again)
+            again.send_signal(signal.SIGTERM)
+            _, stderr = again.communicate(timeout=120)
+            assert again.returncode == 143, stderr[-2000:]
     _, after = _only_run(tmp_path)
     assert (after.info.status, after.info.end_time) == ("FINISHED", before.info.end_time)
     assert after.data.tags["bp.resume_status"] == "KILLED" and after.data.tags["bp.resumed"] == "true"
@@ -288,9 +296,10 @@ def test_a_sigterm_while_lightning_sets_up_stops_the_run_killed_143(tmp_path, st
     assert "bp-train: stopped by SIGTERM" in stderr.strip().splitlines()[-1] and "finished in" not in stdout
     _, run = _only_run(tmp_path)
     assert run.info.status == "KILLED"
-    assert _checkpoint(tmp_path, "train") is not None  # where a resume starts
-    if stage == "fit":  # stopped at the first hook after the set-up: no epoch trained
-        assert "val/loss" not in run.data.metrics
+    last = _checkpoint(tmp_path, "train")  # where a resume starts
+    if stage == "fit":  # sent again to Lightning's handler at the first hook after the set-up: it stops at the
+        assert torch.load(last, weights_only=True)["epoch"] <= 1  # first step's end (here a whole epoch), of 3
+    assert last is not None
 
 
 # Loaded by bp-train's Python: Ctrl-C to bp-train's whole process group (as a terminal sends it) just as the

@@ -20,6 +20,18 @@ from mlflow import MlflowClient
 
 from bp_service.training.store import owner_tags
 
+
+def guard_optimizers() -> set[str]:
+    """The torch.optim classes a config may name (guard.py's list)."""
+    from bp_service.training.guard import JOB_CLASSES
+
+    return {
+        name.removeprefix("torch.optim.")
+        for name in JOB_CLASSES
+        if name.count(".") == 2 and name.startswith("torch.optim.")
+    }
+
+
 BIN = Path(sys.executable).parent
 TINY = ["data=xor", "trainer=cpu", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "tracking.log_model=false"]  # fmt: skip
@@ -290,6 +302,59 @@ def test_a_checkpoint_folder_outside_the_run_is_claimed_by_its_first_run_alone(t
         claim_checkpoint_folder(tmp_path / "odd", second)
 
 
+def test_a_distributed_runs_other_processes_and_a_requeued_slurm_job_use_the_first_ones_claim(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+
+    from bp_service.training.resume import claim_checkpoint_folder
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # a single run (another test's may linger here)
+    folder, first, second = tmp_path / "ck", tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    claim_checkpoint_folder(folder, first)
+    claim_checkpoint_folder(folder, second)  # Lightning's requeue: the same job id, a new run folder
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(FileExistsError, match="the checkpoint folder of another run"):
+        claim_checkpoint_folder(folder, second)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # DDP's second process: its first one claimed the folder for all
+    claim_checkpoint_folder(folder, second)
+    claim_checkpoint_folder(tmp_path / "other", second)
+    assert not (tmp_path / ".other.run").exists()
+
+
+def test_a_claimed_folders_parent_removed_meanwhile_is_made_again(tmp_path):
+    from bp_service.files import _made
+
+    assert _made(tmp_path / "runs" / "2026-12-06_07-00-00")  # its parent gone (another run's clean-up)
+    assert not _made(tmp_path / "runs" / "2026-12-06_07-00-00")  # taken: the next name is tried
+
+
+@pytest.mark.parametrize("name", sorted(guard_optimizers()))
+def test_every_allowed_optimizers_state_is_taken_and_another_networks_refused(tmp_path, name):
+    """check_training_state knows each optimizer a config may name (Adafactor keeps (H_out, 1) and (1, H_in)
+    statistics of a weight); an optimizer state of another network is refused, naming the file."""
+    from bp_service import MLP
+    from bp_service.training.checkpoints import CheckpointError, check_training_state
+
+    def stepped_state(net):
+        optimizer = getattr(torch.optim, name)(net.parameters(), lr=0.01)
+        net.cost(torch.randn(8, 3), torch.rand(8, 2)).backward()
+        optimizer.step()
+        return optimizer.state_dict()
+
+    torch.manual_seed(0)
+    net = MLP([3, 4, 2])
+    torch.save({"optimizer_states": [stepped_state(net)]}, tmp_path / "ours.ckpt")
+    check_training_state(tmp_path / "ours.ckpt", net)
+    torch.save({"optimizer_states": [stepped_state(MLP([3, 5, 2]))]}, tmp_path / "theirs.ckpt")
+    if any(
+        v.dim() > 0 for s in stepped_state(MLP([3, 5, 2]))["state"].values() for v in s.values() if torch.is_tensor(v)
+    ):
+        with pytest.raises(
+            CheckpointError, match=f"{tmp_path / 'theirs.ckpt'}: optimizer_states\\[0\\]: .* of parameter 0"
+        ):
+            check_training_state(tmp_path / "theirs.ckpt", net)
+
+
 @pytest.mark.slow
 def test_no_override_lets_a_run_write_into_another_runs_folders(tmp_path):
     home, shared = tmp_path / "home", tmp_path / "scratch" / "ck"
@@ -313,6 +378,12 @@ def test_no_override_lets_a_run_write_into_another_runs_folders(tmp_path):
     assert (_snapshot(old_dir), _snapshot(shared)) == (before, shared_before)
     assert list(_runs_dir(home).iterdir()) == [old_dir] and not (tmp_path / "new").exists()
     assert not (home / "mlflow.db").exists()  # no run opened, none closed
+
+    # Its own last.ckpt, named, continues it there (the folder it claimed), as <run>/checkpoints/last.ckpt does.
+    last = shared / "last.ckpt"
+    resumed = _train(home, *TINY, "trainer.max_epochs=2", "tracking.enabled=false", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
 def _damaged_copy(source: Path, folder: Path, name: str, change) -> Path:

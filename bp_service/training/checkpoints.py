@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from bp_service.bundle import BundleError, load_bundle
 from bp_service.commands import shown_value
 from bp_service.files import atomic_path
-from bp_service.training.resume import checkpoint_file, claim_checkpoint_folder
+from bp_service.training.resume import checkpoint_file, claim_checkpoint_folder, claimant_run
 
 
 class CheckpointError(RuntimeError):
@@ -107,7 +107,8 @@ def _check_optimizer_state(state: Any, shapes: list[tuple[int, ...]], where: str
     per_param = state.get("state") if isinstance(state, dict) else None
     if not isinstance(groups, list) or not isinstance(per_param, dict):
         raise CheckpointError(f"{where} is not an optimizer's state")
-    listed = [i for group in groups if isinstance(group, dict) for i in group.get("params", [])]
+    listed = [i for group in groups if isinstance(group, dict) and isinstance(group.get("params"), list)
+              for i in group["params"]]  # fmt: skip
     if len(groups) != 1 or listed != list(range(len(shapes))):
         raise CheckpointError(
             f"{where}: an optimizer over other parameters ({len(listed)}, this network has {len(shapes)}); "
@@ -117,11 +118,17 @@ def _check_optimizer_state(state: Any, shapes: list[tuple[int, ...]], where: str
         if not _is_count(index) or index >= len(shapes) or not isinstance(buffers, dict):
             raise CheckpointError(f"{where}: state of parameter {shown_value(index)}: not this network's")
         for name, value in buffers.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[index]:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and not _fits(tuple(value.shape), shapes[index]):
                 raise CheckpointError(
                     f"{where}: {shown_value(name)} of parameter {index} is {tuple(value.shape)}, expected "
                     f"{shapes[index]}; not this config's network"
                 )
+
+
+def _fits(buffer: tuple[int, ...], parameter: tuple[int, ...]) -> bool:
+    """A buffer of the parameter's shape, or one reduced along some of its axes (Adafactor's row and column
+    statistics of a (3, 4) weight are (3, 1) and (1, 4))."""
+    return len(buffer) == len(parameter) and all(b in (p, 1) for b, p in zip(buffer, parameter, strict=True))
 
 
 def _is_number(value: object) -> bool:
@@ -193,13 +200,14 @@ def _claim(paths: DictConfig) -> None:
 
 
 def _own_last(path: Path, root_dir: str) -> bool:
-    """Whether ``path`` is ``<run>/checkpoints/last.ckpt`` of a bp-train run folder of this home: the only
-    checkpoint whose folder a resume may write into (a copy elsewhere sits beside files of someone else's)."""
+    """Whether ``path`` is the ``last.ckpt`` of a bp-train run of this home, in its own ``<run>/checkpoints`` or
+    in the checkpoint folder outside it that the run claimed (``paths.ckpt_dir``): the only checkpoints whose
+    folder a resume may write into (a copy elsewhere sits beside files of someone else's)."""
     real = path.resolve()
-    run_dir = real.parent.parent
+    run_dir = claimant_run(real.parent) or real.parent.parent
     return (
         real.name == "last.ckpt"
-        and real.parent.name == "checkpoints"
+        and (real.parent.name == "checkpoints" or run_dir != real.parent.parent)
         and (run_dir / ".hydra" / "overrides.yaml").is_file()
         and run_dir.is_relative_to(Path(root_dir).resolve() / "outputs")
     )

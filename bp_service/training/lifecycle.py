@@ -81,22 +81,27 @@ class Run:
     def stopped_line(self) -> str:
         if self.trainer is None:
             return "bp-train: stopped by SIGTERM before training started"
+        standard = self.last_ckpt is not None and self.last_ckpt.parent.name == "checkpoints"
+        resume = "ckpt_path=last" if standard else f"ckpt_path={self.last_ckpt}"
         return (
             f"bp-train: stopped by SIGTERM at step {self.trainer.global_step}; checkpoint {self.last_ckpt}; "
-            "resume with ckpt_path=last"
+            f"resume with {resume}"
         )
 
 
 class StopOnSigterm(pl.Callback):
-    """A SIGTERM that came while Lightning set up fit or test, before its own handler was installed, stops the
-    run at the first hook after the set-up, as Lightning's handler would have at a batch's end."""
+    """A SIGTERM that came while Lightning set up fit or test, before its own handler was installed, is sent
+    again at the first hook after the set-up, to that handler: it stops at the batch's end, and under DDP tells
+    the other processes (a SIGTERM to one rank's pid alone stops them all)."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
+        self._relayed = False
 
     def _check(self) -> None:
-        if self.run.sigterm_received:
-            raise SIGTERMException()
+        if self.run.sigterm_received and not self._relayed:
+            self._relayed = True
+            signal.raise_signal(signal.SIGTERM)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check()

@@ -8,12 +8,16 @@ then reads and checks, and to claim the folder.
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
+
+from bp_service.training.tracking.interface import another_rank
 
 
 def checkpoint_file(ckpt_path: str) -> Path:
@@ -54,13 +58,15 @@ def claim_checkpoint_folder(ckpt_dir: str | Path, run_dir: str | Path, *, create
     """A ``paths.ckpt_dir`` outside the run's own folder is that run's alone, so that no run replaces or resumes
     another's checkpoints there (a second run, a sweep's next job): the first run claims it, a file naming its run
     folder, created exclusively beside it (``.<name>.run``, as its lock is; inside, Lightning would warn that the
-    folder is not empty). A requeued job, in the same run folder, finds its own claim. Inside the run's
-    folder, new for each run, there is nothing to claim.
+    folder is not empty), whole (written aside, then linked in). A requeued job finds its own claim: submitit's
+    in the same run folder, SLURM's (Lightning's requeue, a new run folder) by its job id. Inside the run's
+    folder, new for each run, there is nothing to claim; nor for a distributed run's other processes, whose
+    first process claims it for all (as it alone writes there).
 
     Raises FileExistsError, one line naming the field and whose the folder is, when it lies in another run's
     folder, another run claimed it, or it holds checkpoints and no claim; ``create=False`` only checks."""
     folder, mine = Path(ckpt_dir).resolve(), Path(run_dir).resolve()
-    if folder.is_relative_to(mine):
+    if folder.is_relative_to(mine) or another_rank():
         return
     other = next((p for p in (folder, *folder.parents) if (p / ".hydra").is_dir()), None)
     if other is not None:  # where Hydra keeps a run's config: another run's folder
@@ -77,17 +83,47 @@ def claim_checkpoint_folder(ckpt_dir: str | Path, run_dir: str | Path, *, create
         if not create:
             return
         folder.parent.mkdir(parents=True, exist_ok=True)
+        aside = claim.with_name(f"{claim.name}.{os.getpid()}.tmp")
+        aside.write_text(_identity(mine), encoding="utf-8")
         try:
-            with open(claim, "x", encoding="utf-8") as file:
-                file.write(str(mine))
+            os.link(aside, claim)  # whole or not at all: a run reading it never sees it half written
             return
         except FileExistsError:  # another run claimed it meanwhile
             owner = _claimant(claim) or "unknown"
-    if owner != str(mine):
+        finally:
+            aside.unlink()
+    if not _is_mine(owner, mine):
         raise FileExistsError(
-            f"paths.ckpt_dir={folder}: the checkpoint folder of another run ({str(owner)[:200]}); give this run "
-            "an empty folder, or put the whole run there with hydra.run.dir='${bp_run_dir:<folder>}'"
+            f"paths.ckpt_dir={folder}: the checkpoint folder of another run ({owner.splitlines()[0][:200]}); give "
+            "this run an empty folder, or put the whole run there with hydra.run.dir='${bp_run_dir:<folder>}'"
         )
+
+
+def _identity(run_dir: Path) -> str:
+    """What a claim holds: the run folder, and the SLURM job of a single run (whose requeue Lightning resumes
+    under the same job id, in a new run folder)."""
+    job = _slurm_job()
+    return f"{run_dir}\nslurm job {job}" if job else str(run_dir)
+
+
+def _is_mine(owner: str | None, run_dir: Path) -> bool:
+    lines, job = (owner or "").splitlines(), _slurm_job()
+    return bool(lines) and (lines[0] == str(run_dir) or (job is not None and f"slurm job {job}" in lines[1:]))
+
+
+def _slurm_job() -> str | None:
+    """SLURM's job id, for a single run only: a sweep's jobs may share one allocation, and so its id."""
+    job = os.environ.get("SLURM_JOB_ID") or None
+    try:
+        return job if HydraConfig.get().mode == RunMode.RUN else None
+    except ValueError:  # no Hydra job (train() called alone): a single run
+        return job
+
+
+def claimant_run(ckpt_dir: Path) -> Path | None:
+    """The run folder that claimed ``ckpt_dir`` (a checkpoint folder outside its run's), None if unclaimed."""
+    owner = _claimant(ckpt_dir.parent / f".{ckpt_dir.name}.run")
+    return Path(owner.splitlines()[0]) if owner and owner != "unknown" else None
 
 
 def _claimant(claim: Path) -> str | None:

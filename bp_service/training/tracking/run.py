@@ -183,9 +183,12 @@ class MLflowTracker(WrittenTracker):
     def _reopen(self) -> None:
         """Continue the run: RUNNING again, held by this process, metrics of replayed steps skipped."""
         with contextlib.suppress(Exception):
-            info = self.client.get_run(self.run_id).info
-            if info.status == "FINISHED":
-                self.finished_before = info.end_time
+            run = self.client.get_run(self.run_id)
+            before = run.data.tags.get(FINISHED_BEFORE_TAG, "")
+            if run.info.status == "FINISHED":
+                self.finished_before = run.info.end_time
+            elif run.info.status == "RUNNING" and before.isdigit():  # a continuation killed with -9, continued
+                self.finished_before = int(before)
         if self.finished_before is not None:  # kept in the record too: bp-runs stale --close restores it
             self.writer.call(
                 "set_tag", self.client.set_tag, self.run_id, FINISHED_BEFORE_TAG, str(self.finished_before)
