@@ -379,6 +379,17 @@ def test_no_override_lets_a_run_write_into_another_runs_folders(tmp_path):
     assert list(_runs_dir(home).iterdir()) == [old_dir] and not (tmp_path / "new").exists()
     assert not (home / "mlflow.db").exists()  # no run opened, none closed
 
+    # A copy with a claim file of its own naming that run is not that run's: a new run, nothing written beside it.
+    downloads = tmp_path / "Downloads" / "ck"
+    shutil.copytree(shared, downloads)
+    (downloads.parent / ".ck.run").write_text(str(old_dir.resolve()))
+    copied = _snapshot(downloads.parent)
+    started = _train(
+        home, *TINY, "trainer.max_epochs=2", "tracking.enabled=false", f"ckpt_path={downloads / 'last.ckpt'}"
+    )
+    assert started.returncode == 0 and "resuming it" not in started.stderr, started.stderr[-3000:]
+    assert _snapshot(downloads.parent) == copied and len(list(_runs_dir(home).iterdir())) == 2
+
     # Its own last.ckpt, named, continues it there (the folder it claimed), as <run>/checkpoints/last.ckpt does.
     last = shared / "last.ckpt"
     resumed = _train(home, *TINY, "trainer.max_epochs=2", "tracking.enabled=false", f"ckpt_path={last}")

@@ -121,9 +121,18 @@ def _slurm_job() -> str | None:
 
 
 def claimant_run(ckpt_dir: Path) -> Path | None:
-    """The run folder that claimed ``ckpt_dir`` (a checkpoint folder outside its run's), None if unclaimed."""
+    """The run folder that claimed ``ckpt_dir`` (a checkpoint folder outside its run's), if that run's own
+    overrides (``.hydra/overrides.yaml``) name this folder as its ``paths.ckpt_dir``: a claim file alone, which
+    a downloaded folder could carry, makes no folder a run's."""
     owner = _claimant(ckpt_dir.parent / f".{ckpt_dir.name}.run")
-    return Path(owner.splitlines()[0]) if owner and owner != "unknown" else None
+    if not owner or owner == "unknown":
+        return None
+    run = Path(owner.splitlines()[0])
+    saved = run / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return None
+    chosen = [o.partition("=")[2] for o in OmegaConf.load(saved) if str(o).startswith("paths.ckpt_dir=")]
+    return run if any(Path(folder).resolve() == ckpt_dir.resolve() for folder in chosen) else None
 
 
 def _claimant(claim: Path) -> str | None:
