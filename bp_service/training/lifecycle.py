@@ -52,8 +52,6 @@ class Run:
         self._lightning_has_sigterm = True
         try:
             yield
-            if self.sigterm_received:  # in the set-up or tear-down Lightning's handler was not there for
-                raise SIGTERMException()
         finally:
             self._lightning_has_sigterm = False
 
@@ -67,7 +65,7 @@ class Run:
             startup_done()  # torch, Lightning and the tracker are imported and the data is loaded
             try:
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-                if self.sigterm_received:
+                if self.sigterm_received:  # in the tear-down, which Lightning's handler was not there for
                     raise SIGTERMException()
             except SIGTERMException:
                 trainer.save_checkpoint(self.last_ckpt, weights_only=False)
@@ -76,6 +74,8 @@ class Run:
     def test(self, trainer: pl.Trainer, module: pl.LightningModule, datamodule, ckpt_path: str | None) -> dict:
         with self._lightning_handles_sigterm(trainer):
             metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True, verbose=False)
+            if self.sigterm_received:  # at its last batch, or in the tear-down: Lightning's loop did not stop
+                raise SIGTERMException()
         return {k: float(v) for k, v in metrics[0].items()}
 
     def stopped_line(self) -> str:
